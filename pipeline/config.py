@@ -1,0 +1,142 @@
+"""Machine and account settings: endpoints, key variables, rate limits, timeouts.
+
+Loaded once at the edge (``--config PATH``, else ``./config.yaml`` if present, else
+built-in defaults), validated, frozen and passed inward. API keys are never stored
+in the config: it names the environment variable that holds each key, and
+:func:`api_key` reads it at the moment a provider is built.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from pipeline.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_NAME",
+    "Config",
+    "ProviderConfig",
+    "RateLimit",
+    "RetryConfig",
+    "TimeoutConfig",
+    "api_key",
+    "load_config",
+]
+
+DEFAULT_CONFIG_NAME = "config.yaml"
+VendorName = Literal["ailab", "perfectcorp"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RateLimit(_Frozen):
+    """A vendor's request budget: ``requests`` per ``per_seconds`` and at most ``qps``/s."""
+
+    requests: PositiveInt | None = None
+    per_seconds: PositiveFloat | None = None
+    qps: PositiveFloat | None = None
+
+
+class ProviderConfig(_Frozen):
+    base_url: str
+    api_key_env: str
+    poll_interval_seconds: PositiveFloat = 5.0
+    rate_limit: RateLimit | None = None
+    # Perfect Corp: the upload path; the feature path is the documented one (§2.2, Q11).
+    upload_path: str | None = None
+
+
+class RetryConfig(_Frozen):
+    backoff_initial_seconds: float = Field(default=1.0, ge=0)
+    backoff_max_seconds: float = Field(default=60.0, ge=0)
+
+
+class TimeoutConfig(_Frozen):
+    connect_seconds: PositiveFloat = 10.0
+    request_seconds: PositiveFloat = 120.0
+    # §1.7 [R]: storage downloads sometimes stall; 20 s per try.
+    download_seconds: PositiveFloat = 20.0
+
+
+def _default_providers() -> dict[str, ProviderConfig]:
+    return {
+        "ailab": ProviderConfig(
+            base_url="https://www.ailabapi.com",
+            api_key_env="AILAB_API_KEY",
+            poll_interval_seconds=5.0,
+        ),
+        "perfectcorp": ProviderConfig(
+            base_url="https://yce-api-01.makeupar.com",
+            api_key_env="PERFECTCORP_API_KEY",
+            poll_interval_seconds=5.0,
+            # vendor-protocols.md §2.6: 250 requests / 300 s and 5 QPS per key.
+            rate_limit=RateLimit(requests=250, per_seconds=300, qps=5),
+        ),
+    }
+
+
+class Config(_Frozen):
+    providers: dict[VendorName, ProviderConfig] = Field(default_factory=_default_providers)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
+    source: str = "built-in defaults"
+
+    def provider(self, vendor: str) -> ProviderConfig:
+        return self.providers[vendor]  # type: ignore[index]
+
+
+def _merge_providers(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill each provider section the file gives with the built-in defaults it omits."""
+    defaults = {k: v.model_dump(exclude_none=True) for k, v in _default_providers().items()}
+    given = raw.get("providers")
+    if isinstance(given, dict):
+        merged: dict[str, Any] = dict(defaults)
+        for name, section in given.items():
+            if isinstance(section, dict) and name in defaults:
+                merged[name] = {**defaults[name], **section}
+            else:
+                merged[name] = section
+        raw = {**raw, "providers": merged}
+    return raw
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate the config; ``None`` means ``./config.yaml`` or defaults."""
+    from pipeline.yamlsrc import load_yaml_with_lines, validation_error_message
+
+    if path is None:
+        candidate = Path.cwd() / DEFAULT_CONFIG_NAME
+        if not candidate.is_file():
+            return Config()
+        path = candidate
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing file to --config")
+    doc = load_yaml_with_lines(path, ConfigError)
+    if doc.data is None:
+        return Config(source=str(path))
+    if not isinstance(doc.data, dict):
+        raise ConfigError(f"{path}:1: the config must be a mapping of settings")
+    from pydantic import ValidationError
+
+    try:
+        return Config.model_validate({**_merge_providers(doc.data), "source": str(path)})
+    except ValidationError as exc:
+        raise ConfigError(validation_error_message(path, doc, exc)) from None
+
+
+def api_key(config: Config, vendor: str) -> str:
+    """The vendor's API key from the environment variable the config names."""
+    var = config.provider(vendor).api_key_env
+    value = os.environ.get(var, "").strip()
+    if not value:
+        raise ConfigError(
+            f"{vendor}: environment variable {var} is not set; export your {vendor} API key "
+            f"in it, or run against the built-in emulator with --emulate"
+        )
+    return value

@@ -1,0 +1,126 @@
+"""The contract between the engine and a vendor.
+
+A provider does exactly one attempt of one step and either returns a value or raises
+a classified :class:`pipeline.errors.VendorError`. It never sleeps for retries, never
+loops on polls and never touches the journal: the engine owns all of that. The wire
+format lives in pure ``build_*`` / ``parse_*`` functions in each vendor module; the
+async methods here only move bytes.
+
+Steps of an item::
+
+    submit(...)  -> Submitted(task_id=...)      async op: engine journals task_id, then polls
+                 -> Submitted(image=b"...")     sync op: the result is already here
+    poll(...)    -> TaskState(running | succeeded(result_url | image) | failed(error))
+    download(url)-> bytes                       result URL -> image bytes (no API key sent)
+
+``poll`` raises for request-level failures (the poll itself failed: re-poll the same
+id later); it *returns* ``TaskState(state="failed")`` when the vendor says the task
+itself failed, with ``error.kind`` telling the engine to resubmit or give up.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from pipeline.errors import VendorError
+
+__all__ = [
+    "CreditBalance",
+    "ImagePayload",
+    "Provider",
+    "RequestStats",
+    "Submitted",
+    "TaskState",
+]
+
+
+@dataclass(frozen=True)
+class ImagePayload:
+    """Bytes to send for one image field, with a real extension and type (§1.1)."""
+
+    data: bytes
+    filename: str  # e.g. "portrait.jpg"; the extension matches content_type
+    content_type: str  # "image/jpeg" | "image/png" | "image/heic"
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """Outcome of a successful submit: a task id (async) or the result (sync)."""
+
+    task_id: str | None = None
+    image: bytes | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """What one poll learned about a task."""
+
+    state: Literal["running", "succeeded", "failed"]
+    result_url: str | None = None
+    image: bytes | None = None
+    error: VendorError | None = None
+    # Vendor-advised seconds until the next poll, when the response carries one
+    # (Perfect Corp V1 ``polling_interval`` in ms, vendor-protocols.md Q9).
+    poll_after: float | None = None
+
+
+@dataclass(frozen=True)
+class CreditBalance:
+    """A vendor account's balance as its credit endpoint reports it."""
+
+    vendor: str
+    balance: float
+    unit: Literal["credits", "units"]
+    pools: Mapping[str, float] = field(default_factory=dict)
+
+
+class RequestStats:
+    """Counts requests actually sent, by vendor and kind (submit, poll, upload, ...)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def count(self, vendor: str, kind: str) -> None:
+        self.counts[(vendor, kind)] += 1
+
+    def by_vendor(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (vendor, kind), n in sorted(self.counts.items()):
+            out.setdefault(vendor, {})[kind] = n
+        return out
+
+
+# A rate-budget gate: awaited before every call to the vendor's API host.
+AcquireSlot = Callable[[], Awaitable[None]]
+
+
+class Provider(Protocol):
+    """What the engine needs from a vendor. One instance per vendor per run."""
+
+    vendor: str
+
+    async def submit(
+        self,
+        operation: str,
+        image: ImagePayload,
+        params: Mapping[str, int | str],
+        files: Mapping[str, ImagePayload],
+    ) -> Submitted:
+        """Send one item. ``params`` are vendor codes; ``files`` extra image fields."""
+        ...
+
+    async def poll(self, operation: str, task_id: str) -> TaskState:
+        """Ask once about ``task_id``. Raises for request-level failures."""
+        ...
+
+    async def download(self, url: str) -> bytes:
+        """Fetch a result URL (storage host: no API key, no rate budget)."""
+        ...
+
+    async def credits(self) -> CreditBalance:
+        """The account's current balance."""
+        ...
