@@ -1,0 +1,188 @@
+"""The journal's durability contract, the lock, atomic outputs and path mapping."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import JournalError, LockHeldError
+from pipeline.identity import hash_file, item_key
+from pipeline.journal import JOURNAL_NAME, Journal
+from pipeline.lock import OutputLock
+from pipeline.outputs import (
+    atomic_write_bytes,
+    resolve_inside,
+    result_relpath,
+    sweep_partial_files,
+)
+from pipeline.report import build_reports
+
+
+async def _seed(journal: Journal, run_id: int, key: str = "k1") -> None:
+    await journal.see(
+        key=key,
+        operation="ailab/face-swap",
+        variant="image_template=face",
+        params="{}",
+        input_path="/in/a.jpg",
+        input_rel="a.jpg",
+        run_id=run_id,
+    )
+
+
+async def test_journal_round_trip_and_commit_before_return(tmp_path: Path) -> None:
+    async with Journal(tmp_path) as journal:
+        run_id = await journal.begin_run("m.yaml", os.getpid())
+        await _seed(journal, run_id)
+        await journal.update("k1", status="submitted", task_id="T-1", attempts=1)
+        # Another connection sees the task id at once: it was committed.
+        other = sqlite3.connect(tmp_path / JOURNAL_NAME)
+        assert other.execute("SELECT task_id FROM items WHERE key='k1'").fetchone() == ("T-1",)
+        other.close()
+        rec = await journal.lookup("k1")
+        assert rec is not None and rec.status == "submitted" and rec.attempts == 1
+        await journal.add_polls("k1", 3)
+        rec = await journal.lookup("k1")
+        assert rec is not None and rec.polls == 3
+
+
+async def test_journal_group_commits_concurrent_writes(tmp_path: Path) -> None:
+    import anyio
+
+    async with Journal(tmp_path) as journal:
+        run_id = await journal.begin_run("m.yaml", os.getpid())
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(_seed, journal, run_id, f"k{i}")
+        assert journal.commits < 200  # many writes shared a commit
+        for i in (0, 199):
+            assert await journal.lookup(f"k{i}") is not None
+
+
+async def test_journal_rejects_unknown_columns(tmp_path: Path) -> None:
+    async with Journal(tmp_path) as journal:
+        with pytest.raises(ValueError):
+            await journal.update("k", nonsense=1)
+
+
+def test_damaged_journal_is_refused_and_untouched(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    path.write_bytes(b"SQLite format 3\x00" + b"\x00" * 50)  # truncated header
+    before = path.read_bytes()
+    with pytest.raises(JournalError, match="move it aside|not a readable"):
+        Journal.open_sync(path, create=True)
+    assert path.read_bytes() == before
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_NAME
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(JournalError, match="not a portrait-pipeline journal"):
+        Journal.open_sync(path, create=True)
+
+
+def test_empty_journal_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / JOURNAL_NAME).write_bytes(b"")
+    with pytest.raises(JournalError, match="empty"):
+        Journal.open_sync(tmp_path / JOURNAL_NAME, create=True)
+
+
+def test_wrong_schema_version_is_refused(tmp_path: Path) -> None:
+    conn = Journal.open_sync(tmp_path / JOURNAL_NAME, create=True)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(JournalError, match="schema version 99"):
+        Journal.open_sync(tmp_path / JOURNAL_NAME, create=True)
+
+
+async def test_report_rebuilt_from_journal_alone(tmp_path: Path) -> None:
+    async with Journal(tmp_path) as journal:
+        run_id = await journal.begin_run("m.yaml", os.getpid())
+        await _seed(journal, run_id, "ok")
+        await _seed(journal, run_id, "bad")
+        await _seed(journal, run_id, "open")
+        (tmp_path / "x.jpg").write_bytes(b"\xff\xd8\xff")
+        await journal.update("ok", status="succeeded", output="x.jpg", run_status="succeeded")
+        await journal.update(
+            "bad", status="failed", run_status="failed", error_code="ERROR_NO_FACE_IN_FILE",
+            error_message="no face", error_kind="permanent",
+        )  # fmt: skip
+        await journal.finish_run(run_id, 1, {"requests": {"ailab": {"submit": 3}}})
+    report = build_reports(tmp_path)
+    assert report["counts"] == {"total": 3, "succeeded": 1, "failed": 2, "skipped": 0}
+    assert report["errors_by_code"] == {"ERROR_NO_FACE_IN_FILE": 1, "INTERRUPTED": 1}
+    assert report["credits_spent"] == {"ailab": {"amount": 5, "unit": "credits"}}
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    by_key = {x["key"]: x for x in lines}
+    assert by_key["ok"]["output"] == str(tmp_path.resolve() / "x.jpg")
+    assert by_key["bad"]["error"]["kind"] == "permanent"
+    assert by_key["open"]["error"]["code"] == "INTERRUPTED"
+
+
+def test_report_without_journal_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(JournalError, match="no journal"):
+        build_reports(tmp_path)
+
+
+def test_result_paths_mirror_inputs_and_never_escape(tmp_path: Path) -> None:
+    rel = result_relpath("ailab/emotion-editor", "service_choice=big_grin", "studio/ana.jpg", "jpg")
+    assert rel == "ailab-emotion-editor/service_choice=big_grin/studio/ana.jpg"
+    assert result_relpath("x/y", "default", "a.png", "jpg").endswith("a.png.jpg")
+    assert result_relpath("x/y", "default", "a.jpg", "jpg") != result_relpath("x/y", "default", "a.png", "jpg")
+    evil = result_relpath("x/y", "..", "../../etc/passwd", "jpg")
+    target = resolve_inside(tmp_path, evil)
+    assert tmp_path.resolve() in target.parents
+    with pytest.raises(ValueError):
+        resolve_inside(tmp_path, "../outside.jpg")
+
+
+def test_atomic_write_leaves_no_partial_and_sweep_cleans(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b.jpg"
+    atomic_write_bytes(target, b"data")
+    assert target.read_bytes() == b"data"
+    assert [p.name for p in target.parent.iterdir()] == ["b.jpg"]
+    (target.parent / ".b.jpg.123.part").write_bytes(b"half")
+    assert sweep_partial_files(tmp_path) == 1
+    assert [p.name for p in target.parent.iterdir()] == ["b.jpg"]
+
+
+def test_identity_depends_on_content_and_params(tmp_path: Path) -> None:
+    a = tmp_path / "a.jpg"
+    a.write_bytes(b"same")
+    b = tmp_path / "sub" / "renamed.jpg"
+    b.parent.mkdir()
+    b.write_bytes(b"same")
+    ha, hb = hash_file(a), hash_file(b)
+    assert ha == hb
+    k1 = item_key(ha, "op", {"x": 1}, {})
+    assert k1 == item_key(hb, "op", {"x": 1}, {})
+    assert k1 != item_key(ha, "op", {"x": 2}, {})
+    assert k1 != item_key(ha, "op2", {"x": 1}, {})
+    assert item_key(ha, "op", {}, {"t": "h1"}) != item_key(ha, "op", {}, {"t": "h2"})
+
+
+def test_lock_names_holder_and_frees_on_exit(tmp_path: Path) -> None:
+    code = (
+        "import sys, time; from pathlib import Path; from pipeline.lock import OutputLock\n"
+        "with OutputLock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(30)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LockHeldError, match=f"pid {holder.pid}"), OutputLock(tmp_path):
+            pass
+    finally:
+        holder.kill()
+        holder.communicate()
+    # The kernel dropped the dead holder's lock: it is taken over.
+    with OutputLock(tmp_path):
+        pass
