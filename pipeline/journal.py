@@ -243,11 +243,11 @@ class Journal:
         assert self._tg is not None
         with anyio.CancelScope(shield=True):
             await self.flush()
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                await anyio.to_thread.run_sync(conn.close)
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     # -- the group-commit writer ------------------------------------------------------
 
