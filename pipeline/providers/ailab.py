@@ -1,0 +1,584 @@
+"""AILabTools provider: emotion-editor (sync), face-swap (async), face-beauty-pro (both).
+
+The wire format is ``shared/vendor-protocols.md`` §1; every quirk below cites it.
+
+- Auth: header ``ailabapi-api-key`` on every call, polls and credit queries included
+  (§1.1, §1.5). It is added only when sending to the configured base URL.
+- Requests: ``multipart/form-data``, scalars as decimal text, files with a real
+  extension and matching Content-Type (§1.1).
+- Envelope: success is HTTP 200 with ``error_code`` absent or 0 and
+  ``error_detail.code`` absent or ``""``; the code comes from ``error_detail.code``,
+  then ``error_code_str``, else ``HTTP_<status>`` (§1.1 [R]). Three generations of
+  fields are accepted; none is required (Q4).
+- Classification: by code, per the §1.8 table (:mod:`pipeline.providers.classify`).
+
+Pure functions build requests (:func:`build_submit`, :func:`build_poll`,
+:func:`build_credits`) and parse responses (:func:`parse_submit`, :func:`parse_poll`,
+:func:`parse_credits`, :func:`parse_envelope`); :class:`AILabProvider` moves the bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Final
+from urllib.parse import quote
+
+import aiohttp
+
+from pipeline.config import ProviderConfig, TimeoutConfig
+from pipeline.errors import (
+    FatalError,
+    PermanentError,
+    RetryableError,
+    TransportError,
+    VendorError,
+)
+from pipeline.providers.base import (
+    AcquireSlot,
+    CreditBalance,
+    ImagePayload,
+    RequestStats,
+    Submitted,
+    TaskState,
+)
+from pipeline.providers.classify import (
+    AILAB_LOST_TASK_CODES,
+    classify_ailab,
+    is_rate_limit_code,
+    make_error,
+)
+from pipeline.providers.http import (
+    FilePart,
+    FormPart,
+    HttpRequest,
+    HttpResponse,
+    TextPart,
+    api_timeout,
+    body_excerpt,
+    clip,
+    decode_base64_image,
+    download,
+    join_url,
+    parse_json_object,
+    parse_retry_after,
+    redact_error,
+    redirect_error,
+    send,
+)
+
+__all__ = [
+    "AUTH_HEADER",
+    "OPERATIONS",
+    "VENDOR",
+    "AILabProvider",
+    "auth_headers",
+    "build_credits",
+    "build_poll",
+    "build_submit",
+    "envelope_error",
+    "parse_credits",
+    "parse_envelope",
+    "parse_poll",
+    "parse_submit",
+]
+
+_log = logging.getLogger(__name__)
+
+VENDOR: Final = "ailab"
+AUTH_HEADER: Final = "ailabapi-api-key"
+
+EMOTION_EDITOR: Final = "ailab/emotion-editor"
+FACE_SWAP: Final = "ailab/face-swap"
+FACE_BEAUTY_PRO: Final = "ailab/face-beauty-pro"
+
+# Operation → endpoint (§1.2, §1.3, §1.4).
+OPERATIONS: Final[Mapping[str, str]] = {
+    EMOTION_EDITOR: "/api/portrait/effects/emotion-editor",
+    FACE_SWAP: "/api/portrait/editing/ai-face-swap",
+    FACE_BEAUTY_PRO: "/api/portrait/effects/face-beauty-pro",
+}
+POLL_PATH: Final = "/api/common/query-async-task-result"  # §1.5
+CREDITS_PATH: Final = "/api/common/query-credits"  # §1.6
+
+# Scalar form fields each operation accepts, in the order they are sent; the first
+# tuple is required. §1.2: service_choice is required since V1.0.1. §1.3: face swap has
+# no scalar (and no task_type). §1.4: task_type plus six sliders and filter_type.
+_SLIDERS = ("whitening", "smoothing", "thinface", "shrink_face", "enlarge_eye", "remove_eyebrow")
+_FIELDS: Final[Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    EMOTION_EDITOR: (("service_choice",), ()),
+    FACE_SWAP: ((), ()),
+    FACE_BEAUTY_PRO: ((), ("task_type", *_SLIDERS, "filter_type")),
+}
+# §1.4: the vendor's default is sync, but we default to async so the task id is
+# journaled before anything can be billed (operations.py: task_type default "async").
+_DEFAULT_TASK_TYPE: Final = "async"
+
+# §1.5 task_status values.
+_QUEUED, _PROCESSING, _SUCCEEDED = 0, 1, 2
+# [U] the SDK treats 3 as failure (§1.5, Q1).
+_SDK_FAILED = 3
+
+_MALFORMED: Final = "MALFORMED_RESPONSE"
+
+
+def auth_headers(api_key: str) -> dict[str, str]:
+    """The auth header (§1.1). Only ever sent to the configured base URL."""
+    return {AUTH_HEADER: api_key}
+
+
+# ------------------------------------------------------------------------- builders
+
+
+def _scalar(value: int | str) -> str:
+    # §1.1: scalars are sent as decimal text (service_choice and filter_type are typed
+    # integer in the tables and string in openapi; text satisfies both).
+    if isinstance(value, bool):  # not a documented value type; never send "True"
+        return str(int(value))
+    return str(value)
+
+
+def _client_error(code: str, message: str) -> PermanentError:
+    return PermanentError(message, code=code, vendor=VENDOR)
+
+
+def build_submit(
+    operation: str,
+    image: ImagePayload,
+    params: Mapping[str, int | str],
+    files: Mapping[str, ImagePayload],
+) -> HttpRequest:
+    """The multipart POST that submits one item.
+
+    Raises :class:`FatalError` for an operation this module does not serve and
+    :class:`PermanentError` (``CLIENT_*`` codes, nothing sent) for missing or unknown
+    parameters. Keys of ``params`` that name a file in ``files`` are not scalars and
+    are skipped (face swap's ``image_template`` path).
+    """
+    path = OPERATIONS.get(operation)
+    if path is None:
+        raise FatalError(
+            f"operation {operation!r} is not an AILab operation",
+            code="UNSUPPORTED_OPERATION",
+            vendor=VENDOR,
+        )
+    required, optional = _FIELDS[operation]
+    scalars = {k: v for k, v in params.items() if k not in files}
+    unknown = sorted(set(scalars) - set(required) - set(optional))
+    if unknown:
+        raise _client_error(
+            "CLIENT_UNKNOWN_PARAMETER", f"{operation} does not take {', '.join(unknown)}"
+        )
+    for name in required:
+        if name not in scalars:
+            raise _client_error("CLIENT_MISSING_PARAMETER", f"{operation} needs {name}")
+
+    parts: list[FormPart] = []
+    if operation == EMOTION_EDITOR:
+        # §1.2: image_target (file) + service_choice.
+        parts.append(FilePart("image_target", image))
+        parts.append(TextPart("service_choice", _scalar(scalars["service_choice"])))
+    elif operation == FACE_SWAP:
+        # §1.3: image_target is replaced, image_template provides the face.
+        template = files.get("image_template")
+        if template is None:
+            raise _client_error("CLIENT_MISSING_PARAMETER", f"{operation} needs image_template")
+        parts.append(FilePart("image_target", image))
+        parts.append(FilePart("image_template", template))
+    else:
+        # §1.4: `image` (not image_target), task_type, optional sliders and filter_type.
+        task_type = str(scalars.get("task_type", _DEFAULT_TASK_TYPE))
+        if task_type not in ("sync", "async"):
+            raise _client_error(
+                "CLIENT_INVALID_PARAMETER", f"{operation}: task_type must be sync or async"
+            )
+        parts.append(TextPart("task_type", task_type))
+        parts.append(FilePart("image", image))
+        for name in optional[1:]:
+            if name in scalars:
+                parts.append(TextPart(name, _scalar(scalars[name])))
+    return HttpRequest("POST", path, form=tuple(parts))
+
+
+def build_poll(task_id: str) -> HttpRequest:
+    """``GET /api/common/query-async-task-result?task_id=…`` (§1.5), id percent-encoded."""
+    return HttpRequest("GET", f"{POLL_PATH}?task_id={quote(task_id, safe='')}")
+
+
+def build_credits() -> HttpRequest:
+    """``GET /api/common/query-credits`` (§1.6): no parameters."""
+    return HttpRequest("GET", CREDITS_PATH)
+
+
+# -------------------------------------------------------------------------- parsers
+
+
+def _as_int(value: object) -> int | None:
+    """An int from a JSON int or an integral numeric string; never from a bool."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _as_float(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _text(value: object) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _request_id(doc: Mapping[str, Any] | None) -> str | None:
+    if doc is None:
+        return None
+    rid = doc.get("request_id")
+    if isinstance(rid, str | int) and not isinstance(rid, bool) and str(rid):
+        return str(rid)
+    return None
+
+
+def _message(doc: Mapping[str, Any], detail: Mapping[str, Any], status: int) -> str:
+    # §1.1: code_message is the summary, message the detail (may embed an upstream
+    # number, "… - 222202 - pic not has face"); error_msg is the oldest free text.
+    pieces: list[str] = []
+    for value in (detail.get("code_message"), detail.get("message"), doc.get("error_msg")):
+        text = _text(value)
+        if text and text not in pieces:
+            pieces.append(text)
+    return clip(" / ".join(pieces)) if pieces else f"HTTP {status}"
+
+
+def _malformed(what: str, status: int, request_id: str | None) -> RetryableError:
+    return RetryableError(
+        what, code=_MALFORMED, vendor=VENDOR, http_status=status, request_id=request_id
+    )
+
+
+def envelope_error(
+    status: int, headers: Mapping[str, str], body: bytes
+) -> tuple[VendorError | None, dict[str, Any] | None]:
+    """Apply the §1.1 [R] success rule. Returns ``(error, doc)``; ``error`` is ``None``
+    on success, else the classified error (not raised, so :func:`parse_poll` can turn
+    some of them into task outcomes)."""
+    doc = parse_json_object(body)
+    request_id = _request_id(doc)
+    if 300 <= status < 400:
+        return redirect_error(status, headers, vendor=VENDOR, request_id=request_id), doc
+    retry_after = parse_retry_after(headers)
+    if doc is None:
+        what = f"HTTP {status}, body is not a JSON object: {body_excerpt(body)}"
+        if 200 <= status < 300:
+            return _malformed(what, status, None), None  # §1.8 [R]: non-JSON 2xx → R
+        if status >= 500:
+            # §1.8 [R]: a non-JSON 5xx (an HTML 502 page from a proxy) is a transport fault.
+            return TransportError(
+                what, code=f"HTTP_{status}", vendor=VENDOR, http_status=status
+            ), None
+        code = f"HTTP_{status}"
+        kind = classify_ailab(status, code)
+        return make_error(
+            kind,
+            what,
+            code=code,
+            vendor=VENDOR,
+            http_status=status,
+            rate_limited=is_rate_limit_code(VENDOR, status, code),
+            retry_after=retry_after,
+        ), None
+
+    detail_raw = doc.get("error_detail")
+    detail: Mapping[str, Any] = detail_raw if isinstance(detail_raw, dict) else {}
+    # Current docs: error_detail.code. Oldest docs: error_code_str ("gradually deprecated").
+    code = _text(detail.get("code")) or _text(doc.get("error_code_str"))
+    error_code = _as_int(doc.get("error_code"))  # older docs: 0 or the HTTP status
+    if status == 200 and not error_code and not _text(detail.get("code")):
+        return None, doc
+
+    # Unknown codes are classified by status (§1.8). An HTTP 200 that still carries an
+    # error reports its real status in error_code (older docs) or error_detail.status_code.
+    effective = status
+    if status == 200:
+        for candidate in (error_code, _as_int(detail.get("status_code"))):
+            if candidate is not None and 100 <= candidate <= 599 and candidate != 200:
+                effective = candidate
+                break
+    code = code or f"HTTP_{effective}"
+    kind = classify_ailab(effective, code)
+    err = make_error(
+        kind,
+        _message(doc, detail, status),
+        code=code,
+        vendor=VENDOR,
+        http_status=status,
+        request_id=request_id,
+        rate_limited=is_rate_limit_code(VENDOR, effective, code),
+        retry_after=retry_after,
+    )
+    return err, doc
+
+
+def parse_envelope(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+    """The response document on success (§1.1); raises the classified error otherwise."""
+    err, doc = envelope_error(status, headers, body)
+    if err is not None:
+        raise err
+    assert doc is not None
+    return doc
+
+
+def _decode_image(value: object, status: int, request_id: str | None, where: str) -> bytes:
+    # Q6: public clients decode bare base64; strip any data:…;base64, prefix anyway.
+    image = decode_base64_image(value) if isinstance(value, str) else None
+    if image is None:
+        raise _malformed(f"{where} is missing or not base64", status, request_id)
+    return image
+
+
+def _task_id(value: object) -> str | None:
+    # Keep ids as strings; a JSON number (never documented) is rendered exactly.
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def parse_submit(operation: str, status: int, headers: Mapping[str, str], body: bytes) -> Submitted:
+    """A submit response → ``Submitted`` (task id or image); raises classified errors.
+
+    - emotion-editor (§1.2): ``data.image`` base64 → image bytes;
+    - face-swap (§1.3): top-level ``task_id``;
+    - face-beauty-pro (§1.4): ``task_id`` (async) or top-level ``result`` base64 (sync).
+    A success envelope missing its payload is ``RetryableError(MALFORMED_RESPONSE)``.
+    """
+    doc = parse_envelope(status, headers, body)
+    rid = _request_id(doc)
+    data_raw = doc.get("data")
+    data: Mapping[str, Any] = data_raw if isinstance(data_raw, dict) else {}
+    if operation == EMOTION_EDITOR:
+        return Submitted(
+            image=_decode_image(data.get("image"), status, rid, "data.image"), request_id=rid
+        )
+    task_id = _task_id(doc.get("task_id"))
+    if task_id is not None:
+        return Submitted(task_id=task_id, request_id=rid)
+    if operation == FACE_BEAUTY_PRO and "result" in doc:
+        return Submitted(
+            image=_decode_image(doc.get("result"), status, rid, "result"), request_id=rid
+        )
+    raise _malformed(f"{operation}: success response has no task_id", status, rid)
+
+
+def _result_candidates(doc: Mapping[str, Any]) -> Iterator[object]:
+    # Q5, in this order: result_url (face-beauty-pro async page), data.result_url,
+    # data.image (face swap, generic schema), data.result_urls[0], data.images[0].
+    yield doc.get("result_url")
+    data = doc.get("data")
+    if isinstance(data, dict):
+        yield data.get("result_url")
+        yield data.get("image")
+        for key in ("result_urls", "images"):
+            seq = data.get(key)
+            if isinstance(seq, list) and seq:
+                yield seq[0]
+
+
+def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskState:
+    """A poll response → ``TaskState``, or raises when the poll itself failed.
+
+    Raised (the engine re-polls the same id later): rate-limit codes
+    (``RateLimitedError``), other R codes / 5xx / non-JSON / malformed 200s
+    (``RetryableError``, ``TransportError``) and F codes (``FatalError``).
+
+    Returned as ``failed`` (Q1, Q2): an S code such as ``422 ERROR_NO_FACE_IN_FILE`` at
+    the first poll (§1.5, third party) → ``PermanentError``; ``404
+    ERROR_RESOURCE_NOT_FOUND`` / ``410 ERROR_RESOURCE_RECLAIMED`` → ``RetryableError``
+    with the code kept (the task is lost; the engine decides about resubmitting);
+    ``task_status`` 3, any status outside 0-2, or 2 without a usable result →
+    ``RetryableError``.
+    """
+    err, doc = envelope_error(status, headers, body)
+    if err is not None:
+        if err.code.upper() in AILAB_LOST_TASK_CODES and err.kind == "permanent":
+            lost = RetryableError(
+                f"task lost (unknown or expired id): {err.message}",
+                code=err.code,
+                vendor=VENDOR,
+                http_status=err.http_status,
+                request_id=err.request_id,
+            )
+            return TaskState(state="failed", error=lost)
+        if err.kind == "permanent":
+            return TaskState(state="failed", error=err)
+        raise err
+    assert doc is not None
+    rid = _request_id(doc)
+    task_status = _as_int(doc.get("task_status"))
+    if task_status is None:
+        # task_status is required (§1.5); without it we learned nothing: poll again.
+        raise _malformed("poll response has no integer task_status", status, rid)
+    if task_status in (_QUEUED, _PROCESSING):
+        return TaskState(state="running")
+    if task_status == _SUCCEEDED:
+        for value in _result_candidates(doc):
+            if not isinstance(value, str) or not value.strip():
+                continue
+            text = value.strip()
+            if text.lower().startswith(("http://", "https://")):
+                return TaskState(state="succeeded", result_url=text)
+            image = decode_base64_image(text)
+            if image is not None:
+                return TaskState(state="succeeded", image=image)
+        # Q1: status 2 without a result counts as an R failure.
+        return TaskState(
+            state="failed",
+            error=RetryableError(
+                "task_status 2 but no result_url, data.result_url, data.image, "
+                "data.result_urls or data.images",
+                code="MISSING_RESULT",
+                vendor=VENDOR,
+                http_status=status,
+                request_id=rid,
+            ),
+        )
+    # Q1: 3 (the SDK's failure value) or anything outside 0-2 is an R failure.
+    detail_raw = doc.get("error_detail")
+    detail: Mapping[str, Any] = detail_raw if isinstance(detail_raw, dict) else {}
+    code = "TASK_FAILED" if task_status == _SDK_FAILED else "UNKNOWN_TASK_STATUS"
+    message = f"task_status {task_status}"
+    extra = _message(doc, detail, status)
+    if extra != f"HTTP {status}":
+        message += f": {extra}"
+    return TaskState(
+        state="failed",
+        error=RetryableError(message, code=code, vendor=VENDOR, http_status=status, request_id=rid),
+    )
+
+
+def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> CreditBalance:
+    """``data`` (an array of pools, §1.6) → balance = sum of pools, pools by unique_sign.
+
+    Third-party code sums all pools; the usable balance of one API is [U] ``common``
+    plus its own pool, which callers can compute from ``pools``.
+    """
+    doc = parse_envelope(status, headers, body)
+    rid = _request_id(doc)
+    data = doc.get("data")
+    if not isinstance(data, list):
+        raise _malformed("credits response: data is not an array of pools", status, rid)
+    pools: dict[str, float] = {}
+    for i, pool in enumerate(data):
+        balance = _as_float(pool.get("balance")) if isinstance(pool, dict) else None
+        if balance is None:
+            raise _malformed(f"credits response: pool {i} has no numeric balance", status, rid)
+        assert isinstance(pool, dict)
+        sign = _text(pool.get("unique_sign")) or f"pool_{i}"
+        pools[sign] = pools.get(sign, 0.0) + balance
+    return CreditBalance(vendor=VENDOR, balance=sum(pools.values()), unit="credits", pools=pools)
+
+
+# ------------------------------------------------------------------------ the class
+
+
+class AILabProvider:
+    """The :class:`~pipeline.providers.base.Provider` for AILabTools.
+
+    One attempt per call; never sleeps, never loops. ``acquire`` (the shared rate
+    budget) is awaited before every call to the API host; result downloads skip it.
+    The session must carry no default headers: downloads go to storage hosts.
+    """
+
+    vendor = VENDOR
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        config: ProviderConfig,
+        api_key: str,
+        timeouts: TimeoutConfig,
+        stats: RequestStats,
+        acquire: AcquireSlot,
+    ) -> None:
+        self._session = session
+        self._config = config
+        self._api_key = api_key
+        self._timeouts = timeouts
+        self._stats = stats
+        self._acquire = acquire
+
+    def __repr__(self) -> str:  # never show the key
+        return f"AILabProvider(base_url={self._config.base_url!r})"
+
+    @contextmanager
+    def _scrubbed(self) -> Iterator[None]:
+        try:
+            yield
+        except VendorError as err:
+            redact_error(err, self._api_key)
+            raise
+
+    async def _call(self, kind: str, request: HttpRequest) -> HttpResponse:
+        await self._acquire()
+        self._stats.count(VENDOR, kind)
+        return await send(
+            self._session,
+            request,
+            join_url(self._config.base_url, request.target),
+            vendor=VENDOR,
+            client_timeout=api_timeout(self._timeouts),
+            extra_headers={"Accept": "application/json", **auth_headers(self._api_key)},
+        )
+
+    async def submit(
+        self,
+        operation: str,
+        image: ImagePayload,
+        params: Mapping[str, int | str],
+        files: Mapping[str, ImagePayload],
+    ) -> Submitted:
+        with self._scrubbed():
+            request = build_submit(operation, image, params, files)
+            resp = await self._call("submit", request)
+            out = parse_submit(operation, resp.status, resp.headers, resp.body)
+        if out.task_id is not None:
+            # Q17: log every task id (a create retried after a timeout may duplicate).
+            _log.info("ailab %s: task_id=%s request_id=%s", operation, out.task_id, out.request_id)
+        return out
+
+    async def poll(self, operation: str, task_id: str) -> TaskState:
+        with self._scrubbed():
+            resp = await self._call("poll", build_poll(task_id))
+            state = parse_poll(resp.status, resp.headers, resp.body)
+        if state.error is not None:
+            redact_error(state.error, self._api_key)
+        return state
+
+    async def download(self, url: str) -> bytes:
+        with self._scrubbed():
+            return await download(
+                self._session, url, vendor=VENDOR, timeouts=self._timeouts, stats=self._stats
+            )
+
+    async def credits(self) -> CreditBalance:
+        with self._scrubbed():
+            resp = await self._call("credits", build_credits())
+            return parse_credits(resp.status, resp.headers, resp.body)

@@ -1,0 +1,627 @@
+"""Perfect Corp (YouCam API) provider: AI Smile, an async task that needs an upload first.
+
+The wire format is ``shared/vendor-protocols.md`` §2; every quirk below cites it.
+
+One submit is three requests (§2.2, §2.3):
+
+1. ``POST /s2s/v2.0/file/ai-smile`` (or the universal ``/s2s/v2.0/file``, Q11) with the
+   file's type, name and size → a ``file_id`` and a presigned storage URL;
+2. ``PUT`` the bytes to that URL with *exactly* the headers it came with: no
+   ``Authorization`` (S3 rejects a second auth mechanism) and nothing aiohttp would add;
+3. ``POST /s2s/v2.0/task/ai-smile`` ``{"src_file_id", "expression_type"}`` → ``task_id``.
+
+- Auth: ``Authorization: Bearer <key>``, one space (§2.1), to the base URL only.
+- Envelopes: ``{"status":200,"data":{…}}`` or ``{"status":<http>,"error":"…",
+  "error_code":"…"}``; ``error_code`` is absent on 429 and some 401s (§2.1).
+- Engine failures arrive as HTTP 200 with ``data.task_status == "error"`` (§2.4).
+- The ``x-request-id`` response header [U] is kept as the errors' ``request_id``.
+- Ids may exceed 2^53 (§2.1): they stay strings (Python's ``json`` keeps big ints exact).
+
+Pure functions build and parse every step; :class:`PerfectCorpProvider` moves bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote
+
+import aiohttp
+
+from pipeline.config import ProviderConfig, TimeoutConfig
+from pipeline.errors import (
+    FatalError,
+    PermanentError,
+    RetryableError,
+    TransportError,
+    VendorError,
+)
+from pipeline.providers.base import (
+    AcquireSlot,
+    CreditBalance,
+    ImagePayload,
+    RequestStats,
+    Submitted,
+    TaskState,
+)
+from pipeline.providers.classify import (
+    classify_perfectcorp,
+    classify_perfectcorp_engine,
+    is_rate_limit_code,
+    make_error,
+)
+from pipeline.providers.http import (
+    HttpRequest,
+    HttpResponse,
+    api_timeout,
+    body_excerpt,
+    clip,
+    download,
+    header,
+    join_url,
+    parse_json_object,
+    parse_retry_after,
+    redact_error,
+    redirect_error,
+    safe_url,
+    send,
+)
+
+__all__ = [
+    "AI_SMILE",
+    "CREDIT_PATH",
+    "FEATURE_UPLOAD_PATH",
+    "TASK_PATH",
+    "UNIVERSAL_UPLOAD_PATH",
+    "VENDOR",
+    "PerfectCorpProvider",
+    "UploadTarget",
+    "auth_headers",
+    "build_create_task",
+    "build_credits",
+    "build_poll",
+    "build_put",
+    "build_upload",
+    "envelope_error",
+    "parse_create_task",
+    "parse_credits",
+    "parse_envelope",
+    "parse_poll",
+    "parse_put",
+    "parse_upload",
+]
+
+_log = logging.getLogger(__name__)
+
+VENDOR: Final = "perfectcorp"
+AI_SMILE: Final = "perfectcorp/ai-smile"
+
+FEATURE_UPLOAD_PATH: Final = "/s2s/v2.0/file/ai-smile"  # §2.2, the AI Smile page
+UNIVERSAL_UPLOAD_PATH: Final = "/s2s/v2.0/file"  # §2.2, release v1.14 (Q11)
+TASK_PATH: Final = "/s2s/v2.0/task/ai-smile"  # §2.3 create, §2.4 poll (+ "/{task_id}")
+CREDIT_PATH: Final = "/s2s/v1.0/client/credit"  # §2.5
+
+_REQUEST_ID_HEADER: Final = "x-request-id"  # §2.1 [U]: seen on responses; log it
+_MALFORMED: Final = "MALFORMED_RESPONSE"
+
+# §2.2: step-2 failures of any kind mean "redo both steps" (Q15).
+_PUT_FAILED: Final = "UPLOAD_PUT_FAILED"
+# §2.4 / §2.9: request-level poll codes that mean the task itself is over.
+_POLL_INVALID_TASK: Final = "invalidtaskid"  # S: resubmitting may double-charge (Q16)
+_POLL_RESUBMIT: Final = frozenset({"tasktimeout", "unknown_internal_error"})  # R: resubmit
+
+
+def auth_headers(api_key: str) -> dict[str, str]:
+    """``Authorization: Bearer <key>``, exactly one space (§2.1). Base URL only."""
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    """Step 1's answer: the ``file_id`` and the presigned request to make (§2.2)."""
+
+    file_id: str
+    url: str
+    headers: Mapping[str, str]
+    method: str = "PUT"
+
+
+# ------------------------------------------------------------------------- builders
+
+
+def build_upload(image: ImagePayload, path: str = FEATURE_UPLOAD_PATH) -> HttpRequest:
+    """Step 1 (§2.2): all three fields are required; ``file_size`` is in bytes."""
+    body = {
+        "files": [
+            {
+                "content_type": image.content_type,
+                "file_name": image.filename,
+                "file_size": len(image.data),
+            }
+        ]
+    }
+    return HttpRequest("POST", path, json=body)
+
+
+def build_put(target: UploadTarget, image: ImagePayload) -> HttpRequest:
+    """Step 2 (§2.2): the raw bytes to the presigned URL with exactly its headers.
+
+    Raises ``RetryableError`` if the signed ``Content-Length`` disagrees with the bytes
+    (the URL was issued for another size; Q15: redo both steps).
+    """
+    length = header(target.headers, "Content-Length")
+    if length is not None and length.strip() != str(len(image.data)):
+        raise RetryableError(
+            f"presigned upload expects {length.strip()} bytes, the image has {len(image.data)}",
+            code="UPLOAD_SIZE_MISMATCH",
+            vendor=VENDOR,
+        )
+    return HttpRequest(target.method, target.url, data=image.data, headers=dict(target.headers))
+
+
+def build_create_task(file_id: str, expression_type: str) -> HttpRequest:
+    """Step 3 (§2.3): ``src_file_id`` (never also ``src_file_url``) + ``expression_type``.
+
+    No other field is sent: unknown fields are ``400 BadRequest`` [U].
+    """
+    return HttpRequest(
+        "POST", TASK_PATH, json={"src_file_id": file_id, "expression_type": expression_type}
+    )
+
+
+def build_poll(task_id: str) -> HttpRequest:
+    """``GET /s2s/v2.0/task/ai-smile/{task_id}`` with the id URL-encoded (§2.4, Q9).
+
+    Ids may contain ``/``, ``+`` and ``=``; ``safe=''`` encodes all of them.
+    """
+    return HttpRequest("GET", f"{TASK_PATH}/{quote(task_id, safe='')}")
+
+
+def build_credits() -> HttpRequest:
+    """``GET /s2s/v1.0/client/credit`` (§2.5)."""
+    return HttpRequest("GET", CREDIT_PATH)
+
+
+# -------------------------------------------------------------------------- parsers
+
+
+def _text(value: object) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _as_int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _as_float(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _id(value: object) -> str | None:
+    # §2.1: ids may exceed 2^53. json.loads keeps a big int exact, so str() is exact;
+    # a string id is kept verbatim.
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _request_id(headers: Mapping[str, str]) -> str | None:
+    rid = header(headers, _REQUEST_ID_HEADER)
+    return rid.strip() if rid and rid.strip() else None
+
+
+def _malformed(what: str, status: int, request_id: str | None) -> RetryableError:
+    return RetryableError(
+        what, code=_MALFORMED, vendor=VENDOR, http_status=status, request_id=request_id
+    )
+
+
+def envelope_error(
+    status: int, headers: Mapping[str, str], body: bytes
+) -> tuple[VendorError | None, dict[str, Any] | None]:
+    """Check the §2.1 envelope. Returns ``(error, doc)``; ``error`` is ``None`` on success.
+
+    Success: HTTP 2xx, ``status`` absent or 2xx, and no top-level ``error_code`` or
+    ``error``. Failures are classified by ``error_code`` per §2.9, else by status.
+    """
+    rid = _request_id(headers)
+    doc = parse_json_object(body)
+    if 300 <= status < 400:
+        return redirect_error(status, headers, vendor=VENDOR, request_id=rid), doc
+    retry_after = parse_retry_after(headers)
+    if doc is None:
+        what = f"HTTP {status}, body is not a JSON object: {body_excerpt(body)}"
+        if 200 <= status < 300:
+            return _malformed(what, status, rid), None
+        if status >= 500:
+            # §2.9 "other 5xx, network → R": an unreadable 5xx is a transport fault.
+            return TransportError(
+                what, code=f"HTTP_{status}", vendor=VENDOR, http_status=status, request_id=rid
+            ), None
+        kind = classify_perfectcorp(status, None)
+        return make_error(
+            kind,
+            what,
+            code=f"HTTP_{status}",
+            vendor=VENDOR,
+            http_status=status,
+            request_id=rid,
+            rate_limited=is_rate_limit_code(VENDOR, status, None),
+            retry_after=retry_after,
+        ), None
+
+    body_status = _as_int(doc.get("status"))
+    error_code = _text(doc.get("error_code"))
+    error_text = _text(doc.get("error"))
+    ok_status = 200 <= status < 300 and (body_status is None or 200 <= body_status < 300)
+    if ok_status and not error_code and not error_text:
+        return None, doc
+
+    # An HTTP 2xx whose body says otherwise is classified by the body's status.
+    effective = status
+    if 200 <= status < 300 and body_status is not None and 100 <= body_status <= 599:
+        effective = body_status
+    kind = classify_perfectcorp(effective, error_code)
+    message = clip(error_text) if error_text else f"HTTP {status}"
+    err = make_error(
+        kind,
+        message,
+        code=error_code or f"HTTP_{effective}",
+        vendor=VENDOR,
+        http_status=status,
+        request_id=rid,
+        rate_limited=is_rate_limit_code(VENDOR, effective, error_code),
+        retry_after=retry_after,
+    )
+    return err, doc
+
+
+def parse_envelope(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+    """The response document on success (§2.1); raises the classified error otherwise."""
+    err, doc = envelope_error(status, headers, body)
+    if err is not None:
+        raise err
+    assert doc is not None
+    return doc
+
+
+def _data(doc: Mapping[str, Any]) -> Mapping[str, Any]:
+    data = doc.get("data")
+    return data if isinstance(data, dict) else {}
+
+
+def parse_upload(status: int, headers: Mapping[str, str], body: bytes) -> UploadTarget:
+    """Step 1's response → :class:`UploadTarget` from ``data.files[0]`` and its
+    ``requests[0]`` (§2.2). ``file_id`` may contain ``/`` and ``+``: kept verbatim."""
+    doc = parse_envelope(status, headers, body)
+    rid = _request_id(headers)
+    files = _data(doc).get("files")
+    first = files[0] if isinstance(files, list) and files else None
+    if not isinstance(first, dict):
+        raise _malformed("upload response has no data.files[0]", status, rid)
+    file_id = _id(first.get("file_id"))
+    requests = first.get("requests")
+    req = requests[0] if isinstance(requests, list) and requests else None
+    if file_id is None or not isinstance(req, dict):
+        raise _malformed("upload response lacks file_id or requests[0]", status, rid)
+    url = _text(req.get("url"))
+    if not url.lower().startswith(("http://", "https://")):
+        raise _malformed("upload response: requests[0].url is not an http(s) URL", status, rid)
+    raw_headers = req.get("headers")
+    put_headers: dict[str, str] = {}
+    if isinstance(raw_headers, dict):
+        # Header values may come as JSON numbers ("Content-Length": 547541).
+        put_headers = {str(k): str(v) for k, v in raw_headers.items() if v is not None}
+    method = _text(req.get("method")).upper() or "PUT"
+    return UploadTarget(file_id=file_id, url=url, headers=put_headers, method=method)
+
+
+def parse_put(status: int, headers: Mapping[str, str], body: bytes, *, url: str) -> None:
+    """Step 2's response: any non-2xx is ``RetryableError(UPLOAD_PUT_FAILED)``, because
+    the remedy is always to redo both steps with a fresh URL (§2.2, Q15)."""
+    if not 200 <= status < 300:
+        raise RetryableError(
+            f"PUT {safe_url(url)}: HTTP {status}: {body_excerpt(body)}",
+            code=_PUT_FAILED,
+            vendor=VENDOR,
+            http_status=status,
+        )
+
+
+def parse_create_task(status: int, headers: Mapping[str, str], body: bytes) -> Submitted:
+    """Step 3's response → ``Submitted(task_id)`` from ``data.task_id`` (§2.3)."""
+    doc = parse_envelope(status, headers, body)
+    rid = _request_id(headers)
+    task_id = _id(_data(doc).get("task_id"))
+    if task_id is None:
+        raise _malformed("create-task response has no data.task_id", status, rid)
+    return Submitted(task_id=task_id, request_id=rid)
+
+
+def _result_url(data: Mapping[str, Any]) -> str | None:
+    # §2.4: data.results.url. Tolerate a list of results and V1's singular `result`.
+    for key in ("results", "result"):
+        value = data.get(key)
+        if isinstance(value, list) and value:
+            value = value[0]
+        if isinstance(value, dict):
+            url = _text(value.get("url"))
+            if url.lower().startswith(("http://", "https://")):
+                return url
+    return None
+
+
+def _poll_after(data: Mapping[str, Any]) -> float | None:
+    # Q9: data.polling_interval, if present, is in milliseconds (V1 semantics).
+    ms = _as_float(data.get("polling_interval"))
+    if ms is None or not ms > 0 or ms == float("inf"):
+        return None
+    return ms / 1000.0
+
+
+def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskState:
+    """A poll response → ``TaskState``, or raises when the poll itself failed.
+
+    Request-level errors (§2.4, §2.9):
+
+    - ``400 InvalidTaskId`` → ``failed`` with ``PermanentError(InvalidTaskId)``: bad id
+      or expired unpolled; resubmitting may double-charge (Q16).
+    - ``500 TaskTimeout`` and ``404/500 unknown_internal_error`` → ``failed`` with
+      ``RetryableError``: the remedy is to resubmit (with a fresh upload), not re-poll.
+    - other S codes → ``failed`` with ``PermanentError``.
+    - 429 → raises ``RateLimitedError``; other 5xx / network / malformed → raises
+      ``RetryableError``/``TransportError`` (re-poll the same id); F → raises.
+
+    Task states (``data.task_status``, compared case-insensitively):
+
+    - ``running`` (or any other non-terminal word) → ``running``;
+    - ``success`` → ``succeeded`` with ``data.results.url``;
+    - ``error`` → ``failed``; ``data.error`` classified per the §2.9 engine table
+      (case-insensitive, Q12; unknown → R).
+
+    ``data.polling_interval`` (ms) becomes ``poll_after`` seconds (Q9).
+    """
+    err, doc = envelope_error(status, headers, body)
+    if err is not None:
+        norm = err.code.strip().lower()
+        if norm == _POLL_INVALID_TASK:
+            return TaskState(state="failed", error=err)
+        if norm in _POLL_RESUBMIT:
+            return TaskState(state="failed", error=err)
+        if err.kind == "permanent":
+            return TaskState(state="failed", error=err)
+        raise err
+    assert doc is not None
+    rid = _request_id(headers)
+    data = _data(doc)
+    task_status = _text(data.get("task_status")).lower()
+    poll_after = _poll_after(data)
+    if not task_status:
+        raise _malformed("poll response has no data.task_status", status, rid)
+    if task_status == "success":
+        url = _result_url(data)
+        if url is None:
+            # §2.4: a re-poll hands out a fresh URL, so poll again rather than resubmit
+            # (the success was already charged; a resubmit would pay twice).
+            raise _malformed("task_status success but no data.results.url", status, rid)
+        return TaskState(state="succeeded", result_url=url, poll_after=poll_after)
+    if task_status == "error":
+        raw = _text(data.get("error"))
+        code = raw.lower() or "unknown_engine_error"
+        detail = _text(data.get("error_message"))
+        kind = classify_perfectcorp_engine(code)
+        error = make_error(
+            kind,
+            clip(detail) if detail else f"task failed: {raw or 'no error code'}",
+            code=code,
+            vendor=VENDOR,
+            http_status=status,
+            request_id=rid,
+        )
+        return TaskState(state="failed", error=error, poll_after=poll_after)
+    # "running", or a state word the docs do not list: keep polling. Treating an
+    # unknown word as failure would resubmit tasks that may still succeed and be
+    # charged (Q16); the engine's per-task deadline bounds the wait.
+    return TaskState(state="running", poll_after=poll_after)
+
+
+def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> CreditBalance:
+    """``results`` (not ``data``, §2.5) → the sum of ``amount_dec`` over entries whose
+    ``type`` starts with ``Api`` (as the vendor-org client does); ``amount`` is
+    deprecated and used only when ``amount_dec`` is missing. Pools are keyed by type."""
+    doc = parse_envelope(status, headers, body)
+    rid = _request_id(headers)
+    results = doc.get("results")
+    if not isinstance(results, list):
+        raise _malformed("credit response has no results array", status, rid)
+    pools: dict[str, float] = {}
+    for entry in results:
+        if not isinstance(entry, dict):
+            continue
+        kind = _text(entry.get("type"))
+        if not kind.startswith("Api"):
+            continue
+        amount = _as_float(entry.get("amount_dec"))
+        if amount is None:
+            amount = _as_float(entry.get("amount"))
+        if amount is None:
+            raise _malformed(f"credit entry of type {kind} has no amount_dec", status, rid)
+        pools[kind] = pools.get(kind, 0.0) + amount
+    return CreditBalance(vendor=VENDOR, balance=sum(pools.values()), unit="units", pools=pools)
+
+
+# ------------------------------------------------------------------------ the class
+
+
+class PerfectCorpProvider:
+    """The :class:`~pipeline.providers.base.Provider` for Perfect Corp AI Smile.
+
+    One attempt per call; never sleeps, never loops. ``acquire`` is awaited before
+    every call to the API host (uploads, creates, polls, credit queries: Q13), never
+    before the storage PUT or downloads. The session must carry no default headers.
+    """
+
+    vendor = VENDOR
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        config: ProviderConfig,
+        api_key: str,
+        timeouts: TimeoutConfig,
+        stats: RequestStats,
+        acquire: AcquireSlot,
+    ) -> None:
+        self._session = session
+        self._config = config
+        self._api_key = api_key
+        self._timeouts = timeouts
+        self._stats = stats
+        self._acquire = acquire
+        # Q11: configurable, default to the feature path, fall back on 404 and remember.
+        self._upload_path = config.upload_path or FEATURE_UPLOAD_PATH
+
+    def __repr__(self) -> str:  # never show the key
+        return f"PerfectCorpProvider(base_url={self._config.base_url!r})"
+
+    @property
+    def upload_path(self) -> str:
+        """The upload path in use (it switches to the universal one after a 404)."""
+        return self._upload_path
+
+    @contextmanager
+    def _scrubbed(self) -> Iterator[None]:
+        try:
+            yield
+        except VendorError as err:
+            redact_error(err, self._api_key)
+            raise
+
+    async def _call(self, kind: str, request: HttpRequest) -> HttpResponse:
+        await self._acquire()
+        self._stats.count(VENDOR, kind)
+        return await send(
+            self._session,
+            request,
+            join_url(self._config.base_url, request.target),
+            vendor=VENDOR,
+            client_timeout=api_timeout(self._timeouts),
+            extra_headers={"Accept": "application/json", **auth_headers(self._api_key)},
+        )
+
+    async def _upload(self, image: ImagePayload) -> UploadTarget:
+        path = self._upload_path
+        resp = await self._call("upload", build_upload(image, path))
+        if resp.status == 404 and path != UNIVERSAL_UPLOAD_PATH:
+            # Q11: the feature path is gone (or never existed here): use the universal
+            # file endpoint from now on.
+            _log.warning(
+                "perfectcorp: %s answered 404; using %s from now on", path, UNIVERSAL_UPLOAD_PATH
+            )
+            self._upload_path = UNIVERSAL_UPLOAD_PATH
+            resp = await self._call("upload", build_upload(image, UNIVERSAL_UPLOAD_PATH))
+        return parse_upload(resp.status, resp.headers, resp.body)
+
+    async def _put(self, target: UploadTarget, image: ImagePayload) -> None:
+        request = build_put(target, image)
+        self._stats.count(VENDOR, "put")
+        # §2.2 step 2: exactly the signed headers; no auth, nothing added by aiohttp.
+        resp = await send(
+            self._session,
+            request,
+            target.url,
+            vendor=VENDOR,
+            client_timeout=api_timeout(self._timeouts),
+            exact_headers=True,
+        )
+        parse_put(resp.status, resp.headers, resp.body, url=target.url)
+
+    async def submit(
+        self,
+        operation: str,
+        image: ImagePayload,
+        params: Mapping[str, int | str],
+        files: Mapping[str, ImagePayload],
+    ) -> Submitted:
+        if operation != AI_SMILE:
+            raise FatalError(
+                f"operation {operation!r} is not a Perfect Corp operation",
+                code="UNSUPPORTED_OPERATION",
+                vendor=VENDOR,
+            )
+        unknown = sorted(set(params) - {"expression_type"} - set(files))
+        if unknown:
+            raise PermanentError(
+                f"{operation} does not take {', '.join(unknown)}",
+                code="CLIENT_UNKNOWN_PARAMETER",
+                vendor=VENDOR,
+            )
+        expression = params.get("expression_type")
+        if not isinstance(expression, str) or not expression:
+            raise PermanentError(
+                f"{operation} needs expression_type",
+                code="CLIENT_MISSING_PARAMETER",
+                vendor=VENDOR,
+            )
+        with self._scrubbed():
+            target = await self._upload(image)
+            try:
+                await self._put(target, image)
+            except TransportError as exc:
+                # Q15: any PUT failure means redo both steps; say so in the code.
+                raise TransportError(
+                    exc.message, code=_PUT_FAILED, vendor=VENDOR, http_status=exc.http_status
+                ) from exc
+            resp = await self._call("submit", build_create_task(target.file_id, expression))
+            out = parse_create_task(resp.status, resp.headers, resp.body)
+        # Q17: log every task id (a create retried after a timeout may duplicate).
+        _log.info(
+            "perfectcorp %s: task_id=%s file_id=%s request_id=%s",
+            operation,
+            out.task_id,
+            target.file_id,
+            out.request_id,
+        )
+        return out
+
+    async def poll(self, operation: str, task_id: str) -> TaskState:
+        with self._scrubbed():
+            resp = await self._call("poll", build_poll(task_id))
+            state = parse_poll(resp.status, resp.headers, resp.body)
+        if state.error is not None:
+            redact_error(state.error, self._api_key)
+        return state
+
+    async def download(self, url: str) -> bytes:
+        with self._scrubbed():
+            return await download(
+                self._session, url, vendor=VENDOR, timeouts=self._timeouts, stats=self._stats
+            )
+
+    async def credits(self) -> CreditBalance:
+        with self._scrubbed():
+            resp = await self._call("credits", build_credits())
+            return parse_credits(resp.status, resp.headers, resp.body)
