@@ -32,7 +32,9 @@ VendorName = Literal["ailab", "perfectcorp"]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: YAML already types its scalars, so "5" or true where a number belongs
+    # is a mistake to report, not to coerce.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
 class RateLimit(_Frozen):
@@ -64,7 +66,7 @@ class TimeoutConfig(_Frozen):
     download_seconds: PositiveFloat = 20.0
 
 
-def _default_providers() -> dict[str, ProviderConfig]:
+def _default_providers() -> dict[VendorName, ProviderConfig]:
     return {
         "ailab": ProviderConfig(
             base_url="https://www.ailabapi.com",
@@ -93,7 +95,9 @@ class Config(_Frozen):
 
 def _merge_providers(raw: dict[str, Any]) -> dict[str, Any]:
     """Fill each provider section the file gives with the built-in defaults it omits."""
-    defaults = {k: v.model_dump(exclude_none=True) for k, v in _default_providers().items()}
+    defaults: dict[str, Any] = {
+        k: v.model_dump(exclude_none=True) for k, v in _default_providers().items()
+    }
     given = raw.get("providers")
     if isinstance(given, dict):
         merged: dict[str, Any] = dict(defaults)
@@ -127,7 +131,7 @@ def load_config(path: Path | None) -> Config:
     try:
         return Config.model_validate({**_merge_providers(doc.data), "source": str(path)})
     except ValidationError as exc:
-        raise ConfigError(validation_error_message(path, doc, exc)) from None
+        raise ConfigError(validation_error_message(path, doc, exc, model=Config)) from None
 
 
 def api_key(config: Config, vendor: str) -> str:

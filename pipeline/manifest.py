@@ -1,19 +1,50 @@
 """The job manifest: model, validation with file/line/field errors, variant expansion.
 
-HELPER-OWNED: the dataclasses below are the contract the engine relies on; keep their
-fields (add freely). ``load_manifest`` is to be implemented.
+The dataclasses below are the contract the engine relies on; keep their fields
+(add freely). :func:`load_manifest` reads a YAML manifest, validates it (structure
+with pydantic, operation params against :mod:`pipeline.operations`), and expands
+list-valued params into one :class:`Variant` per combination. Every problem raises
+:class:`~pipeline.errors.ManifestError` with one ``FILE:LINE: field: message`` line
+per problem, first problem first.
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import itertools
 import json
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
-from pipeline.operations import OperationSpec
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    ValidationError,
+    field_validator,
+)
 
-__all__ = ["Manifest", "Variant", "load_manifest"]
+from pipeline.errors import ManifestError
+from pipeline.operations import OPERATIONS, OperationSpec, ParamSpec
+from pipeline.yamlsrc import (
+    KeyPath,
+    YamlDoc,
+    format_keypath,
+    load_yaml_with_lines,
+    render_problems,
+    short_repr,
+    validation_problems,
+)
+
+__all__ = ["Manifest", "Variant", "describe_plan", "load_manifest"]
+
+VENDORS: tuple[str, ...] = ("ailab", "perfectcorp")
 
 
 @dataclass(frozen=True)
@@ -21,7 +52,8 @@ class Variant:
     """One operation with one concrete set of params (after list expansion).
 
     ``params``: vendor codes (enum names already mapped to codes; ints as int), path
-    params excluded. ``files``: path params (``image_template``) as absolute paths.
+    params excluded; only the params the manifest gives (vendor defaults are not
+    filled in). ``files``: path params (``image_template``) as absolute paths.
     ``label``: deterministic, filesystem-safe, human-readable, unique within the
     operation, e.g. ``service_choice=big_grin`` or ``smoothing=70,whitening=40``;
     ``default`` when there are no params.
@@ -47,6 +79,8 @@ class Variant:
 
 @dataclass(frozen=True)
 class Manifest:
+    """A validated job. Variants are deduplicated and in manifest order."""
+
     path: Path  # the manifest file, absolute
     name: str
     base_dir: Path  # the manifest's folder; relative paths resolve against it
@@ -57,8 +91,517 @@ class Manifest:
     max_attempts: int = 5
     emulator: bool = False
     auto_fix: bool = False
+    # Per-vendor spending cap in the vendor's unit (credits / units); absent = no cap.
     max_credits: Mapping[str, float] = field(default_factory=dict)
 
 
+# --------------------------------------------------------------------------- model
+
+
+class _OperationModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    op: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        # "params:" with nothing after it reads as null: same as no params.
+        return {} if value is None else value
+
+
+class _ManifestModel(BaseModel):
+    """The top level of a manifest file. Operation params are checked separately."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str | None = None
+    inputs: list[str]
+    operations: list[_OperationModel]
+    output: str
+    concurrency: int = Field(default=8, ge=1, le=1000)
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    emulator: bool = False
+    auto_fix: bool = False
+    max_credits: dict[Literal["ailab", "perfectcorp"], NonNegativeFloat] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty; omit it to use the file name")
+        return value
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError('give at least one glob pattern, e.g. ["photos/**/*.jpg"]')
+        for pattern in value:
+            if not pattern.strip():
+                raise ValueError("a pattern is empty; remove it or write a glob")
+        return value
+
+    @field_validator("operations")
+    @classmethod
+    def _operations_not_empty(cls, value: list[_OperationModel]) -> list[_OperationModel]:
+        if not value:
+            known = ", ".join(OPERATIONS)
+            raise ValueError(f"list at least one operation ({known})")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a folder, e.g. output: ../out/my-job")
+        return value
+
+    @field_validator("max_credits", mode="before")
+    @classmethod
+    def _credits_shape(cls, value: Any) -> Any:
+        if value is None or isinstance(value, dict):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            # A bare number caps each vendor at that amount in its own unit.
+            return dict.fromkeys(VENDORS, value)
+        raise ValueError(
+            f"expected a number (a cap for each vendor) or a mapping such as "
+            f"{{ailab: 500, perfectcorp: 20}} (got {short_repr(value)})"
+        )
+
+
+# ------------------------------------------------------------------------- params
+
+
+class _ParamProblem(Exception):
+    """One invalid param value; carries the message without location."""
+
+
+def _normalize_name(text: str) -> str:
+    return re.sub(r"[\s\-]+", "_", text.strip().lower())
+
+
+def _code_ranges(codes: list[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``1-3 or 5``."""
+    runs: list[str] = []
+    ordered = sorted(set(codes))
+    start = prev = ordered[0]
+    for code in [*ordered[1:], None]:
+        if code is not None and code == prev + 1:
+            prev = code
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if code is not None:
+            start = prev = code
+    return runs[0] if len(runs) == 1 else ", ".join(runs[:-1]) + " or " + runs[-1]
+
+
+def _code_phrase(codes: list[int]) -> str:
+    """``1-35 or`` / ``10-16 or 100, or``: codes, then the word leading to names."""
+    ranges = _code_ranges(codes)
+    return f"{ranges}, or" if " or " in ranges else f"{ranges} or"
+
+
+def _some_names(spec: ParamSpec, near: str | None, count: int = 3) -> list[str]:
+    """Close matches for ``near`` first, then the first names of the table."""
+    names = list(spec.choices)
+    picked = difflib.get_close_matches(near, names, n=count, cutoff=0.6) if near else []
+    for name in names:
+        if len(picked) >= count:
+            break
+        if name not in picked:
+            picked.append(name)
+    return picked
+
+
+def _enum_hint(spec: ParamSpec, near: str | None) -> str:
+    int_codes = [c for c in spec.choices.values() if isinstance(c, int)]
+    names = list(spec.choices)
+    if int_codes:
+        shown = ", ".join(_some_names(spec, near))
+        return f"use a code {_code_phrase(int_codes)} a name such as {shown}"
+    if len(names) <= 8:
+        return "use one of " + ", ".join(names)
+    return "use a name such as " + ", ".join(_some_names(spec, near))
+
+
+def _legacy_message(spec: ParamSpec, code: int | str) -> str:
+    # vendor-protocols.md §1.2 and Q7: 0-3 are the V1.0 service_choice codes; V1.1
+    # replaced them and whether they still work live is unknown, so we never send them.
+    int_codes = [c for c in spec.choices.values() if isinstance(c, int)]
+    current = _code_phrase(int_codes) if int_codes else "or"
+    return (
+        f"{code} is a legacy V1.0 code that the vendor replaced in V1.1 and may no longer "
+        f"support; use a current code {current} a name such as "
+        f"{', '.join(_some_names(spec, None))}"
+    )
+
+
+def _parse_enum(spec: ParamSpec, raw: Any) -> int | str:
+    """A vendor code from a code (int or numeric string) or a readable name."""
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        raise _ParamProblem(
+            f"expected a name or a code, got {short_repr(raw)}; {_enum_hint(spec, None)}"
+        )
+    codes = set(spec.choices.values())
+    if isinstance(raw, str) and re.fullmatch(r"\s*[+-]?\d+\s*", raw):
+        raw_code: int | str = int(raw)
+    else:
+        raw_code = raw
+    if isinstance(raw_code, int):
+        if raw_code in spec.legacy_codes or str(raw_code) in spec.legacy_codes:
+            raise _ParamProblem(_legacy_message(spec, raw_code))
+        if raw_code in codes:
+            return raw_code
+        raise _ParamProblem(f"unknown code {short_repr(raw)}; {_enum_hint(spec, None)}")
+    name = _normalize_name(raw_code)
+    if name in spec.choices:
+        return spec.choices[name]
+    if name in spec.legacy_codes:
+        raise _ParamProblem(_legacy_message(spec, raw_code))
+    raise _ParamProblem(f"unknown value {short_repr(raw)}; {_enum_hint(spec, name)}")
+
+
+def _parse_int(spec: ParamSpec, raw: Any) -> int:
+    lo = spec.minimum if spec.minimum is not None else "-inf"
+    hi = spec.maximum if spec.maximum is not None else "inf"
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise _ParamProblem(f"expected a whole number {lo}-{hi}, got {short_repr(raw)}")
+    if (spec.minimum is not None and raw < spec.minimum) or (
+        spec.maximum is not None and raw > spec.maximum
+    ):
+        raise _ParamProblem(f"{raw} is out of range; use a whole number {lo}-{hi}")
+    return raw
+
+
+def _parse_choice(spec: ParamSpec, raw: Any) -> int | str:
+    allowed = ", ".join(spec.choices)
+    if not isinstance(raw, str):
+        raise _ParamProblem(f"expected one of {allowed}, got {short_repr(raw)}")
+    name = _normalize_name(raw)
+    if name not in spec.choices:
+        raise _ParamProblem(f"unknown value {short_repr(raw)}; use one of {allowed}")
+    return spec.choices[name]
+
+
+def _parse_path(spec: ParamSpec, raw: Any, base_dir: Path) -> Path:
+    if not isinstance(raw, str) or not raw.strip():
+        raise _ParamProblem(f"expected a path to an image file, got {short_repr(raw)}")
+    resolved = Path(os.path.normpath(base_dir / os.path.expanduser(raw)))
+    if not resolved.exists():
+        raise _ParamProblem(
+            f"file not found: {resolved} (paths are relative to the manifest's folder)"
+        )
+    if not resolved.is_file():
+        raise _ParamProblem(f"{resolved} is not a file; give the path of an image")
+    return resolved
+
+
+# A param value after parsing: a vendor code, or a file for path params.
+_Value = int | str | Path
+
+
+def _parse_value(spec: ParamSpec, raw: Any, base_dir: Path) -> _Value:
+    if raw is None:
+        raise _ParamProblem("no value given")
+    if spec.kind == "int":
+        return _parse_int(spec, raw)
+    if spec.kind == "enum":
+        return _parse_enum(spec, raw)
+    if spec.kind == "choice":
+        return _parse_choice(spec, raw)
+    return _parse_path(spec, raw, base_dir)
+
+
+# ---------------------------------------------------------------------- expansion
+
+
+def _display_name(spec: ParamSpec, code: int | str) -> str:
+    """The readable name of an enum/choice code (the first name the table gives it)."""
+    for name, value in spec.choices.items():
+        if value == code:
+            return name
+    return str(code)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,-]")
+_MAX_LABEL = 120
+
+
+def _short_hash(text: str, n: int = 6) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:n]
+
+
+def _sanitize(label: str) -> str:
+    safe = _UNSAFE.sub("_", label)
+    if len(safe) > _MAX_LABEL:
+        safe = f"{safe[: _MAX_LABEL - 9]}-{_short_hash(label, 8)}"
+    return safe
+
+
+@dataclass
+class _Draft:
+    operation: OperationSpec
+    values: dict[str, _Value]  # param name -> parsed value, in manifest order
+
+
+def _labels(drafts: list[_Draft]) -> list[str]:
+    """Labels for the variants of ONE operation, unique among them."""
+    # Two different template files with the same stem get a short hash of their path.
+    stems: dict[tuple[str, str], set[Path]] = {}
+    for d in drafts:
+        for name, value in d.values.items():
+            if isinstance(value, Path):
+                stems.setdefault((name, value.stem), set()).add(value)
+    labels: list[str] = []
+    for d in drafts:
+        parts: list[str] = []
+        for name in sorted(d.values):
+            value = d.values[name]
+            spec = d.operation.param(name)
+            if isinstance(value, Path):
+                shown = value.stem
+                if len(stems[(name, value.stem)]) > 1:
+                    shown = f"{shown}-{_short_hash(str(value))}"
+            elif spec is not None and spec.kind in ("enum", "choice"):
+                shown = _display_name(spec, value)
+            else:
+                shown = str(value)
+            parts.append(f"{name}={shown}")
+        labels.append(_sanitize(",".join(parts)) if parts else "default")
+    # Sanitising can still make two labels equal ("a b" and "a_b"): disambiguate.
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    out: list[str] = []
+    for label, d in zip(labels, drafts, strict=True):
+        if counts[label] > 1:
+            label = f"{label}-{_short_hash(json.dumps(_canonical_values(d), sort_keys=True))}"
+        out.append(label)
+    return out
+
+
+def _canonical_values(d: _Draft) -> dict[str, Any]:
+    return {
+        "op": d.operation.name,
+        "values": {k: str(v) if isinstance(v, Path) else v for k, v in sorted(d.values.items())},
+    }
+
+
+def _expand_operation(
+    doc: YamlDoc,
+    index: int,
+    entry: _OperationModel,
+    base_dir: Path,
+    problems: list[tuple[int, str]],
+) -> list[_Draft]:
+    """Validate one ``operations[index]`` entry and expand its lists (cross product)."""
+    at: KeyPath = ("operations", index)
+    spec = OPERATIONS.get(entry.op)
+    if spec is None:
+        close = difflib.get_close_matches(entry.op, list(OPERATIONS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        problems.append(
+            (
+                doc.line_of((*at, "op")),
+                f"{format_keypath((*at, 'op'))}: unknown operation {entry.op!r}; "
+                f"{hint}known: {', '.join(OPERATIONS)}",
+            )
+        )
+        return []
+
+    axes: list[tuple[str, list[_Value]]] = []
+    ok = True
+    for name, raw in entry.params.items():
+        where = (*at, "params", name)
+        pspec = spec.param(name)
+        if pspec is None:
+            known = ", ".join(p.name for p in spec.params)
+            close = difflib.get_close_matches(name, [p.name for p in spec.params], n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            problems.append(
+                (
+                    doc.line_of(where),
+                    f"{format_keypath(where)}: unknown param for {spec.name}; {hint}known: {known}",
+                )
+            )
+            ok = False
+            continue
+        raw_values = raw if isinstance(raw, list) else [raw]
+        if isinstance(raw, list) and not raw:
+            problems.append(
+                (
+                    doc.line_of(where),
+                    f"{format_keypath(where)}: empty list; give at least one value "
+                    f"(or remove the param)",
+                )
+            )
+            ok = False
+            continue
+        parsed: list[_Value] = []
+        for j, item in enumerate(raw_values):
+            item_at = (*where, j) if isinstance(raw, list) else where
+            try:
+                if isinstance(item, list | dict):
+                    raise _ParamProblem(
+                        "expected a single value or a list of values (lists don't nest)"
+                    )
+                value = _parse_value(pspec, item, base_dir)
+            except _ParamProblem as exc:
+                problems.append((doc.line_of(item_at), f"{format_keypath(item_at)}: {exc}"))
+                ok = False
+                continue
+            if value not in parsed:  # [big_grin, 12] is one value
+                parsed.append(value)
+        axes.append((name, parsed))
+
+    for pspec in spec.params:
+        if pspec.required and pspec.name not in entry.params:
+            example = (
+                next(iter(pspec.choices))
+                if pspec.choices
+                else "faces/template.jpg"
+                if pspec.kind == "path"
+                else str(pspec.default if pspec.default is not None else pspec.minimum)
+            )
+            where = (*at, "params")
+            problems.append(
+                (
+                    doc.line_of(where),
+                    f"{format_keypath(where)}: {pspec.name} is required for {spec.name} "
+                    f"({pspec.help}), e.g. {pspec.name}: {example}",
+                )
+            )
+            ok = False
+    if not ok:
+        return []
+
+    names = [name for name, _ in axes]
+    combos = itertools.product(*(values for _, values in axes))
+    return [_Draft(spec, dict(zip(names, combo, strict=True))) for combo in combos]
+
+
+def _to_variants(drafts: list[_Draft]) -> tuple[Variant, ...]:
+    # Dedupe (same op + same canonical params/files), keeping first occurrence order.
+    unique: dict[str, _Draft] = {}
+    for d in drafts:
+        unique.setdefault(json.dumps(_canonical_values(d), sort_keys=True), d)
+    kept = list(unique.values())
+    by_op: dict[str, list[_Draft]] = {}
+    for d in kept:
+        by_op.setdefault(d.operation.name, []).append(d)
+    label_of: dict[int, str] = {}
+    for group in by_op.values():
+        for d, label in zip(group, _labels(group), strict=True):
+            label_of[id(d)] = label
+    variants: list[Variant] = []
+    for d in kept:
+        params = {k: v for k, v in d.values.items() if not isinstance(v, Path)}
+        files = {k: v for k, v in d.values.items() if isinstance(v, Path)}
+        variants.append(Variant(d.operation, params, files, label_of[id(d)]))
+    return tuple(variants)
+
+
+# --------------------------------------------------------------------------- load
+
+
 def load_manifest(path: Path) -> Manifest:
-    raise NotImplementedError
+    """Read, validate and expand the manifest at ``path``.
+
+    Relative paths (``inputs``, ``output``, path params) resolve against the
+    manifest's folder. Raises :class:`ManifestError` naming file, line and field.
+    """
+    if not path.exists():
+        raise ManifestError(f"{path}: manifest file not found")
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder; give the manifest's .yaml file")
+    doc = load_yaml_with_lines(path, ManifestError)
+    if not isinstance(doc.data, dict):
+        raise ManifestError(
+            f"{path}:1: a manifest is a mapping with at least inputs, operations and output"
+        )
+    abs_path = Path(os.path.abspath(path))
+    base_dir = abs_path.parent
+    try:
+        model = _ManifestModel.model_validate(doc.data)
+    except ValidationError as exc:
+        problems = validation_problems(doc, exc, model=_ManifestModel, field_word="")
+        # Still check the params of every well-formed operation entry, so one run of
+        # `pipeline validate` reports every problem of the file.
+        entries = doc.data.get("operations")
+        for i, raw in enumerate(entries if isinstance(entries, list) else []):
+            try:
+                entry = _OperationModel.model_validate(raw)
+            except ValidationError:
+                continue  # already reported by the top-level validation
+            _expand_operation(doc, i, entry, base_dir, problems)
+        problems.sort(key=lambda p: p[0])
+        raise ManifestError(render_problems(path, problems)) from None
+
+    problems = []
+    drafts: list[_Draft] = []
+    for i, entry in enumerate(model.operations):
+        drafts.extend(_expand_operation(doc, i, entry, base_dir, problems))
+
+    output = Path(os.path.normpath(base_dir / os.path.expanduser(model.output)))
+    if output.exists() and not output.is_dir():
+        problems.append(
+            (doc.line_of(("output",)), f"output: {output} is a file; give a folder path")
+        )
+    if problems:
+        problems.sort(key=lambda p: p[0])
+        raise ManifestError(render_problems(path, problems))
+
+    return Manifest(
+        path=abs_path,
+        name=model.name.strip() if model.name else abs_path.stem,
+        base_dir=base_dir,
+        inputs=tuple(model.inputs),
+        variants=_to_variants(drafts),
+        output=output,
+        concurrency=model.concurrency,
+        max_attempts=model.max_attempts,
+        emulator=model.emulator,
+        auto_fix=model.auto_fix,
+        max_credits={str(k): v for k, v in (model.max_credits or {}).items()},
+    )
+
+
+def describe_plan(manifest: Manifest) -> list[str]:
+    """Human-readable lines for ``--dry-run`` / ``validate``: each operation and its variants."""
+    lines = [
+        f"job {manifest.name} ({manifest.path})",
+        f"inputs: {', '.join(manifest.inputs)} (relative to {manifest.base_dir})",
+        f"output: {manifest.output}",
+        f"concurrency {manifest.concurrency}, max attempts {manifest.max_attempts}"
+        + (", auto-fix on" if manifest.auto_fix else "")
+        + (", emulator" if manifest.emulator else ""),
+    ]
+    if manifest.max_credits:
+        caps = ", ".join(f"{v}: {n:g}" for v, n in sorted(manifest.max_credits.items()))
+        lines.append(f"spending cap: {caps}")
+    groups: dict[str, list[Variant]] = {}
+    for v in manifest.variants:
+        groups.setdefault(v.operation.name, []).append(v)
+    for op_name, variants in groups.items():
+        spec = variants[0].operation
+        count = len(variants)
+        unit = spec.price_unit if spec.price != 1 else spec.price_unit.rstrip("s")
+        lines.append(
+            f"{op_name}: {count} variant{'s' if count != 1 else ''} per input, "
+            f"{spec.price:g} {unit} per success"
+        )
+        lines.extend(f"  - {v.label}" for v in variants)
+    total = len(manifest.variants)
+    lines.append(
+        f"{total} variant{'s' if total != 1 else ''} in all: each input is processed "
+        f"{total} time{'s' if total != 1 else ''}"
+    )
+    return lines

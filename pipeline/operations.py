@@ -7,7 +7,7 @@ limit is written once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 __all__ = [
@@ -38,6 +38,9 @@ class ImageLimits:
     max_long_side: int | None = None
     min_side_exclusive: int | None = None
     max_bytes_inclusive: bool = True  # AILab "no more than"; Perfect Corp "< 10MB"
+    # Who sets these limits, for messages ("... limit of ailab/face-beauty-pro").
+    # OperationSpec fills it with the operation name when left empty.
+    label: str = ""
 
     def describe(self) -> str:
         """One line for error messages: what the vendor accepts."""
@@ -85,6 +88,12 @@ class OperationSpec:
     price: float  # per successful task, in the vendor's unit
     price_unit: Literal["credits", "units"]
     credit_pool: str = ""  # AILab per-API pool (vendor-protocols.md §1.6)
+
+    def __post_init__(self) -> None:
+        # Several operations share one ImageLimits value; give each its own label so
+        # preflight messages can say whose limit an image breaks.
+        if not self.limits.label:
+            object.__setattr__(self, "limits", replace(self.limits, label=self.name))
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:

@@ -1,0 +1,634 @@
+"""Local preflight of input images against an operation's documented limits.
+
+Sending an image the vendor will refuse costs a request, a rate-budget slot and a
+round of retries for nothing, so each input is checked here first against the
+operation's :class:`~pipeline.operations.ImageLimits` (format, bytes, pixel
+dimensions; transcribed from vendor-protocols.md §1.2-§1.4 and §2.5).
+
+* :func:`inspect_image` reads only the header (Pillow's lazy ``Image.open``) and
+  ``stat``; it also recognises HEIC by its ``ftyp`` brand when Pillow has no HEIF
+  plugin.
+* :func:`check_limits` lists what is wrong, one short sentence per problem.
+* :func:`prepare_payload` returns the bytes to send, named with the extension of
+  their *true* format (a PNG called ``.jpg`` is sent as ``.png``, §1.1), or raises
+  :class:`~pipeline.errors.PermanentError` with a ``PREFLIGHT_*`` code. With
+  ``auto_fix`` it converts, shrinks and re-compresses instead of refusing.
+* :func:`sniff_image_format` names the format of result bytes from their magic
+  number (vendor-protocols.md Q6: the emotion-editor output format is undocumented).
+
+Everything here is synchronous and CPU-bound: the engine runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.errors import PermanentError
+from pipeline.operations import MB, ImageLimits
+from pipeline.providers.base import ImagePayload
+
+__all__ = [
+    "ImageInfo",
+    "PreparedImage",
+    "check_limits",
+    "inspect_image",
+    "prepare_payload",
+    "sniff_image_format",
+]
+
+# EXIF tag 0x0112 (Orientation): 1 = stored upright; 5-8 swap width and height.
+_ORIENTATION_TAG = 0x0112
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})
+
+# MPO is how Pillow names the multi-picture JPEGs many phones write: the file starts
+# with an ordinary baseline JPEG (SOI FFD8FF) that any JPEG decoder reads, so it is
+# sent as JPEG untouched rather than refused or re-encoded.
+_FORMAT_ALIASES = {"MPO": "JPEG"}
+
+# Wire naming per accepted format: extension and Content-Type (§1.1: "give each file
+# part a real extension and a matching Content-Type"; §2.2 content_type/file_name).
+_WIRE = {
+    "JPEG": ("jpg", "image/jpeg"),
+    "PNG": ("png", "image/png"),
+    "HEIF": ("heic", "image/heic"),
+}
+_EXTENSIONS = {
+    "JPEG": {".jpg", ".jpeg", ".jpe", ".jfif"},
+    "PNG": {".png"},
+    "HEIF": {".heic", ".heif", ".hif"},
+}
+
+# ISO-BMFF brands of HEIC/HEIF still images (bytes 4..12 are "ftyp" + major brand).
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
+_HEAD_BYTES = 256 * 1024  # HEIF metadata ("meta"/"ispe") sits at the start of the file
+
+# Auto-fix re-compression: first try, then lower quality stepwise, then shrink.
+_JPEG_QUALITIES = (95, 90, 85, 80, 75, 70, 65, 60)
+_SHRINK_QUALITY = 85
+_SHRINK_STEP = 0.85
+
+# What Pillow raises for unreadable, truncated or hostile files.
+_PIL_ERRORS: tuple[type[BaseException], ...] = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    Image.DecompressionBombError,
+    # Pillow plugins raise these for corrupt structures (tables, tiles, struct).
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header of one image file says, without decoding its pixels.
+
+    ``format``: Pillow's format name (``JPEG``, ``PNG``, ``WEBP``, ``MPO`` ...), or
+    ``HEIF`` for a HEIC file recognised by its brand; ``None`` when the file is not
+    an image Pillow can read (``error`` says why). ``width``/``height`` are as
+    stored (before EXIF orientation), ``None`` when unknown (HEIC without a HEIF
+    plugin and without a readable ``ispe`` box).
+    """
+
+    path: Path
+    size_bytes: int
+    format: str | None
+    width: int | None = None
+    height: int | None = None
+    orientation: int = 1
+    mode: str | None = None
+    has_alpha: bool = False
+    frames: int = 1
+    decodable: bool = True  # Pillow can decode it (False for HEIC without a plugin)
+    error: str | None = None
+
+    @property
+    def wire_format(self) -> str | None:
+        """The format the vendor sees: ``MPO`` counts as ``JPEG``."""
+        if self.format is None:
+            return None
+        return _FORMAT_ALIASES.get(self.format, self.format)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """The bytes to send for one input, and what preflight did to get them.
+
+    ``changes``: what auto-fix changed in the picture (empty when sent as is).
+    ``notes``: remarks that didn't change the bytes (e.g. a PNG named ``.jpg`` is
+    sent as ``.png``).
+    """
+
+    payload: ImagePayload
+    info: ImageInfo
+    changes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    code: str
+    text: str
+    fixable: bool
+
+
+# --------------------------------------------------------------------------- sniff
+
+
+def sniff_image_format(data: bytes) -> str | None:
+    """``"jpg"``, ``"png"`` or ``"webp"`` from the magic number of ``data``; else ``None``."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _heif_brand(head: bytes) -> bool:
+    if head[4:8] != b"ftyp" or head[8:12] not in _HEIF_BRANDS:
+        return False
+    # "mif1"/"msf1" are generic; an AVIF file carries them too. Require a HEVC brand
+    # among the compatible ones in that case.
+    if head[8:12] in (b"mif1", b"msf1"):
+        box_size = int.from_bytes(head[0:4], "big")
+        compatible = head[16:box_size] if 16 <= box_size <= len(head) else head[16:64]
+        if b"avif" in compatible and not any(b in compatible for b in (b"heic", b"heix")):
+            return False
+    return True
+
+
+def _heif_dimensions(head: bytes) -> tuple[int, int] | None:
+    """Largest ``ispe`` (image spatial extents) box: the primary image's size.
+
+    HEIC stores tiles, a thumbnail and the full grid each with an ``ispe``; the
+    largest is the picture itself. A heuristic, good enough for a limit check.
+    """
+    best: tuple[int, int] | None = None
+    i = head.find(b"ispe")
+    while i != -1 and i + 16 <= len(head):
+        w = int.from_bytes(head[i + 8 : i + 12], "big")
+        h = int.from_bytes(head[i + 12 : i + 16], "big")
+        if w and h and (best is None or w * h > best[0] * best[1]):
+            best = (w, h)
+        i = head.find(b"ispe", i + 4)
+    return best
+
+
+# ------------------------------------------------------------------------- inspect
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(_ORIENTATION_TAG, 1)
+    except _PIL_ERRORS:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _cannot_read(path: Path, exc: OSError) -> PermanentError:
+    return PermanentError(
+        f"{path}: cannot read the file ({exc.strerror or exc}); check that it exists "
+        f"and is readable",
+        code="PREFLIGHT_UNREADABLE",
+    )
+
+
+def _inspect(path: Path, size: int, open_fp: Callable[[], IO[bytes]]) -> ImageInfo:
+    try:
+        with open_fp() as fp, Image.open(fp) as im:
+            return ImageInfo(
+                path=path,
+                size_bytes=size,
+                format=im.format,
+                width=im.width,
+                height=im.height,
+                orientation=_orientation(im),
+                mode=im.mode,
+                has_alpha=_has_alpha(im),
+                frames=int(getattr(im, "n_frames", 1) or 1),
+            )
+    except Image.DecompressionBombError as exc:
+        error = f"too many pixels to process safely ({exc})"
+    except _PIL_ERRORS as exc:
+        error = str(exc) or type(exc).__name__
+    try:
+        with open_fp() as fp:
+            head = fp.read(_HEAD_BYTES)
+    except OSError as exc:
+        return ImageInfo(path=path, size_bytes=size, format=None, error=str(exc))
+    if _heif_brand(head):
+        dims = _heif_dimensions(head)
+        return ImageInfo(
+            path=path,
+            size_bytes=size,
+            format="HEIF",
+            width=dims[0] if dims else None,
+            height=dims[1] if dims else None,
+            decodable=False,
+            error="no HEIF decoder installed (pip install pillow-heif)",
+        )
+    return ImageInfo(path=path, size_bytes=size, format=None, error=error)
+
+
+def inspect_image(path: Path) -> ImageInfo:
+    """Format, size, bytes and EXIF orientation of ``path``, from its header only.
+
+    Never raises for a bad image (``format`` is ``None`` and ``error`` says why);
+    raises :class:`PermanentError` (``PREFLIGHT_UNREADABLE``) only if the file
+    itself can't be read (gone, no permission).
+    """
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise _cannot_read(path, exc) from None
+    return _inspect(path, size, lambda: open(path, "rb"))
+
+
+# -------------------------------------------------------------------------- limits
+
+
+def _human(n: int, *, decimals: bool) -> tuple[float, str]:
+    """``(value, unit)`` in MB, KB or bytes; value rounded to 1 decimal."""
+    if n >= MB:
+        value, unit = n / MB, "MB"
+    elif n >= 1024:
+        value, unit = n / 1024, "KB"
+    else:
+        return float(n), "bytes"
+    return (round(value, 1) if decimals else value), unit
+
+
+def _show(value: float, unit: str, *, decimals: bool) -> str:
+    if unit == "bytes":
+        return f"{int(value):,} bytes"
+    if decimals:
+        return f"{value:.1f} {unit}"
+    return f"{value:g} {unit}" if value == round(value, 1) else f"{value:.1f} {unit}"
+
+
+def _limit_text(limit: int) -> str:
+    value, unit = _human(limit, decimals=False)
+    return _show(value, unit, decimals=False)
+
+
+def _size_phrase(n: int, limit: int) -> tuple[str, str]:
+    """Measured size and limit, precise enough that they never print as equal."""
+    nv, nu = _human(n, decimals=True)
+    lv, lu = _human(limit, decimals=False)
+    shown, lim = _show(nv, nu, decimals=True), _limit_text(limit)
+    if nu == lu and nv == round(lv, 1):
+        return f"{n:,} bytes", f"{lim} ({limit:,}-byte)"
+    return shown, lim
+
+
+def _target_long_side(limits: ImageLimits) -> int | None:
+    """The longest side that satisfies every side limit, or ``None`` if unbounded."""
+    bounds = []
+    if limits.max_side_exclusive:
+        bounds.append(limits.max_side_exclusive - 1)
+    if limits.max_long_side:
+        bounds.append(limits.max_long_side)
+    return min(bounds) if bounds else None
+
+
+def _bytes_ok(n: int, limits: ImageLimits) -> bool:
+    return n <= limits.max_bytes if limits.max_bytes_inclusive else n < limits.max_bytes
+
+
+def _problems(info: ImageInfo, limits: ImageLimits) -> list[_Problem]:
+    whose = limits.label or "this operation"
+    accepted = "/".join(sorted(limits.formats))
+    out: list[_Problem] = []
+    if info.format is None:
+        reason = f" ({info.error})" if info.error else ""
+        return [_Problem("PREFLIGHT_UNREADABLE", f"not an image that can be read{reason}", False)]
+    if info.wire_format not in limits.formats:
+        out.append(
+            _Problem(
+                "PREFLIGHT_FORMAT",
+                f"{info.format} is not accepted by {whose} (it takes {accepted})",
+                True,
+            )
+        )
+    if not _bytes_ok(info.size_bytes, limits):
+        shown, lim = _size_phrase(info.size_bytes, limits.max_bytes)
+        verb = "is over" if limits.max_bytes_inclusive else "is not under"
+        out.append(
+            _Problem("PREFLIGHT_FILE_SIZE", f"{shown} {verb} the {lim} limit of {whose}", True)
+        )
+    if info.width is not None and info.height is not None:
+        w, h = info.width, info.height
+        if limits.max_side_exclusive and max(w, h) >= limits.max_side_exclusive:
+            out.append(
+                _Problem(
+                    "PREFLIGHT_DIMENSIONS",
+                    f"{w}x{h} px: each side must be under {limits.max_side_exclusive} px "
+                    f"for {whose}",
+                    True,
+                )
+            )
+        if limits.max_long_side and max(w, h) > limits.max_long_side:
+            out.append(
+                _Problem(
+                    "PREFLIGHT_DIMENSIONS",
+                    f"long side {max(w, h)} px is over the {limits.max_long_side} px limit "
+                    f"of {whose}",
+                    True,
+                )
+            )
+        if limits.min_side_exclusive and min(w, h) <= limits.min_side_exclusive:
+            out.append(
+                _Problem(
+                    "PREFLIGHT_TOO_SMALL",
+                    f"{w}x{h} px: each side must be over {limits.min_side_exclusive} px "
+                    f"for {whose}",
+                    False,
+                )
+            )
+    return out
+
+
+def check_limits(info: ImageInfo, limits: ImageLimits) -> list[str]:
+    """Every way ``info`` breaks ``limits``, one short sentence each; ``[]`` if none.
+
+    E.g. ``"2.4 MB is over the 2 MB limit of ailab/face-beauty-pro"``. Dimensions
+    that are unknown (HEIC without a decoder) are not checked.
+    """
+    return [p.text for p in _problems(info, limits)]
+
+
+# ------------------------------------------------------------------------- prepare
+
+
+def _safe_stem(path: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem).lstrip(".")
+    return stem[:100] or "image"
+
+
+def _payload(path: Path, data: bytes, fmt: str) -> ImagePayload:
+    ext, content_type = _WIRE[fmt]
+    return ImagePayload(data=data, filename=f"{_safe_stem(path)}.{ext}", content_type=content_type)
+
+
+def _unreadable(path: Path, detail: str) -> PermanentError:
+    return PermanentError(
+        f"{path}: cannot be decoded as an image ({detail}); the file is damaged, "
+        f"truncated or not an image: re-export it or remove it from the inputs",
+        code="PREFLIGHT_UNREADABLE",
+    )
+
+
+def _verify_decodable(path: Path, data: bytes) -> None:
+    """Decode enough of the file to catch truncation, cheaply.
+
+    JPEG is decoded at 1/8 scale (``draft``): the whole entropy-coded stream is
+    still read, so a truncated file fails, at a fraction of the cost. PNG's
+    ``verify`` checks every chunk CRC through ``IEND`` without inflating pixels.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format in ("JPEG", "MPO"):
+                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+            elif im.format == "PNG":
+                im.verify()
+            else:
+                im.load()
+    except _PIL_ERRORS as exc:
+        raise _unreadable(path, str(exc) or type(exc).__name__) from None
+
+
+def _refuse(path: Path, problems: list[_Problem], auto_fix: bool) -> PermanentError:
+    text = "; ".join(p.text for p in problems)
+    unfixable = [p for p in problems if not p.fixable]
+    if unfixable:
+        first = unfixable[0]
+        if first.code == "PREFLIGHT_TOO_SMALL":
+            advice = "use a larger image (auto_fix never enlarges images)"
+        else:
+            advice = "convert it to JPEG or PNG, or remove it from the inputs"
+        return PermanentError(f"{path}: {text}; {advice}", code=first.code)
+    advice = (
+        "set auto_fix: true in the manifest to convert/shrink it automatically, "
+        "or fix the file yourself"
+    )
+    if auto_fix:  # only reached for HEIC we cannot decode
+        advice = "install pillow-heif so auto_fix can convert HEIC, or convert it to JPEG"
+    return PermanentError(f"{path}: {text}; {advice}", code=problems[0].code)
+
+
+def prepare_payload(path: Path, limits: ImageLimits, auto_fix: bool) -> PreparedImage:
+    """The bytes to send for ``path`` under ``limits``, named by their true format.
+
+    An image within the limits is sent byte for byte as it is (only its name may
+    change, to the extension of its real format). Otherwise:
+
+    * ``auto_fix=False``: raises :class:`PermanentError` with code
+      ``PREFLIGHT_FORMAT``, ``PREFLIGHT_FILE_SIZE`` or ``PREFLIGHT_DIMENSIONS``
+      naming the file, every problem and what to do;
+    * ``auto_fix=True``: decodes the image, applies its EXIF orientation (the
+      pixels are rewritten anyway, and the tag does not survive re-encoding), keeps
+      JPEG/PNG as they are when accepted, else re-encodes as JPEG (PNG when the
+      image has real transparency and PNG is accepted), shrinks it so each side
+      fits, then lowers JPEG quality stepwise and finally scales down further until
+      the byte limit is met. EXIF orientation is applied *only* when re-encoding:
+      an image that passes as is is never touched.
+
+    Never fixable: ``PREFLIGHT_TOO_SMALL`` (auto-fix never enlarges) and
+    ``PREFLIGHT_UNREADABLE`` (not an image, damaged or truncated).
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _cannot_read(path, exc) from None
+    info = _inspect(path, len(data), lambda: io.BytesIO(data))
+    if info.format is None:
+        raise _unreadable(path, info.error or "unknown format")
+    problems = _problems(info, limits)
+    notes = _naming_notes(path, info)
+    if not problems:
+        fmt = info.wire_format
+        if fmt not in _WIRE:  # a limits table naming a format we can't label
+            raise PermanentError(
+                f"{path}: {fmt} has no known file extension/Content-Type to send it with; "
+                f"convert it to JPEG or PNG",
+                code="PREFLIGHT_FORMAT",
+            )
+        if info.decodable:
+            _verify_decodable(path, data)
+        return PreparedImage(_payload(path, data, fmt), info, [], notes)
+    if not auto_fix or not all(p.fixable for p in problems) or not info.decodable:
+        raise _refuse(path, problems, auto_fix)
+    out, fmt, changes = _auto_fix(path, data, info, limits)
+    return PreparedImage(_payload(path, out, fmt), info, changes, notes)
+
+
+def _naming_notes(path: Path, info: ImageInfo) -> list[str]:
+    notes: list[str] = []
+    if info.format == "MPO":
+        notes.append("multi-picture JPEG (MPO): sent as JPEG")
+    fmt = info.wire_format
+    suffix = path.suffix.lower()
+    if fmt in _EXTENSIONS and suffix not in _EXTENSIONS[fmt]:
+        ext = _WIRE[fmt][0]
+        notes.append(
+            f"the file is {fmt} although its name ends in {suffix or '(no extension)'}: "
+            f"sent as .{ext}"
+        )
+    return notes
+
+
+# ------------------------------------------------------------------------ auto-fix
+
+
+def _real_alpha(im: Image.Image) -> bool:
+    """Transparency that is actually used (an all-opaque alpha channel doesn't count)."""
+    if not _has_alpha(im):
+        return False
+    rgba = im if im.mode == "RGBA" else im.convert("RGBA")
+    extrema = rgba.getchannel("A").getextrema()
+    low = extrema[0] if isinstance(extrema, tuple) else extrema
+    return not isinstance(low, tuple) and low < 255
+
+
+def _flatten(im: Image.Image) -> Image.Image:
+    """RGB (or L) for JPEG: transparent areas become white, not black."""
+    if im.mode in ("RGB", "L"):
+        return im
+    if _has_alpha(im):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.getchannel("A"))
+        return bg
+    return im.convert("RGB")
+
+
+def _encode(im: Image.Image, fmt: str, quality: int, icc: bytes | None) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        extra = {"icc_profile": icc} if icc else {}
+        _flatten(im).save(buf, "JPEG", quality=quality, optimize=True, **extra)
+    else:
+        png = (
+            im
+            if im.mode in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16")
+            else (im.convert("RGBA" if _has_alpha(im) else "RGB"))
+        )
+        extra = {"icc_profile": icc} if icc else {}
+        png.save(buf, "PNG", **extra)
+    return buf.getvalue()
+
+
+def _fit(w: int, h: int, long_side: int) -> tuple[int, int]:
+    """Scale ``w``x``h`` so its long side is ``long_side``, keeping the aspect ratio."""
+    if w >= h:
+        return long_side, max(1, round(h * long_side / w))
+    return max(1, round(w * long_side / h)), long_side
+
+
+def _auto_fix(
+    path: Path, data: bytes, info: ImageInfo, limits: ImageLimits
+) -> tuple[bytes, str, list[str]]:
+    changes: list[str] = []
+    whose = limits.label or "this operation"
+    target_long = _target_long_side(limits)
+    min_side = limits.min_side_exclusive or 0
+    try:
+        with Image.open(io.BytesIO(data)) as src:
+            if info.frames > 1:
+                src.seek(0)
+                if info.format != "MPO":  # MPO's extra frames are previews/depth maps
+                    changes.append(f"used the first of {info.frames} frames")
+            icc = src.info.get("icc_profile")
+            stored = src.size
+            oriented = stored[::-1] if info.orientation in _SWAPS_SIDES else stored
+            if src.format in ("JPEG", "MPO") and target_long and max(oriented) > target_long:
+                # Decode at a reduced DCT scale no smaller than the target: faster and
+                # uses far less memory for 50-megapixel phone shots.
+                want = _fit(*stored, target_long)
+                src.draft(src.mode, want)
+            src.load()
+            im: Image.Image = src.copy()
+    except _PIL_ERRORS as exc:
+        raise _unreadable(path, str(exc) or type(exc).__name__) from None
+
+    if info.orientation != 1:
+        im = ImageOps.exif_transpose(im)
+        changes.append(f"applied EXIF orientation {info.orientation}")
+
+    wire = info.wire_format
+    alpha = _real_alpha(im)
+    if wire in limits.formats and wire in ("JPEG", "PNG"):
+        fmt = wire
+    else:
+        fmt = "PNG" if alpha and "PNG" in limits.formats else "JPEG"
+        changes.append(f"re-encoded {info.format} as {fmt}")
+
+    w, h = oriented
+    if target_long and max(w, h) > target_long:
+        nw, nh = _fit(w, h, target_long)
+        if min(nw, nh) <= min_side:
+            raise PermanentError(
+                f"{path}: {w}x{h} px can't be shrunk to fit {whose} (long side "
+                f"<= {target_long} px) without a side dropping to {min_side} px or less; "
+                f"crop it to a less extreme aspect ratio",
+                code="PREFLIGHT_DIMENSIONS",
+            )
+        im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+        changes.append(f"resized {w}x{h} -> {nw}x{nh}")
+
+    limit_text = _limit_text(limits.max_bytes)
+    # 1. As decided: JPEG at the best quality / PNG lossless.
+    if fmt == "PNG":
+        out = _encode(im, "PNG", 0, icc)
+        if _bytes_ok(len(out), limits):
+            return out, fmt, changes
+        if not alpha and "JPEG" in limits.formats:
+            fmt = "JPEG"
+            changes.append(f"re-encoded PNG as JPEG to fit the {limit_text} limit")
+    if fmt == "JPEG":
+        # 2. Lower JPEG quality stepwise.
+        for quality in _JPEG_QUALITIES:
+            out = _encode(im, "JPEG", quality, icc)
+            if _bytes_ok(len(out), limits):
+                if quality != _JPEG_QUALITIES[0]:
+                    changes.append(
+                        f"lowered JPEG quality to {quality} to fit the {limit_text} limit"
+                    )
+                return out, fmt, changes
+    # 3. Scale down further (from the fitted image, one resample each time).
+    base = im
+    scale = 1.0
+    while True:
+        scale *= _SHRINK_STEP
+        nw, nh = max(1, round(base.width * scale)), max(1, round(base.height * scale))
+        if min(nw, nh) <= max(min_side, 1) or min(nw, nh) < 16:
+            raise PermanentError(
+                f"{path}: can't get the file under the {limit_text} limit of {whose} even "
+                f"after shrinking it; compress it yourself or remove it from the inputs",
+                code="PREFLIGHT_FILE_SIZE",
+            )
+        smaller = base.resize((nw, nh), Image.Resampling.LANCZOS)
+        out = _encode(smaller, fmt, _SHRINK_QUALITY, icc)
+        if _bytes_ok(len(out), limits):
+            quality_note = f" at JPEG quality {_SHRINK_QUALITY}" if fmt == "JPEG" else ""
+            changes.append(f"scaled down to {nw}x{nh}{quality_note} to fit the {limit_text} limit")
+            return out, fmt, changes
