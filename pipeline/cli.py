@@ -34,10 +34,16 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a job (resumes from the journal in the output folder)")
     run.add_argument("manifest", type=Path, metavar="MANIFEST")
-    run.add_argument("--config", type=Path, metavar="PATH", help="config file (default ./config.yaml)")
-    run.add_argument("--emulate", action="store_true", help="use the built-in emulator of both vendors")
+    run.add_argument(
+        "--config", type=Path, metavar="PATH", help="config file (default ./config.yaml)"
+    )
+    run.add_argument(
+        "--emulate", action="store_true", help="use the built-in emulator of both vendors"
+    )
     run.add_argument("--dry-run", action="store_true", help="print the plan; send nothing billable")
-    run.add_argument("--retry-failed", action="store_true", help="retry items that failed permanently")
+    run.add_argument(
+        "--retry-failed", action="store_true", help="retry items that failed permanently"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
 
     validate = sub.add_parser("validate", help="check manifest, config and inputs; sends nothing")
@@ -47,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     emulate = sub.add_parser("emulate", help="serve both vendors' APIs until SIGINT/SIGTERM")
     emulate.add_argument("--host", default="127.0.0.1")
     emulate.add_argument("--port", type=int, default=8765)
-    emulate.add_argument("--scenario", type=Path, metavar="PATH", help="scenario YAML (faults, limits)")
+    emulate.add_argument(
+        "--scenario", type=Path, metavar="PATH", help="scenario YAML (faults, limits)"
+    )
 
     report = sub.add_parser("report", help="rebuild report.json and results.jsonl from the journal")
     report.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")

@@ -255,7 +255,11 @@ class Engine:
                 rec.output,
             )
             return False
-        if rec.status == "failed" and rec.error_kind == "permanent" and not self.options.retry_failed:
+        if (
+            rec.status == "failed"
+            and rec.error_kind == "permanent"
+            and not self.options.retry_failed
+        ):
             await self.journal.update(item.key, run_status="failed")
             self.progress.failed()
             return True
@@ -267,7 +271,11 @@ class Engine:
         attempts = rec.attempts if rec else 0
         if self.options.retry_failed and rec is not None and rec.status == "failed":
             attempts = 0
-        task_id = rec.task_id if rec is not None and rec.status in {"submitted", "failed", "succeeded"} else None
+        task_id = (
+            rec.task_id
+            if rec is not None and rec.status in {"submitted", "failed", "succeeded"}
+            else None
+        )
         payload: ImagePayload | None = None
         files: dict[str, ImagePayload] = {}
         changes: list[str] = []
@@ -293,7 +301,17 @@ class Engine:
                         changes=json.dumps(changes) if changes else None,
                     )
                     try:
-                        submitted = await provider.submit(op.name, payload, item.variant.params, files)
+                        # Shielded: once a submit is on the wire, Ctrl-C waits for its
+                        # answer (bounded by the request timeout) so a created task's id
+                        # reaches the journal instead of being paid for again.
+                        with anyio.CancelScope(shield=True):
+                            submitted = await provider.submit(
+                                op.name, payload, item.variant.params, files
+                            )
+                            if submitted.task_id:
+                                await self.journal.update(
+                                    item.key, status="submitted", task_id=submitted.task_id
+                                )
                     except RateLimitedError as exc:
                         attempts -= 1  # rate limits don't use up attempts
                         rate_limited += 1
@@ -314,21 +332,27 @@ class Engine:
                         return
                     if not submitted.task_id:
                         last_error = RetryableError(
-                            "submit answered without a task id or result", code="NO_TASK_ID", vendor=op.vendor
+                            "submit answered without a task id or result",
+                            code="NO_TASK_ID",
+                            vendor=op.vendor,
                         )
                         await self._backoff(attempts)
                         continue
+                    # The task id was committed above, before the first poll: from here
+                    # on a crash resumes polling this id instead of paying again.
                     task_id = submitted.task_id
-                    # Committed before the first poll: from here on a crash resumes
-                    # polling this id instead of paying for a new task.
-                    await self.journal.update(item.key, status="submitted", task_id=task_id)
                 try:
                     data = await self._await_result(item, provider, task_id)
                 except _TaskFailed as failed:
                     last_error = failed.error
                     if failed.error.kind != "retryable":
                         raise _ItemFailed(failed.error) from None
-                    log.info("%s: task %s failed: %s; submitting again", item.input_rel, task_id, failed.error)
+                    log.info(
+                        "%s: task %s failed: %s; submitting again",
+                        item.input_rel,
+                        task_id,
+                        failed.error,
+                    )
                     task_id = None
                     await self.journal.update(item.key, status="pending", task_id=None)
                     await self._backoff(attempts)
@@ -342,11 +366,15 @@ class Engine:
             await self._fail(item, exc, attempts, task_id)
             raise
 
-    async def _prepare(self, item: WorkItem) -> tuple[ImagePayload, dict[str, ImagePayload], list[str]]:
+    async def _prepare(
+        self, item: WorkItem
+    ) -> tuple[ImagePayload, dict[str, ImagePayload], list[str]]:
         limits = item.variant.operation.limits
         auto_fix = self.manifest.auto_fix
         try:
-            prepared = await anyio.to_thread.run_sync(prepare_payload, item.input_path, limits, auto_fix)
+            prepared = await anyio.to_thread.run_sync(
+                prepare_payload, item.input_path, limits, auto_fix
+            )
             files = {}
             for name, path in item.variant.files.items():
                 extra = await anyio.to_thread.run_sync(prepare_payload, path, limits, auto_fix)
@@ -406,7 +434,9 @@ class Engine:
                 return state.image
             if not state.result_url:
                 raise _TaskFailed(
-                    RetryableError("task succeeded without a result", code="NO_RESULT", vendor=vendor)
+                    RetryableError(
+                        "task succeeded without a result", code="NO_RESULT", vendor=vendor
+                    )
                 )
             try:
                 return await self._download(provider, state.result_url, vendor)
@@ -482,8 +512,12 @@ class Engine:
         )
         self.progress.succeeded()
 
-    async def _fail(self, item: WorkItem, error: VendorError, attempts: int, task_id: str | None) -> None:
-        log.warning("%s [%s %s]: %s", item.input_rel, item.variant.operation.name, item.variant.label, error)
+    async def _fail(
+        self, item: WorkItem, error: VendorError, attempts: int, task_id: str | None
+    ) -> None:
+        log.warning(
+            "%s [%s %s]: %s", item.input_rel, item.variant.operation.name, item.variant.label, error
+        )
         await self.journal.update(
             item.key,
             status="failed",
@@ -529,7 +563,9 @@ def _build_provider(
         return AILabProvider(session, provider_config, key, config.timeouts, stats, budget.acquire)
     from pipeline.providers.perfectcorp import PerfectCorpProvider
 
-    return PerfectCorpProvider(session, provider_config, key, config.timeouts, stats, budget.acquire)
+    return PerfectCorpProvider(
+        session, provider_config, key, config.timeouts, stats, budget.acquire
+    )
 
 
 def resolve_keys(manifest: Manifest, config: Config, emulate: bool) -> dict[str, str]:
@@ -582,9 +618,13 @@ async def run_job(manifest: Manifest, config: Config, options: RunOptions) -> Ru
                 )
                 connector = aiohttp.TCPConnector(limit=max(16, manifest.concurrency * 2))
                 with Progress(enabled=not options.quiet and sys.stderr.isatty()) as progress:
-                    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+                    async with aiohttp.ClientSession(
+                        timeout=timeout, connector=connector
+                    ) as session:
                         providers = {
-                            v: _build_provider(v, session, config.provider(v), keys[v], config, stats, budgets[v])
+                            v: _build_provider(
+                                v, session, config.provider(v), keys[v], config, stats, budgets[v]
+                            )
                             for v in keys
                         }
                         engine = Engine(
@@ -605,7 +645,7 @@ async def run_job(manifest: Manifest, config: Config, options: RunOptions) -> Ru
                             finally:
                                 tg.cancel_scope.cancel()
                         interrupted = signals.received is not None
-            except BaseException as exc:  # noqa: BLE001 - record, then re-raise below
+            except BaseException as exc:  # record, then re-raise below
                 if isinstance(exc, KeyboardInterrupt | anyio.get_cancelled_exc_class()):
                     interrupted = True
                 else:
@@ -663,6 +703,8 @@ class _SignalWatch:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 self.received = signal.Signals(signum).name
-                log.warning("received %s: stopping; every finished step is journaled", self.received)
+                log.warning(
+                    "received %s: stopping; every finished step is journaled", self.received
+                )
                 scope.cancel()
                 return

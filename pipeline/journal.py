@@ -22,6 +22,7 @@ never overwritten.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -163,25 +164,14 @@ class Journal:
                 f"{path}: the journal file is empty (truncated?); move it aside and rerun, "
                 "or restore it from a backup"
             )
+        if not existed:
+            Journal._create(path)
         try:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
             raise JournalError(f"{path}: cannot open the journal: {exc}") from None
         try:
-            if existed:
-                Journal._check(conn, path)
-            else:
-                conn.executescript(
-                    "BEGIN;"
-                    + _SCHEMA
-                    + f"PRAGMA application_id = {APPLICATION_ID};"
-                    + f"PRAGMA user_version = {SCHEMA_VERSION};"
-                    + "COMMIT;"
-                )
-                conn.execute(
-                    "INSERT INTO meta VALUES ('app', 'portrait-pipeline'), ('created', ?)",
-                    (str(time.time()),),
-                )
+            Journal._check(conn, path)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA busy_timeout = 5000")
@@ -195,6 +185,34 @@ class Journal:
                 "it from a backup. It was not modified."
             ) from None
         return conn
+
+    @staticmethod
+    def _create(path: Path) -> None:
+        """Build a new journal beside ``path`` and rename it into place.
+
+        A kill during creation then leaves either no journal or a complete one,
+        never a schema-less file that the next run would have to refuse.
+        """
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.init")
+        tmp.unlink(missing_ok=True)
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.executescript(
+                "BEGIN;"
+                + _SCHEMA
+                + f"PRAGMA application_id = {APPLICATION_ID};"
+                + f"PRAGMA user_version = {SCHEMA_VERSION};"
+                + "COMMIT;"
+            )
+            conn.execute(
+                "INSERT INTO meta VALUES ('app', 'portrait-pipeline'), ('created', ?)",
+                (str(time.time()),),
+            )
+        finally:
+            conn.close()
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
     @staticmethod
     def _check(conn: sqlite3.Connection, path: Path) -> None:
@@ -320,7 +338,9 @@ class Journal:
 
         return await anyio.to_thread.run_sync(run)
 
-    async def finish_run(self, run_id: int, exit_code: int | None, stats: Mapping[str, Any]) -> None:
+    async def finish_run(
+        self, run_id: int, exit_code: int | None, stats: Mapping[str, Any]
+    ) -> None:
         await self._write(
             "UPDATE runs SET finished_at = ?, exit_code = ?, stats = ? WHERE id = ?",
             (time.time(), exit_code, json.dumps(stats, sort_keys=True), run_id),
@@ -334,7 +354,9 @@ class Journal:
     # -- items ----------------------------------------------------------------------------
 
     async def lookup(self, key: str) -> ItemRecord | None:
-        rows = await self._read(f"SELECT {', '.join(_ITEM_COLUMNS)} FROM items WHERE key = ?", (key,))
+        rows = await self._read(
+            f"SELECT {', '.join(_ITEM_COLUMNS)} FROM items WHERE key = ?", (key,)
+        )
         return ItemRecord(*rows[0]) if rows else None
 
     async def see(
@@ -378,7 +400,6 @@ class Journal:
         )
 
 
-
 # -- reading for reports (synchronous; report.py runs these in a thread) ---------------------
 
 
@@ -389,7 +410,16 @@ def latest_run(conn: sqlite3.Connection) -> RunRecord | None:
     ).fetchone()
     if row is None:
         return None
-    return RunRecord(*row[:6], stats=json.loads(row[6]) if row[6] else {})
+    run_id, started, finished, pid, manifest, exit_code, stats = row
+    return RunRecord(
+        id=run_id,
+        started_at=started,
+        finished_at=finished,
+        pid=pid,
+        manifest=manifest,
+        exit_code=exit_code,
+        stats=json.loads(stats) if stats else {},
+    )
 
 
 def iter_run_items(conn: sqlite3.Connection, run_id: int) -> Iterator[ItemRecord]:

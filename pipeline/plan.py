@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 
 from pipeline.config import Config
 from pipeline.engine import RunOptions, vendors_of
@@ -59,7 +59,9 @@ def validate_job(manifest: Manifest, config: Config) -> int:
         for vendor in vendors_of(manifest):
             var = config.provider(vendor).api_key_env
             if not os.environ.get(var, "").strip():
-                print(f"note: {var} is not set: `pipeline run` needs it for {vendor} (or --emulate)")
+                print(
+                    f"note: {var} is not set: `pipeline run` needs it for {vendor} (or --emulate)"
+                )
     if total == 0:
         print(f"{manifest.path}: no input matched {list(manifest.inputs)}")
         return 1
@@ -74,7 +76,7 @@ def print_plan(manifest: Manifest, config: Config, options: RunOptions) -> int:
     """Print items, requests, credits and duration expected; send nothing billable."""
     inputs = sum(1 for _ in iter_inputs(manifest.base_dir, manifest.inputs, manifest.output))
     requests: Counter[str] = Counter()
-    credits: Counter[str] = Counter()
+    credits: dict[str, float] = defaultdict(float)
     print(f"plan for {manifest.path} -> {manifest.output}")
     print(f"  inputs: {inputs}")
     for variant in manifest.variants:
@@ -83,12 +85,16 @@ def print_plan(manifest: Manifest, config: Config, options: RunOptions) -> int:
         per_item = _BASE_REQUESTS[op.vendor] + (_EXPECTED_POLLS if op.is_async else 0)
         requests[op.vendor] += n * per_item
         credits[f"{op.vendor} {op.price_unit}"] += n * op.price
-        print(f"  {op.name} [{variant.label}]: {n} item(s), ~{n * per_item} request(s), {n * op.price:g} {op.price_unit}")
+        print(
+            f"  {op.name} [{variant.label}]: {n} item(s), ~{n * per_item} request(s), {n * op.price:g} {op.price_unit}"
+        )
     for vendor, n in sorted(requests.items()):
         limit = config.provider(vendor).rate_limit
         if limit and limit.requests and limit.per_seconds:
             seconds = math.ceil(n / (limit.requests / limit.per_seconds))
-            print(f"  {vendor}: ~{n} requests; at least {seconds} s under its budget of {limit.requests}/{limit.per_seconds:g} s")
+            print(
+                f"  {vendor}: ~{n} requests; at least {seconds} s under its budget of {limit.requests}/{limit.per_seconds:g} s"
+            )
         else:
             print(f"  {vendor}: ~{n} requests; no published rate limit")
     for what, amount in sorted(credits.items()):

@@ -90,7 +90,7 @@ def _build(
     by_op: dict[str, Counter[str]] = defaultdict(Counter)
     errors: Counter[str] = Counter()
     error_kinds: Counter[str] = Counter()
-    credits: Counter[str] = Counter()
+    credits: dict[str, float] = defaultdict(float)
     polls_by_op: dict[str, list[int]] = defaultdict(list)
     auto_fixed = 0
     with atomic_open_text(output_dir / RESULTS_NAME) as handle:

@@ -23,11 +23,11 @@ def backoff_delay(
     """
     if failures < 1:
         return 0.0
-    base = min(maximum, initial * (2 ** min(failures - 1, 30)))
-    r = (rng or random).random()
+    base = min(maximum, initial * 2.0 ** min(failures - 1, 30))
+    r = rng.random() if rng is not None else random.random()
     delay = base / 2 + r * base / 2
     if hint is not None and hint > delay:
-        delay = min(hint, max(maximum, hint))
+        delay = hint
     return delay
 
 

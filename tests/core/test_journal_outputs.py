@@ -75,7 +75,7 @@ def test_damaged_journal_is_refused_and_untouched(tmp_path: Path) -> None:
     path = tmp_path / JOURNAL_NAME
     path.write_bytes(b"SQLite format 3\x00" + b"\x00" * 50)  # truncated header
     before = path.read_bytes()
-    with pytest.raises(JournalError, match="move it aside|not a readable"):
+    with pytest.raises(JournalError, match=r"move it aside|not a readable"):
         Journal.open_sync(path, create=True)
     assert path.read_bytes() == before
 
@@ -137,7 +137,9 @@ def test_result_paths_mirror_inputs_and_never_escape(tmp_path: Path) -> None:
     rel = result_relpath("ailab/emotion-editor", "service_choice=big_grin", "studio/ana.jpg", "jpg")
     assert rel == "ailab-emotion-editor/service_choice=big_grin/studio/ana.jpg"
     assert result_relpath("x/y", "default", "a.png", "jpg").endswith("a.png.jpg")
-    assert result_relpath("x/y", "default", "a.jpg", "jpg") != result_relpath("x/y", "default", "a.png", "jpg")
+    assert result_relpath("x/y", "default", "a.jpg", "jpg") != result_relpath(
+        "x/y", "default", "a.png", "jpg"
+    )
     evil = result_relpath("x/y", "..", "../../etc/passwd", "jpg")
     target = resolve_inside(tmp_path, evil)
     assert tmp_path.resolve() in target.parents
@@ -175,7 +177,9 @@ def test_lock_names_holder_and_frees_on_exit(tmp_path: Path) -> None:
         "import sys, time; from pathlib import Path; from pipeline.lock import OutputLock\n"
         "with OutputLock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(30)\n"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         with pytest.raises(LockHeldError, match=f"pid {holder.pid}"), OutputLock(tmp_path):
