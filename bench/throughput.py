@@ -22,11 +22,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import Config, ProviderConfig, RetryConfig  # noqa: E402
-from pipeline.emulator import Scenario, start_emulator  # noqa: E402
-from pipeline.engine import RunOptions, run_job  # noqa: E402
-from pipeline.manifest import load_manifest  # noqa: E402
-from tests.conftest import make_portrait  # noqa: E402
+from pipeline.config import Config, ProviderConfig, RetryConfig
+from pipeline.emulator import Scenario, start_emulator
+from pipeline.engine import RunOptions, run_job
+from pipeline.manifest import load_manifest
+from tests.conftest import make_portrait
 
 
 async def main(images: int, concurrency: int) -> None:

@@ -131,7 +131,12 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
     from pipeline.emulator import load_scenario, serve
 
     scenario = load_scenario(args.scenario)
-    serve(args.host, args.port, scenario)
+    try:
+        serve(args.host, args.port, scenario)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen on {args.host}:{args.port} ({exc.strerror}); choose another --port"
+        ) from None
     return 0
 
 
