@@ -55,14 +55,9 @@ def result_relpath(operation: str, variant: str, input_rel: str, result_ext: str
         parts = ["input"]
     name = parts[-1]
     suffix = PurePosixPath(name).suffix.lower()
-    if suffix in _SAME_FORMAT.get(result_ext, set()):
-        final = name
-    elif suffix:
-        # Keep the input's own extension in the name: "a.png" and "a.jpg" in one
-        # folder must not collide once both become JPEG results.
-        final = f"{name}.{result_ext}"
-    else:
-        final = f"{name}.{result_ext}"
+    # Otherwise keep the input's own extension in the name: "a.png" and "a.jpg" in
+    # one folder must not collide once both become JPEG results.
+    final = name if suffix in _SAME_FORMAT.get(result_ext, set()) else f"{name}.{result_ext}"
     return str(PurePosixPath(op_dir, _safe_component(variant), *parts[:-1], final))
 
 

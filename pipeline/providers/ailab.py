@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any, Final
 from urllib.parse import quote
 
-import aiohttp
-
-from pipeline.config import ProviderConfig, TimeoutConfig
 from pipeline.errors import (
     FatalError,
     PermanentError,
@@ -36,10 +32,8 @@ from pipeline.errors import (
     VendorError,
 )
 from pipeline.providers.base import (
-    AcquireSlot,
     CreditBalance,
     ImagePayload,
-    RequestStats,
     Submitted,
     TaskState,
 )
@@ -49,23 +43,19 @@ from pipeline.providers.classify import (
     is_rate_limit_code,
     make_error,
 )
+from pipeline.providers.client import VendorClient
 from pipeline.providers.http import (
     FilePart,
     FormPart,
     HttpRequest,
     HttpResponse,
     TextPart,
-    api_timeout,
     body_excerpt,
     clip,
     decode_base64_image,
-    download,
-    join_url,
     parse_json_object,
     parse_retry_after,
-    redact_error,
     redirect_error,
-    send,
 )
 
 __all__ = [
@@ -499,7 +489,7 @@ def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> Credi
 # ------------------------------------------------------------------------ the class
 
 
-class AILabProvider:
+class AILabProvider(VendorClient):
     """The :class:`~pipeline.providers.base.Provider` for AILabTools.
 
     One attempt per call; never sleeps, never loops. ``acquire`` (the shared rate
@@ -509,44 +499,20 @@ class AILabProvider:
 
     vendor = VENDOR
 
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        config: ProviderConfig,
-        api_key: str,
-        timeouts: TimeoutConfig,
-        stats: RequestStats,
-        acquire: AcquireSlot,
-    ) -> None:
-        self._session = session
-        self._config = config
-        self._api_key = api_key
-        self._timeouts = timeouts
-        self._stats = stats
-        self._acquire = acquire
+    def _auth_headers(self) -> Mapping[str, str]:
+        return auth_headers(self._api_key)
 
-    def __repr__(self) -> str:  # never show the key
-        return f"AILabProvider(base_url={self._config.base_url!r})"
+    def _build_poll(self, task_id: str) -> HttpRequest:
+        return build_poll(task_id)
 
-    @contextmanager
-    def _scrubbed(self) -> Iterator[None]:
-        try:
-            yield
-        except VendorError as err:
-            redact_error(err, self._api_key)
-            raise
+    def _parse_poll(self, resp: HttpResponse) -> TaskState:
+        return parse_poll(resp.status, resp.headers, resp.body)
 
-    async def _call(self, kind: str, request: HttpRequest) -> HttpResponse:
-        await self._acquire()
-        self._stats.count(VENDOR, kind)
-        return await send(
-            self._session,
-            request,
-            join_url(self._config.base_url, request.target),
-            vendor=VENDOR,
-            client_timeout=api_timeout(self._timeouts),
-            extra_headers={"Accept": "application/json", **auth_headers(self._api_key)},
-        )
+    def _build_credits(self) -> HttpRequest:
+        return build_credits()
+
+    def _parse_credits(self, resp: HttpResponse) -> CreditBalance:
+        return parse_credits(resp.status, resp.headers, resp.body)
 
     async def submit(
         self,
@@ -563,22 +529,3 @@ class AILabProvider:
             # Q17: log every task id (a create retried after a timeout may duplicate).
             _log.info("ailab %s: task_id=%s request_id=%s", operation, out.task_id, out.request_id)
         return out
-
-    async def poll(self, operation: str, task_id: str) -> TaskState:
-        with self._scrubbed():
-            resp = await self._call("poll", build_poll(task_id))
-            state = parse_poll(resp.status, resp.headers, resp.body)
-        if state.error is not None:
-            redact_error(state.error, self._api_key)
-        return state
-
-    async def download(self, url: str) -> bytes:
-        with self._scrubbed():
-            return await download(
-                self._session, url, vendor=VENDOR, timeouts=self._timeouts, stats=self._stats
-            )
-
-    async def credits(self) -> CreditBalance:
-        with self._scrubbed():
-            resp = await self._call("credits", build_credits())
-            return parse_credits(resp.status, resp.headers, resp.body)

@@ -23,8 +23,7 @@ Pure functions build and parse every step; :class:`PerfectCorpProvider` moves by
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote
@@ -53,18 +52,16 @@ from pipeline.providers.classify import (
     is_rate_limit_code,
     make_error,
 )
+from pipeline.providers.client import VendorClient
 from pipeline.providers.http import (
     HttpRequest,
     HttpResponse,
     api_timeout,
     body_excerpt,
     clip,
-    download,
     header,
-    join_url,
     parse_json_object,
     parse_retry_after,
-    redact_error,
     redirect_error,
     safe_url,
     send,
@@ -476,7 +473,7 @@ def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> Credi
 # ------------------------------------------------------------------------ the class
 
 
-class PerfectCorpProvider:
+class PerfectCorpProvider(VendorClient):
     """The :class:`~pipeline.providers.base.Provider` for Perfect Corp AI Smile.
 
     One attempt per call; never sleeps, never loops. ``acquire`` is awaited before
@@ -495,42 +492,29 @@ class PerfectCorpProvider:
         stats: RequestStats,
         acquire: AcquireSlot,
     ) -> None:
-        self._session = session
-        self._config = config
-        self._api_key = api_key
-        self._timeouts = timeouts
-        self._stats = stats
-        self._acquire = acquire
+        super().__init__(session, config, api_key, timeouts, stats, acquire)
         # Q11: configurable, default to the feature path, fall back on 404 and remember.
         self._upload_path = config.upload_path or FEATURE_UPLOAD_PATH
-
-    def __repr__(self) -> str:  # never show the key
-        return f"PerfectCorpProvider(base_url={self._config.base_url!r})"
 
     @property
     def upload_path(self) -> str:
         """The upload path in use (it switches to the universal one after a 404)."""
         return self._upload_path
 
-    @contextmanager
-    def _scrubbed(self) -> Iterator[None]:
-        try:
-            yield
-        except VendorError as err:
-            redact_error(err, self._api_key)
-            raise
+    def _auth_headers(self) -> Mapping[str, str]:
+        return auth_headers(self._api_key)
 
-    async def _call(self, kind: str, request: HttpRequest) -> HttpResponse:
-        await self._acquire()
-        self._stats.count(VENDOR, kind)
-        return await send(
-            self._session,
-            request,
-            join_url(self._config.base_url, request.target),
-            vendor=VENDOR,
-            client_timeout=api_timeout(self._timeouts),
-            extra_headers={"Accept": "application/json", **auth_headers(self._api_key)},
-        )
+    def _build_poll(self, task_id: str) -> HttpRequest:
+        return build_poll(task_id)
+
+    def _parse_poll(self, resp: HttpResponse) -> TaskState:
+        return parse_poll(resp.status, resp.headers, resp.body)
+
+    def _build_credits(self) -> HttpRequest:
+        return build_credits()
+
+    def _parse_credits(self, resp: HttpResponse) -> CreditBalance:
+        return parse_credits(resp.status, resp.headers, resp.body)
 
     async def _upload(self, image: ImagePayload) -> UploadTarget:
         path = self._upload_path
@@ -606,22 +590,3 @@ class PerfectCorpProvider:
             out.request_id,
         )
         return out
-
-    async def poll(self, operation: str, task_id: str) -> TaskState:
-        with self._scrubbed():
-            resp = await self._call("poll", build_poll(task_id))
-            state = parse_poll(resp.status, resp.headers, resp.body)
-        if state.error is not None:
-            redact_error(state.error, self._api_key)
-        return state
-
-    async def download(self, url: str) -> bytes:
-        with self._scrubbed():
-            return await download(
-                self._session, url, vendor=VENDOR, timeouts=self._timeouts, stats=self._stats
-            )
-
-    async def credits(self) -> CreditBalance:
-        with self._scrubbed():
-            resp = await self._call("credits", build_credits())
-            return parse_credits(resp.status, resp.headers, resp.body)

@@ -1,0 +1,114 @@
+"""What both vendors' providers share: one API-host call, key scrubbing, poll/credits/download.
+
+A subclass supplies only its wire: the auth header and the pure build/parse functions
+of its vendor module. Everything that touches the rate budget, the request counters,
+the timeouts or the key lives here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import aiohttp
+
+from pipeline.config import ProviderConfig, TimeoutConfig
+from pipeline.errors import VendorError
+from pipeline.providers.base import AcquireSlot, CreditBalance, RequestStats, TaskState
+from pipeline.providers.http import (
+    HttpRequest,
+    HttpResponse,
+    api_timeout,
+    download,
+    join_url,
+    redact_error,
+    send,
+)
+
+__all__ = ["VendorClient"]
+
+
+class VendorClient:
+    """Base of the providers. One attempt per call; never sleeps, never loops.
+
+    ``acquire`` (the shared rate budget) is awaited before every call to the API host;
+    storage PUTs and result downloads skip it. The session must carry no default
+    headers: downloads and PUTs go to storage hosts.
+    """
+
+    vendor: str
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        config: ProviderConfig,
+        api_key: str,
+        timeouts: TimeoutConfig,
+        stats: RequestStats,
+        acquire: AcquireSlot,
+    ) -> None:
+        self._session = session
+        self._config = config
+        self._api_key = api_key
+        self._timeouts = timeouts
+        self._stats = stats
+        self._acquire = acquire
+
+    def __repr__(self) -> str:  # never show the key
+        return f"{type(self).__name__}(base_url={self._config.base_url!r})"
+
+    # -- the vendor's wire (pure functions of its module) ---------------------------
+
+    def _auth_headers(self) -> Mapping[str, str]:
+        raise NotImplementedError
+
+    def _build_poll(self, task_id: str) -> HttpRequest:
+        raise NotImplementedError
+
+    def _parse_poll(self, resp: HttpResponse) -> TaskState:
+        raise NotImplementedError
+
+    def _build_credits(self) -> HttpRequest:
+        raise NotImplementedError
+
+    def _parse_credits(self, resp: HttpResponse) -> CreditBalance:
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------
+
+    @contextmanager
+    def _scrubbed(self) -> Iterator[None]:
+        try:
+            yield
+        except VendorError as err:
+            redact_error(err, self._api_key)
+            raise
+
+    async def _call(self, kind: str, request: HttpRequest) -> HttpResponse:
+        await self._acquire()
+        self._stats.count(self.vendor, kind)
+        return await send(
+            self._session,
+            request,
+            join_url(self._config.base_url, request.target),
+            vendor=self.vendor,
+            client_timeout=api_timeout(self._timeouts),
+            extra_headers={"Accept": "application/json", **self._auth_headers()},
+        )
+
+    async def poll(self, operation: str, task_id: str) -> TaskState:
+        with self._scrubbed():
+            state = self._parse_poll(await self._call("poll", self._build_poll(task_id)))
+        if state.error is not None:
+            redact_error(state.error, self._api_key)
+        return state
+
+    async def download(self, url: str) -> bytes:
+        with self._scrubbed():
+            return await download(
+                self._session, url, vendor=self.vendor, timeouts=self._timeouts, stats=self._stats
+            )
+
+    async def credits(self) -> CreditBalance:
+        with self._scrubbed():
+            return self._parse_credits(await self._call("credits", self._build_credits()))
