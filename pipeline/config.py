@@ -57,6 +57,9 @@ class ProviderConfig(_Frozen):
 class RetryConfig(_Frozen):
     backoff_initial_seconds: float = Field(default=1.0, ge=0)
     backoff_max_seconds: float = Field(default=60.0, ge=0)
+    # vendor-protocols.md §1.8 [R]: N items in a row rejected with the same 400/415
+    # code is a client bug, not bad inputs: stop the run (exit 3). 0 turns it off.
+    stop_after_identical_rejections: int = Field(default=10, ge=0)
 
 
 class TimeoutConfig(_Frozen):

@@ -37,6 +37,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pipeline.budget import RateBudget
 from pipeline.config import Config, ProviderConfig, api_key
+from pipeline.credits import CreditGuard, RejectionStreak
 from pipeline.errors import (
     FatalError,
     PermanentError,
@@ -56,7 +57,7 @@ from pipeline.outputs import atomic_write_bytes, resolve_inside, result_relpath,
 from pipeline.progress import Progress
 from pipeline.providers.base import ImagePayload, Provider, RequestStats, TaskState
 from pipeline.report import build_reports
-from pipeline.retry import backoff_delay, next_poll_delay
+from pipeline.retry import FirstPollSchedule, backoff_delay, next_poll_delay
 
 __all__ = ["RunOptions", "RunResult", "WorkItem", "run_job"]
 
@@ -147,7 +148,14 @@ class Engine:
         self._inflight: set[str] = set()
         self.duplicates = 0
         self.fatal: FatalError | None = None
+        # Set when the run must stop starting items but let those in flight finish
+        # (max_credits reached): nothing already paid for is abandoned.
+        self.draining = False
         self._file_hashes: dict[Path, str] = {}
+        self._first_polls: dict[str, FirstPollSchedule] = {}
+        self._ready: set[str] = set()  # items in flight whose task is known to have succeeded
+        self._credits = CreditGuard(manifest.max_credits)
+        self._rejections = RejectionStreak(config.retry.stop_after_identical_rejections)
 
     # -- scheduling ---------------------------------------------------------------------
 
@@ -176,6 +184,8 @@ class Engine:
                     break
                 for path in batch:
                     for item in await self._items_for(path):
+                        if self.draining:
+                            return
                         await send.send(item)
                         self.progress.discovered(1)
 
@@ -199,6 +209,8 @@ class Engine:
     ) -> None:
         async with receive:
             async for item in receive:
+                if self.draining:
+                    continue  # not started: a rerun picks it up
                 try:
                     await self._process(item)
                 except FatalError as exc:
@@ -267,13 +279,24 @@ class Engine:
 
     async def _lifecycle(self, item: WorkItem, rec: ItemRecord | None) -> None:
         op = item.variant.operation
+        # A task already created (resumed) will be charged if it succeeds: count it.
+        if rec is not None and rec.task_id is not None and rec.status == "submitted":
+            self._credits.hold(item.key, op.vendor, op.price)
+        try:
+            await self._lifecycle_steps(item, rec)
+        finally:
+            self._credits.release(item.key)
+            self._ready.discard(item.key)
+
+    async def _lifecycle_steps(self, item: WorkItem, rec: ItemRecord | None) -> None:
+        op = item.variant.operation
         provider = self.providers[op.vendor]
         attempts = rec.attempts if rec else 0
         if self.options.retry_failed and rec is not None and rec.status == "failed":
             attempts = 0
         task_id = (
             rec.task_id
-            if rec is not None and rec.status in {"submitted", "failed", "succeeded"}
+            if rec is not None and rec.status in {"submitted", "ready", "failed", "succeeded"}
             else None
         )
         payload: ImagePayload | None = None
@@ -281,6 +304,13 @@ class Engine:
         changes: list[str] = []
         last_error: VendorError | None = None
         rate_limited = 0
+        # When the current task was created, for learning task durations (None when
+        # resumed from an earlier run: its age is unknown).
+        submitted_mono: float | None = None
+        resumed_age = time.time() - rec.updated_at if rec is not None else None
+        # The vendor already said this task succeeded (and billed it): if it is gone
+        # now, the result is lost, and submitting again would pay twice.
+        result_ready = rec is not None and rec.status == "ready"
         try:
             if item.unreadable:
                 raise _ItemFailed(PermanentError(item.unreadable, code="INPUT_UNREADABLE"))
@@ -291,6 +321,12 @@ class Engine:
                         raise _ItemFailed(last_error)
                     if payload is None:
                         payload, files, changes = await self._prepare(item)
+                    if not self._credits.holds(item.key):
+                        refusal = self._credits.refuse(op.vendor, op.price, op.price_unit)
+                        if refusal is not None:
+                            await self._stop_starting(refusal)
+                            raise _ItemFailed(refusal)
+                        self._credits.hold(item.key, op.vendor, op.price)
                     attempts += 1
                     await self.journal.update(
                         item.key,
@@ -312,6 +348,10 @@ class Engine:
                                 await self.journal.update(
                                     item.key, status="submitted", task_id=submitted.task_id
                                 )
+                            elif submitted.image is not None:
+                                # A sync result is paid for the moment it arrives: store
+                                # it even if the run is being stopped around us.
+                                await self._succeed(item, submitted.image, attempts)
                     except RateLimitedError as exc:
                         attempts -= 1  # rate limits don't use up attempts
                         rate_limited += 1
@@ -326,10 +366,14 @@ class Engine:
                         await self._backoff(attempts)
                         continue
                     except PermanentError as exc:
+                        brake = self._note_rejection(exc)
+                        if brake is not None:
+                            await self._stop_starting(brake)
                         raise _ItemFailed(exc) from None
+                    self._rejections.reset()
+                    submitted_mono = time.monotonic()
                     if submitted.image is not None:
-                        await self._succeed(item, submitted.image, attempts)
-                        return
+                        return  # stored above, inside the shield
                     if not submitted.task_id:
                         last_error = RetryableError(
                             "submit answered without a task id or result",
@@ -342,8 +386,12 @@ class Engine:
                     # on a crash resumes polling this id instead of paying again.
                     task_id = submitted.task_id
                 try:
-                    data = await self._await_result(item, provider, task_id)
+                    data = await self._await_result(
+                        item, provider, task_id, submitted_mono, resumed_age, result_ready
+                    )
+                    resumed_age = None
                 except _TaskFailed as failed:
+                    resumed_age = None
                     last_error = failed.error
                     if failed.error.kind != "retryable":
                         raise _ItemFailed(failed.error) from None
@@ -383,15 +431,42 @@ class Engine:
             raise _ItemFailed(exc) from None
         return prepared.payload, files, list(prepared.changes)
 
-    async def _await_result(self, item: WorkItem, provider: Provider, task_id: str) -> bytes:
-        """Poll ``task_id`` until it ends; return the result bytes."""
-        vendor = item.variant.operation.vendor
+    async def _await_result(
+        self,
+        item: WorkItem,
+        provider: Provider,
+        task_id: str,
+        submitted_mono: float | None,
+        resumed_age: float | None,
+        result_ready: bool = False,
+    ) -> bytes:
+        """Poll ``task_id`` until it ends; return the result bytes.
+
+        The first poll of a new task waits for the duration learned from this
+        operation's earlier tasks (:class:`FirstPollSchedule`); later polls come at
+        the vendor's interval, or later when the vendor says so. A task resumed from
+        an earlier run is polled as soon as the interval since its last journaled
+        step has passed.
+        """
+        op = item.variant.operation
+        vendor = op.vendor
         interval = self._poll_interval(self.config.provider(vendor))
+        schedule = self._first_polls.get(op.name)
+        if schedule is None:
+            maximum = max(interval, self.options.task_deadline_seconds / 4)
+            schedule = self._first_polls[op.name] = FirstPollSchedule(interval, maximum)
         deadline = time.monotonic() + self.options.task_deadline_seconds
         poll_errors = 0
         rate_limited = 0
         refetches = 0
-        delay = interval
+        answered_polls = 0
+        last_running: float | None = None
+        if submitted_mono is not None:
+            delay = schedule.first_delay() - (time.monotonic() - submitted_mono)
+        elif resumed_age is not None:
+            delay = interval - resumed_age
+        else:
+            delay = interval
         while True:
             if time.monotonic() > deadline:
                 raise _ItemFailed(
@@ -403,10 +478,11 @@ class Engine:
                     ),
                     keep_task=True,
                 )
-            await anyio.sleep(delay)
+            if delay > 0:
+                await anyio.sleep(delay)
             delay = interval
             try:
-                state: TaskState = await provider.poll(item.variant.operation.name, task_id)
+                state: TaskState = await provider.poll(op.name, task_id)
             except RateLimitedError as exc:
                 rate_limited += 1
                 if rate_limited > MAX_RATE_LIMITED_RETRIES:
@@ -424,12 +500,28 @@ class Engine:
             finally:
                 await self.journal.add_polls(item.key)
             poll_errors = 0
+            answered_polls += 1
             if state.state == "running":
+                if submitted_mono is not None:
+                    last_running = time.monotonic() - submitted_mono
                 delay = next_poll_delay(interval, state.poll_after)
                 continue
+            if submitted_mono is not None and refetches == 0:
+                schedule.observe(done_at_first_poll=answered_polls == 1, running_until=last_running)
             if state.state == "failed":
                 assert state.error is not None
+                if result_ready:
+                    # It succeeded (an earlier poll said so) and now the vendor has
+                    # reclaimed it: AILab drops task and result 24 h after completion
+                    # (vendor-protocols.md §1.5/§1.7). Never resubmit: that pays twice.
+                    raise _ItemFailed(self._result_lost(task_id, vendor, state.error.message))
                 raise _TaskFailed(state.error)
+            if not result_ready:
+                # Journaled before the download: a rerun that finds the task gone
+                # knows it was paid for and must not be submitted again.
+                await self.journal.update(item.key, status="ready")
+                self._ready.add(item.key)
+                result_ready = True
             if state.image is not None:
                 return state.image
             if not state.result_url:
@@ -443,18 +535,21 @@ class Engine:
             except PermanentError as exc:
                 refetches += 1
                 if refetches > MAX_RESULT_REFETCHES:
-                    raise _ItemFailed(
-                        ResultLostError(
-                            f"task {task_id} succeeded and was paid for, but its result could not be "
-                            f"downloaded ({exc.message}); the vendor no longer serves it",
-                            code="RESULT_LOST",
-                            vendor=vendor,
-                        )
-                    ) from None
+                    raise _ItemFailed(self._result_lost(task_id, vendor, exc.message)) from None
                 log.info("%s: result URL failed (%s); asking the vendor again", item.input_rel, exc)
                 continue  # re-poll for a fresh URL (§2.4)
             except RetryableError as exc:
                 raise _ItemFailed(exc, keep_task=True) from None
+
+    @staticmethod
+    def _result_lost(task_id: str, vendor: str, detail: str) -> ResultLostError:
+        return ResultLostError(
+            f"task {task_id} succeeded and was paid for, but its result could not be "
+            f"downloaded ({detail}); the vendor no longer serves it. It is not submitted "
+            f"again on its own: rerun with --retry-failed to pay for it once more",
+            code="RESULT_LOST",
+            vendor=vendor,
+        )
 
     async def _download(self, provider: Provider, url: str, vendor: str) -> bytes:
         last: RetryableError | None = None
@@ -487,12 +582,43 @@ class Engine:
         await anyio.sleep(self._backoff_seconds(failures))
 
     async def _rate_limited(self, vendor: str, exc: RateLimitedError, count: int) -> None:
+        """Back off (at least ``Retry-After``) and lower the vendor's rate (AIMD).
+
+        The pause holds every request to that vendor, so the retry simply queues at
+        the budget again; the rate cut keeps the run from provoking the next 429.
+        """
         wait = self._backoff_seconds(count, hint=exc.retry_after)
-        self.budgets[vendor].pause(wait)
+        self.budgets[vendor].rate_limited(wait, exc.retry_after)
         self.progress.rate_limited()
-        await anyio.sleep(wait)
+
+    def _note_rejection(self, exc: PermanentError) -> FatalError | None:
+        """Count a vendor rejection; a streak of identical 400/415s stops the run."""
+        streak = self._rejections.add(exc)
+        if streak is None:
+            return None
+        return FatalError(
+            f"{streak} items in a row were rejected with {exc.vendor} {exc.code} "
+            f"(HTTP {exc.http_status}): that points at the request or its params, not "
+            f"the inputs, so the run stops instead of sending the rest; check the "
+            f"manifest's params (last answer: {exc.message})",
+            code="REPEATED_REJECTION",
+            vendor=exc.vendor,
+        )
+
+    async def _stop_starting(self, reason: FatalError) -> None:
+        """Start no more items; let those in flight finish; the run ends with exit 3."""
+        if self.fatal is None:
+            self.fatal = reason
+            log.error("stopping the run: %s", reason)
+        self.draining = True
+
+    def poll_schedule(self) -> dict[str, float]:
+        """The first-poll delay learned per operation (seconds), for the report."""
+        return {op: round(s.first_delay(), 3) for op, s in sorted(self._first_polls.items())}
 
     async def _succeed(self, item: WorkItem, data: bytes, attempts: int) -> None:
+        op = item.variant.operation
+        self._credits.spend(op.vendor, op.price)
         ext = sniff_image_format(data) or "jpg"
         rel = result_relpath(item.variant.operation.name, item.variant.label, item.input_rel, ext)
         target = resolve_inside(self.output_dir, rel)
@@ -518,9 +644,12 @@ class Engine:
         log.warning(
             "%s [%s %s]: %s", item.input_rel, item.variant.operation.name, item.variant.label, error
         )
+        # A task the vendor already finished (and billed) stays "ready" so a rerun
+        # fetches its result instead of ever submitting it again.
+        ready = task_id is not None and item.key in self._ready
         await self.journal.update(
             item.key,
-            status="failed",
+            status="ready" if ready else "failed",
             task_id=task_id,
             attempts=attempts,
             error_code=error.code,
@@ -548,7 +677,7 @@ def vendors_of(manifest: Manifest) -> list[str]:
     return sorted({v.operation.vendor for v in manifest.variants})
 
 
-def _build_provider(
+def build_provider(
     vendor: str,
     session: aiohttp.ClientSession,
     provider_config: ProviderConfig,
@@ -604,6 +733,7 @@ async def run_job(manifest: Manifest, config: Config, options: RunOptions) -> Ru
             result = RunResult(exit_code=EXIT_OK)
             interrupted = False
             engine: Engine | None = None
+            budgets: dict[str, RateBudget] = {}
             emulator = None
             try:
                 if emulate:
@@ -622,7 +752,7 @@ async def run_job(manifest: Manifest, config: Config, options: RunOptions) -> Ru
                         timeout=timeout, connector=connector
                     ) as session:
                         providers = {
-                            v: _build_provider(
+                            v: build_provider(
                                 v, session, config.provider(v), keys[v], config, stats, budgets[v]
                             )
                             for v in keys
@@ -661,6 +791,8 @@ async def run_job(manifest: Manifest, config: Config, options: RunOptions) -> Ru
                     "interrupted": interrupted,
                     "aborted": fatal.as_record() if fatal else None,
                     "elapsed_seconds": round(time.monotonic() - started, 3),
+                    "rate_budget": {v: b.summary() for v, b in budgets.items()},
+                    "first_poll_seconds": engine.poll_schedule() if engine else {},
                 }
                 with anyio.CancelScope(shield=True):
                     report = await _finish(journal, run_id, manifest, run_stats, fatal, interrupted)

@@ -25,7 +25,7 @@ import io
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -113,6 +113,9 @@ class ImageInfo:
     frames: int = 1
     decodable: bool = True  # Pillow can decode it (False for HEIC without a plugin)
     error: str | None = None
+    # Why decoding the pixels failed (truncated, corrupt data after a valid header);
+    # ``None`` when they decoded or were not decoded (see :func:`inspect_image`).
+    damaged: str | None = None
 
     @property
     def wire_format(self) -> str | None:
@@ -227,6 +230,10 @@ def _inspect(path: Path, size: int, open_fp: Callable[[], IO[bytes]]) -> ImageIn
             )
     except Image.DecompressionBombError as exc:
         error = f"too many pixels to process safely ({exc})"
+    except UnidentifiedImageError:
+        # Pillow's own text embeds the repr of the file object ("<_io.BytesIO object at
+        # 0x7f...>"): noise in a report, and different on every run.
+        error = "not a format Pillow recognises"
     except _PIL_ERRORS as exc:
         error = str(exc) or type(exc).__name__
     try:
@@ -249,17 +256,35 @@ def _inspect(path: Path, size: int, open_fp: Callable[[], IO[bytes]]) -> ImageIn
 
 
 def inspect_image(path: Path) -> ImageInfo:
-    """Format, size, bytes and EXIF orientation of ``path``, from its header only.
+    """Format, size, bytes and EXIF orientation of ``path``, and whether it decodes.
 
-    Never raises for a bad image (``format`` is ``None`` and ``error`` says why);
-    raises :class:`PermanentError` (``PREFLIGHT_UNREADABLE``) only if the file
-    itself can't be read (gone, no permission).
+    The header gives format, size and orientation; then the pixels are decoded as
+    cheaply as :func:`prepare_payload` checks them (JPEG at 1/8 scale, PNG chunk
+    CRCs), so a truncated or corrupt file is reported here (``damaged``) and not
+    only when a run reaches it: ``pipeline validate`` and ``pipeline run`` agree.
+
+    Never raises for a bad image (``format`` is ``None`` and ``error`` says why, or
+    ``damaged`` says why the pixels don't decode); raises :class:`PermanentError`
+    (``PREFLIGHT_UNREADABLE``) only if the file itself can't be read (gone, no
+    permission).
     """
     try:
         size = os.stat(path).st_size
     except OSError as exc:
         raise _cannot_read(path, exc) from None
-    return _inspect(path, size, lambda: open(path, "rb"))
+
+    def opener() -> IO[bytes]:
+        return path.open("rb")
+
+    info = _inspect(path, size, opener)
+    if info.format is None or not info.decodable:
+        return info
+    try:
+        with open(path, "rb") as fp:
+            damaged = _decode_error(fp)
+    except OSError as exc:
+        raise _cannot_read(path, exc) from None
+    return replace(info, damaged=damaged) if damaged else info
 
 
 # -------------------------------------------------------------------------- limits
@@ -282,6 +307,12 @@ def _show(value: float, unit: str, *, decimals: bool) -> str:
     if decimals:
         return f"{value:.1f} {unit}"
     return f"{value:g} {unit}" if value == round(value, 1) else f"{value:.1f} {unit}"
+
+
+def _bytes_text(n: int) -> str:
+    """``n`` bytes for a message: ``2.3 MB``, ``512.0 KB``, ``900 bytes``."""
+    value, unit = _human(n, decimals=True)
+    return _show(value, unit, decimals=True)
 
 
 def _limit_text(limit: int) -> str:
@@ -320,6 +351,15 @@ def _problems(info: ImageInfo, limits: ImageLimits) -> list[_Problem]:
     if info.format is None:
         reason = f" ({info.error})" if info.error else ""
         return [_Problem("PREFLIGHT_UNREADABLE", f"not an image that can be read{reason}", False)]
+    if info.damaged:
+        return [
+            _Problem(
+                "PREFLIGHT_UNREADABLE",
+                f"{info.format} whose pixels cannot be decoded ({info.damaged}): the file is "
+                f"damaged or truncated",
+                False,
+            )
+        ]
     if info.wire_format not in limits.formats:
         out.append(
             _Problem(
@@ -375,6 +415,12 @@ def check_limits(info: ImageInfo, limits: ImageLimits) -> list[str]:
     return [p.text for p in _problems(info, limits)]
 
 
+def check_limits_fixable(info: ImageInfo, limits: ImageLimits) -> list[tuple[str, bool]]:
+    """Like :func:`check_limits`, with whether ``auto_fix`` can repair each problem
+    (format, bytes, resolution: yes; too small, unreadable: no)."""
+    return [(p.text, p.fixable) for p in _problems(info, limits)]
+
+
 # ------------------------------------------------------------------------- prepare
 
 
@@ -396,15 +442,16 @@ def _unreadable(path: Path, detail: str) -> PermanentError:
     )
 
 
-def _verify_decodable(path: Path, data: bytes) -> None:
-    """Decode enough of the file to catch truncation, cheaply.
+def _decode_error(fp: IO[bytes]) -> str | None:
+    """Decode enough of the image in ``fp`` to catch truncation, cheaply; why it failed.
 
     JPEG is decoded at 1/8 scale (``draft``): the whole entropy-coded stream is
     still read, so a truncated file fails, at a fraction of the cost. PNG's
     ``verify`` checks every chunk CRC through ``IEND`` without inflating pixels.
+    Other formats are decoded in full. ``None`` when it decodes.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(fp) as im:
             if im.format in ("JPEG", "MPO"):
                 im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
                 im.load()
@@ -412,8 +459,18 @@ def _verify_decodable(path: Path, data: bytes) -> None:
                 im.verify()
             else:
                 im.load()
+    except UnidentifiedImageError:
+        return "not a format Pillow recognises"
     except _PIL_ERRORS as exc:
-        raise _unreadable(path, str(exc) or type(exc).__name__) from None
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _verify_decodable(path: Path, data: bytes) -> None:
+    """Raise ``PREFLIGHT_UNREADABLE`` if ``data`` does not decode (see :func:`_decode_error`)."""
+    detail = _decode_error(io.BytesIO(data))
+    if detail is not None:
+        raise _unreadable(path, detail)
 
 
 def _refuse(path: Path, problems: list[_Problem], auto_fix: bool) -> PermanentError:
@@ -596,14 +653,28 @@ def _auto_fix(
         changes.append(f"resized {w}x{h} -> {nw}x{nh}")
 
     limit_text = _limit_text(limits.max_bytes)
+    # A file over the byte limit that fits once re-encoded as it is (same format, best
+    # quality) still had its bytes changed: say so, or ``changes`` would be empty for
+    # an image that was not sent as it is.
+    over_bytes = not _bytes_ok(info.size_bytes, limits)
+
+    def recompressed(how: str, out: bytes) -> str:
+        return (
+            f"re-compressed {how} to fit the {limit_text} limit "
+            f"({_bytes_text(info.size_bytes)} -> {_bytes_text(len(out))})"
+        )
+
     # 1. As decided: JPEG at the best quality / PNG lossless.
     if fmt == "PNG":
         out = _encode(im, "PNG", 0, icc)
         if _bytes_ok(len(out), limits):
+            if over_bytes:
+                changes.append(recompressed("as PNG", out))
             return out, fmt, changes
         if not alpha and "JPEG" in limits.formats:
             fmt = "JPEG"
             changes.append(f"re-encoded PNG as JPEG to fit the {limit_text} limit")
+            over_bytes = False  # noted
     if fmt == "JPEG":
         # 2. Lower JPEG quality stepwise.
         for quality in _JPEG_QUALITIES:
@@ -613,6 +684,8 @@ def _auto_fix(
                     changes.append(
                         f"lowered JPEG quality to {quality} to fit the {limit_text} limit"
                     )
+                elif over_bytes:
+                    changes.append(recompressed(f"as JPEG at quality {quality}", out))
                 return out, fmt, changes
     # 3. Scale down further (from the fitted image, one resample each time).
     base = im

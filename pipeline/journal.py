@@ -4,9 +4,14 @@ One file, ``journal.sqlite``, in the output folder. It is the source of truth:
 ``results.jsonl`` and ``report.json`` are derived from it, and a rerun resumes from
 it. Each item moves through::
 
-    pending -> submitting -> submitted(task_id) -> succeeded(output)
-                    \\                \\-> failed(error, kind)
-                     \\-> (sync op) succeeded | failed
+    pending -> submitting -> submitted(task_id) -> ready -> succeeded(output)
+                    \\                \\             \\-> failed(RESULT_LOST)
+                     \\                \\-> failed(error, kind)
+                      \\-> (sync op) succeeded | failed
+
+``ready`` means the vendor said the task succeeded (so it is billed) and the result
+is not stored yet: if the task is gone when a rerun asks, the item fails as
+``RESULT_LOST`` instead of being submitted (and paid for) again.
 
 Durability contract: every awaited write is committed (WAL, ``synchronous=FULL``)
 before the call returns, so the engine can rely on "the task id is on disk before
@@ -100,7 +105,7 @@ class ItemRecord:
     params: str
     input_path: str
     input_rel: str
-    status: str  # pending | submitting | submitted | succeeded | failed
+    status: str  # pending | submitting | submitted | ready | succeeded | failed
     task_id: str | None
     attempts: int
     polls: int

@@ -6,13 +6,17 @@ import math
 import os
 from collections import Counter, defaultdict
 
+import anyio
+
 from pipeline.config import Config
 from pipeline.engine import RunOptions, vendors_of
-from pipeline.errors import PermanentError
-from pipeline.images import check_limits, inspect_image
+from pipeline.errors import PermanentError, VendorError
+from pipeline.images import check_limits_fixable, inspect_image
 from pipeline.inputs import iter_inputs
+from pipeline.journal import JOURNAL_NAME, Journal
 from pipeline.manifest import Manifest
 from pipeline.operations import OperationSpec
+from pipeline.providers.base import CreditBalance
 
 __all__ = ["print_plan", "validate_job"]
 
@@ -20,7 +24,9 @@ __all__ = ["print_plan", "validate_job"]
 # AILab one multipart POST; Perfect Corp file record + task create (the S3 PUT is
 # not on the API host and is not counted against the budget).
 _BASE_REQUESTS = {"ailab": 1, "perfectcorp": 2}
-_EXPECTED_POLLS = 2  # without observed durations: one early, one after the task ends
+# Without observations from an earlier run: lean polling settles near one poll a
+# task; allow for the first tasks of a run, polled before durations are learned.
+_EXPECTED_POLLS = 1.5
 
 
 def _problems_for(path_str: str, ops: list[OperationSpec], auto_fix: bool) -> list[str]:
@@ -33,8 +39,8 @@ def _problems_for(path_str: str, ops: list[OperationSpec], auto_fix: bool) -> li
         return [exc.message]
     out = []
     for op in ops:
-        for problem in check_limits(info, op.limits):
-            fix = " (auto_fix will try to fix it)" if auto_fix else ""
+        for problem, fixable in check_limits_fixable(info, op.limits):
+            fix = " (auto_fix will try to fix it)" if auto_fix and fixable else ""
             out.append(f"{path}: {op.name}: {problem}{fix}")
     return out
 
@@ -72,32 +78,165 @@ def validate_job(manifest: Manifest, config: Config) -> int:
     return 1 if bad else 0
 
 
+def _journal_view(manifest: Manifest) -> tuple[set[str], dict[str, float]]:
+    """What an earlier run of this output folder already did, read-only.
+
+    Returns the ``input_path|operation|variant`` of every succeeded item, and the mean
+    polls per task per operation (to estimate requests). No journal: nothing done.
+    A damaged journal raises :class:`JournalError`, exactly as ``run`` would.
+    """
+    path = manifest.output / JOURNAL_NAME
+    if not path.exists():
+        return set(), {}
+    conn = Journal.open_sync(path, create=False)
+    try:
+        done = {
+            f"{row[0]}|{row[1]}|{row[2]}"
+            for row in conn.execute(
+                "SELECT input_path, operation, variant FROM items WHERE status = 'succeeded'"
+            )
+        }
+        polls = {
+            row[0]: float(row[1])
+            for row in conn.execute(
+                "SELECT operation, AVG(polls) FROM items"
+                " WHERE status = 'succeeded' AND polls > 0 GROUP BY operation"
+            )
+        }
+    finally:
+        conn.close()
+    return done, polls
+
+
+async def fetch_balances(
+    manifest: Manifest, config: Config, emulate: bool
+) -> dict[str, CreditBalance | str]:
+    """Each used vendor's balance from its credit endpoint (not billable), or why not.
+
+    Only vendors whose key variable is set are asked (or all, against the emulator).
+    """
+    import aiohttp
+
+    from pipeline.budget import RateBudget
+    from pipeline.engine import EMULATOR_KEY, build_provider, point_at
+    from pipeline.providers.base import RequestStats
+
+    out: dict[str, CreditBalance | str] = {}
+    keys: dict[str, str] = {}
+    for vendor in vendors_of(manifest):
+        var = config.provider(vendor).api_key_env
+        key = os.environ.get(var, "").strip()
+        if emulate:
+            keys[vendor] = key or EMULATOR_KEY
+        elif key:
+            keys[vendor] = key
+        else:
+            out[vendor] = f"not asked: {var} is not set"
+    if not keys:
+        return out
+    emulator = None
+    try:
+        if emulate:
+            from pipeline.emulator import start_emulator
+
+            emulator = await start_emulator()
+            config = point_at(config, emulator.base_url)
+        timeout = aiohttp.ClientTimeout(
+            total=config.timeouts.request_seconds, connect=config.timeouts.connect_seconds
+        )
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for vendor, key in keys.items():
+                budget = RateBudget(config.provider(vendor).rate_limit)
+                provider = build_provider(
+                    vendor, session, config.provider(vendor), key, config, RequestStats(), budget
+                )
+                try:
+                    out[vendor] = await provider.credits()
+                except VendorError as exc:
+                    out[vendor] = f"could not ask: {exc}"
+    finally:
+        if emulator is not None:
+            await emulator.close()
+    return out
+
+
 def print_plan(manifest: Manifest, config: Config, options: RunOptions) -> int:
-    """Print items, requests, credits and duration expected; send nothing billable."""
-    inputs = sum(1 for _ in iter_inputs(manifest.base_dir, manifest.inputs, manifest.output))
+    """Print what a run would do and cost; send nothing billable.
+
+    Items, variants, what the journal says is already done, requests per vendor,
+    credits/units from the documented prices, the time the rate budget needs, and
+    (when keys are set, or against the emulator) the balances from the vendors'
+    credit endpoints.
+    """
+    inputs = [str(p) for p in iter_inputs(manifest.base_dir, manifest.inputs, manifest.output)]
+    done, observed_polls = _journal_view(manifest)
     requests: Counter[str] = Counter()
-    credits: dict[str, float] = defaultdict(float)
-    print(f"plan for {manifest.path} -> {manifest.output}")
-    print(f"  inputs: {inputs}")
+    spend: dict[str, float] = defaultdict(float)
+    units: dict[str, str] = {}
+    print(f"plan for {manifest.path} -> {manifest.output} (dry run: nothing billable is sent)")
+    print(f"  inputs: {len(inputs)}; variants: {len(manifest.variants)}")
+    total_items = total_todo = 0
     for variant in manifest.variants:
         op = variant.operation
-        n = inputs
-        per_item = _BASE_REQUESTS[op.vendor] + (_EXPECTED_POLLS if op.is_async else 0)
-        requests[op.vendor] += n * per_item
-        credits[f"{op.vendor} {op.price_unit}"] += n * op.price
+        todo = sum(1 for path in inputs if f"{path}|{op.name}|{variant.label}" not in done)
+        polls = observed_polls.get(op.name, _EXPECTED_POLLS) if op.is_async else 0.0
+        per_item = _BASE_REQUESTS[op.vendor] + polls
+        n_requests = math.ceil(todo * per_item)
+        requests[op.vendor] += n_requests
+        spend[op.vendor] += todo * op.price
+        units[op.vendor] = op.price_unit
+        total_items += len(inputs)
+        total_todo += todo
         print(
-            f"  {op.name} [{variant.label}]: {n} item(s), ~{n * per_item} request(s), {n * op.price:g} {op.price_unit}"
+            f"  {op.name} [{variant.label}]: {len(inputs)} item(s), {len(inputs) - todo} already "
+            f"done, {todo} to send: ~{n_requests} request(s), {todo * op.price:g} {op.price_unit}"
         )
-    for vendor, n in sorted(requests.items()):
+    print(f"  work items: {total_items}; to send: {total_todo}")
+    for vendor in sorted(requests):
+        n = requests[vendor]
         limit = config.provider(vendor).rate_limit
-        if limit and limit.requests and limit.per_seconds:
-            seconds = math.ceil(n / (limit.requests / limit.per_seconds))
-            print(
-                f"  {vendor}: ~{n} requests; at least {seconds} s under its budget of {limit.requests}/{limit.per_seconds:g} s"
-            )
-        else:
-            print(f"  {vendor}: ~{n} requests; no published rate limit")
-    for what, amount in sorted(credits.items()):
-        print(f"  expected spend if every item succeeds: {amount:g} {what}")
+        if limit is None or not (limit.qps or (limit.requests and limit.per_seconds)):
+            print(f"  {vendor}: ~{n} API requests; no published rate limit (429s set the pace)")
+            continue
+        seconds = n / limit.qps if limit.qps else 0.0
+        parts = [f"{limit.qps:g}/s"] if limit.qps else []
+        if limit.requests and limit.per_seconds:
+            # The first window's worth goes at once; the rest at the sustained rate.
+            sustained = max(0, n - limit.requests) * limit.per_seconds / limit.requests
+            seconds = max(seconds, sustained)
+            parts.insert(0, f"{limit.requests} per {limit.per_seconds:g} s")
+        print(
+            f"  {vendor}: ~{n} API requests; at least {_duration(seconds)} under its budget "
+            f"of {' and '.join(parts)}"
+        )
+    for vendor in sorted(spend):
+        cap = manifest.max_credits.get(vendor)
+        capped = f" (max_credits caps it at {cap:g})" if cap is not None else ""
+        print(
+            f"  {vendor}: expected spend if every item succeeds: {_amount(spend[vendor])} "
+            f"{units[vendor]}{capped}"
+        )
+    emulate = options.emulate or manifest.emulator
+    balances = anyio.run(fetch_balances, manifest, config, emulate)
+    for vendor, balance in sorted(balances.items()):
+        if isinstance(balance, str):
+            print(f"  {vendor} balance: {balance}")
+            continue
+        where = " (emulator)" if emulate else ""
+        need = spend.get(vendor, 0.0)
+        verdict = "enough" if balance.balance >= need else f"NOT enough: {_amount(need)} needed"
+        print(f"  {vendor} balance{where}: {_amount(balance.balance)} {balance.unit}; {verdict}")
     print("  nothing was sent (dry run)")
     return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _amount(value: float) -> str:
+    return f"{value:,.0f}" if value == int(value) else f"{value:,.2f}"

@@ -141,6 +141,8 @@ def _build(
         "errors_by_code": dict(sorted(errors.items())),
         "errors_by_kind": dict(sorted(error_kinds.items())),
         "requests": stats.get("requests", {}),
+        "rate_budget": stats.get("rate_budget", {}),
+        "first_poll_seconds": stats.get("first_poll_seconds", {}),
         "credits_spent": {
             vendor: {"amount": amount, "unit": "units" if vendor == "perfectcorp" else "credits"}
             for vendor, amount in sorted(credits.items())

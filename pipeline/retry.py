@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-__all__ = ["backoff_delay", "next_poll_delay"]
+__all__ = ["FirstPollSchedule", "backoff_delay", "next_poll_delay"]
 
 
 def backoff_delay(
@@ -36,3 +36,40 @@ def next_poll_delay(interval: float, vendor_hint: float | None) -> float:
     if vendor_hint is not None and vendor_hint > interval:
         return vendor_hint
     return interval
+
+
+class FirstPollSchedule:
+    """When to poll a new task first, learned from the tasks of one operation so far.
+
+    Every poll costs a request from the vendor's budget, so a 12 s task should be
+    polled once at ~12 s, not at 5 s, 10 s and 15 s. The first-poll delay tracks a
+    high quantile of the task durations: a task still running at its first poll
+    pushes the delay up by ``GROW``; a task already done at its first poll nudges it
+    down by ``SHRINK`` (it may have been done earlier). At equilibrium
+    P(task longer than the delay) = SHRINK / (GROW + SHRINK), about 9%, so ~1.1
+    polls per task while the wait past a task's end stays small. Never below the
+    vendor's interval, never above ``maximum``.
+    """
+
+    GROW = 0.2
+    SHRINK = 0.02
+
+    def __init__(self, interval: float, maximum: float = 300.0) -> None:
+        self.interval = interval
+        self.maximum = max(maximum, interval)
+        self.delay = interval
+
+    def first_delay(self) -> float:
+        return self.delay
+
+    def observe(self, *, done_at_first_poll: bool, running_until: float | None = None) -> None:
+        """Learn from a task that ended. ``running_until``: seconds since submit at
+        which it was last seen running (a lower bound of its duration)."""
+        if done_at_first_poll:
+            self.delay = max(self.interval, self.delay * (1 - self.SHRINK))
+            return
+        grown = self.delay * (1 + self.GROW)
+        if running_until is not None:
+            # It was still running then; the next task like it will be too.
+            grown = max(grown, min(running_until, self.delay * 2))
+        self.delay = min(self.maximum, grown)

@@ -124,6 +124,13 @@ _TRANSIENT = (
     (429, "EXCEEDING_LIMITS", "Request or concurrency limits exceeded."),
 )
 
+# ``permanent_error_rate`` answers, by ``ailab_permanent_error`` (§1.8 table).
+_PERMANENT: dict[str, tuple[int, str]] = {
+    "ERROR_NO_FACE_IN_FILE": (422, "pic not has face"),
+    "ERROR_INVALID_PARAMETER": (400, "Invalid parameter."),
+    "UNSUPPORTED_FILE_TYPES": (415, "Unsupported file types."),
+}
+
 # ``fatal_error`` codes: status and the request kinds they hit (§1.8 "Fault knobs").
 _FATAL: dict[str, tuple[int, frozenset[Kind] | None]] = {
     "ERROR_USER_LOCKED": (403, None),  # the account: every request
@@ -372,7 +379,9 @@ class AilabAPI(VendorAPI):
     def _refuse_faceless(self, input_digest: str) -> None:
         # permanent_error_rate, fixed per input: the §1.1 failure example.
         if self.shared.faults.permanent(input_digest, self.scenario.permanent_error_rate):
-            raise error(422, "ERROR_NO_FACE_IN_FILE", "pic not has face")
+            code = self.scenario.ailab_permanent_error
+            status, message = _PERMANENT[code]
+            raise error(status, code, message)
 
     async def _sync(self, key: str, hold: Hold, render: Callable[[], bytes]) -> bytes:
         """Run a sync job: at least ``sync_seconds``; debit on success, release otherwise."""

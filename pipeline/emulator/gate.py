@@ -144,7 +144,11 @@ class VendorAPI(abc.ABC):
         key = self.authenticate(request)
         if self.limiter is not None and not self.limiter.admit(key, request.remote):
             self.stats.rate_limited += 1
-            return self.rate_limited()
+            answer = self.rate_limited()
+            retry_after = self.scenario.rate_limit_retry_after_seconds
+            if retry_after is not None:
+                answer.headers["Retry-After"] = f"{retry_after:g}"
+            return answer
         code = self.scenario.fatal_error
         if (
             code is not None

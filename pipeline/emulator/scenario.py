@@ -102,6 +102,11 @@ class Scenario(_Frozen):
     """Share of API-host requests (any kind) answered with a retryable vendor error."""
     permanent_error_rate: Rate = 0.0
     """Share of input images refused for the image (no face); deterministic per bytes+seed."""
+    ailab_permanent_error: Literal[
+        "ERROR_NO_FACE_IN_FILE", "ERROR_INVALID_PARAMETER", "UNSUPPORTED_FILE_TYPES"
+    ] = "ERROR_NO_FACE_IN_FILE"
+    """The AILab code ``permanent_error_rate`` answers with (422, 400 or 415, §1.8): the
+    400/415 ones look like a client bug and trip the client's repeated-rejection brake."""
     task_failure_rate: Rate = 0.0
     """Share of accepted async tasks that end failed (never billed)."""
     disconnect_rate: Rate = 0.0
@@ -126,6 +131,9 @@ class Scenario(_Frozen):
     """Budget per API key and, separately, per client IP, per vendor. ``None``: unlimited."""
     rate_limit_vendors: tuple[Literal["ailab", "perfectcorp"], ...] = ("ailab", "perfectcorp")
     """Which vendors ``rate_limit`` applies to (AILab publishes no numbers, §1.7)."""
+    rate_limit_retry_after_seconds: NonNegativeFloat | None = None
+    """Send ``Retry-After`` with rate-limit 429s. Neither vendor documents one (§1.7,
+    §2.6), so the default sends none; set it to test that clients honour it."""
     rate_limit_per_ip: bool = True
     """Also enforce ``rate_limit`` per client IP (Perfect Corp §2.6: "Both conditions")."""
     ailab_api_keys: tuple[str, ...] | None = None

@@ -94,8 +94,9 @@ class RequestStats:
         return out
 
 
-# A rate-budget gate: awaited before every call to the vendor's API host.
-AcquireSlot = Callable[[], Awaitable[None]]
+# A rate-budget gate, awaited with the request kind ("submit", "poll", "upload", ...)
+# before every call to the vendor's API host.
+AcquireSlot = Callable[[str], Awaitable[None]]
 
 
 class Provider(Protocol):

@@ -85,7 +85,7 @@ class VendorClient:
             raise
 
     async def _call(self, kind: str, request: HttpRequest) -> HttpResponse:
-        await self._acquire()
+        await self._acquire(kind)
         self._stats.count(self.vendor, kind)
         return await send(
             self._session,

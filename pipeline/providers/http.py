@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import io
 import json
 import re
 import time
@@ -335,7 +336,9 @@ def _form_data(parts: tuple[FormPart, ...]) -> aiohttp.FormData:
         if isinstance(part, FilePart):
             form.add_field(
                 part.name,
-                part.payload.data,
+                # A file object, not raw bytes: aiohttp warns that bodies over 1 MB
+                # given as bytes may block the event loop (typical photos are 2-5 MB).
+                io.BytesIO(part.payload.data),
                 filename=part.payload.filename,
                 content_type=part.payload.content_type,
             )
@@ -373,7 +376,7 @@ async def send(
         body = json.dumps(request.json, separators=(",", ":")).encode()
         headers.setdefault("Content-Type", "application/json")
     elif request.data is not None:
-        body = request.data
+        body = io.BytesIO(request.data)  # see _form_data
     skip = [h for h in _AUTO_HEADERS if h not in headers] if exact_headers else None
     what = f"{request.method} {safe_url(url)}"
     try:

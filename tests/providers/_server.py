@@ -153,9 +153,11 @@ class Budget:
 
     def __init__(self) -> None:
         self.taken = 0
+        self.kinds: list[str] = []
 
-    async def __call__(self) -> None:
+    async def __call__(self, kind: str) -> None:
         self.taken += 1
+        self.kinds.append(kind)
 
 
 @dataclass

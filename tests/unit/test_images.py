@@ -540,3 +540,57 @@ def test_inspect_missing_file_is_permanent(tmp_path: Path) -> None:
         inspect_image(tmp_path / "gone.jpg")
     assert err.value.code == "PREFLIGHT_UNREADABLE"
     assert "gone.jpg" in err.value.message
+
+
+# ------------------------------------------------ damaged files, re-compression notes
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_inspect_reports_a_truncated_file_and_check_limits_lists_it(
+    tmp_path: Path, fmt: str
+) -> None:
+    buf = io.BytesIO()
+    noise(400, 300).save(buf, fmt)
+    data = buf.getvalue()
+    path = _write(tmp_path / f"cut.{fmt.lower()}", data[: len(data) * 2 // 3])
+    got = inspect_image(path)
+    assert (got.format, got.width, got.height) == (fmt, 400, 300)
+    assert got.damaged
+    problems = check_limits(got, EMOTION)
+    assert len(problems) == 1 and "damaged or truncated" in problems[0]
+    whole = inspect_image(_write(tmp_path / f"whole.{fmt.lower()}", data))
+    assert whole.damaged is None and check_limits(whole, EMOTION) == []
+
+
+def test_not_an_image_message_has_no_object_repr(tmp_path: Path) -> None:
+    path = _write(tmp_path / "notes.jpg", b"shopping list")
+    assert inspect_image(path).error == "not a format Pillow recognises"
+    with pytest.raises(PermanentError) as err:
+        prepare_payload(path, EMOTION, auto_fix=False)
+    assert " at 0x" not in err.value.message and "notes.jpg" in err.value.message
+
+
+def test_auto_fix_says_it_recompressed_a_file_that_fit_at_best_quality(tmp_path: Path) -> None:
+    path = save(tmp_path / "q.jpg", noise(500, 500), quality=100)
+    pixels = decode(path.read_bytes())
+    buf = io.BytesIO()
+    pixels.save(buf, "JPEG", quality=95, optimize=True)
+    limits = small_limits(max_bytes=buf.tell() + 10)
+    assert path.stat().st_size > limits.max_bytes
+    prepared = prepare_payload(path, limits, auto_fix=True)
+    assert len(prepared.payload.data) <= limits.max_bytes
+    assert len(prepared.changes) == 1
+    assert prepared.changes[0].startswith("re-compressed as JPEG at quality 95 to fit the ")
+    assert " -> " in prepared.changes[0]
+
+
+def test_auto_fix_says_it_recompressed_an_oversized_png(tmp_path: Path) -> None:
+    # A PNG stored without compression: lossless re-encoding alone makes it fit.
+    path = save(
+        tmp_path / "flat.png", Image.new("RGB", (600, 600), (200, 30, 30)), compress_level=0
+    )
+    limits = small_limits(max_bytes=path.stat().st_size // 10)
+    prepared = prepare_payload(path, limits, auto_fix=True)
+    assert prepared.payload.content_type == "image/png"
+    assert len(prepared.changes) == 1
+    assert prepared.changes[0].startswith("re-compressed as PNG to fit the ")
