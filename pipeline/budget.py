@@ -64,8 +64,10 @@ class SlidingWindow:
 # AIMD constants. A cut to 0.7x (TCP CUBIC's beta) rather than 0.5x keeps the average
 # rate of the probing sawtooth near 85% of an unknown limit instead of 75%.
 DECREASE_FACTOR = 0.7
-# After a cut the rate climbs back to the level that provoked it in this many seconds,
-# then keeps climbing at the same slope until the vendor objects again.
+# After a cut the rate climbs linearly, gaining the cut rate once more every this many
+# seconds: with a 0.7x cut it is back at the provoking level after ~4.3 s and keeps
+# climbing at the same slope until the vendor objects again. Even a cut to the floor
+# doubles in this time, so 429s that are not about our rate cost a dip, not the night.
 RECOVERY_SECONDS = 10.0
 # Rate-limit answers to requests already in flight when the first one arrived say
 # nothing new: one cut per this many seconds (or per Retry-After, if longer).
@@ -152,10 +154,8 @@ class AdaptiveRate:
         or if the answers are too few to mean congestion (see :meth:`congested`).
 
         The cut is to ``DECREASE_FACTOR`` times the rate we were sending at (or the
-        current limit, if lower). The climb back reaches that rate again in
-        ``RECOVERY_SECONDS`` and never doubles slower than that: 429s that are not
-        about our rate (AILab also answers 429 for short overloads, §1.8) cost a
-        dip, not the night.
+        current limit, if lower); the climb then gains the cut rate every
+        ``RECOVERY_SECONDS``.
         """
         self._refusals.append(now)
         current = self.rate(now)
@@ -168,7 +168,7 @@ class AdaptiveRate:
             provoking = min(provoking, current)
         provoking = max(provoking, MIN_RATE)
         self._base = max(MIN_RATE, provoking * DECREASE_FACTOR)
-        self._slope = max(provoking - self._base, self._base) / RECOVERY_SECONDS
+        self._slope = self._base / RECOVERY_SECONDS
         self._cut_at = now
         self.decreases += 1
         self.lowest = self._base if self.lowest is None else min(self.lowest, self._base)

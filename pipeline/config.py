@@ -97,7 +97,8 @@ class Config(_Frozen):
 
 
 def _merge_providers(raw: dict[str, Any]) -> dict[str, Any]:
-    """Fill each provider section the file gives with the built-in defaults it omits."""
+    """Fill each provider section the file gives with the built-in defaults it omits
+    (and its ``rate_limit`` with the default limit's keys it omits)."""
     defaults: dict[str, Any] = {
         k: v.model_dump(exclude_none=True) for k, v in _default_providers().items()
     }
@@ -107,6 +108,12 @@ def _merge_providers(raw: dict[str, Any]) -> dict[str, Any]:
         for name, section in given.items():
             if isinstance(section, dict) and name in defaults:
                 merged[name] = {**defaults[name], **section}
+                # One level deeper for the rate limit: `rate_limit: {qps: 3}` keeps the
+                # published 250 per 300 s; `rate_limit: null` removes the limit.
+                base_limit = defaults[name].get("rate_limit")
+                given_limit = section.get("rate_limit")
+                if isinstance(base_limit, dict) and isinstance(given_limit, dict):
+                    merged[name]["rate_limit"] = {**base_limit, **given_limit}
             else:
                 merged[name] = section
         raw = {**raw, "providers": merged}

@@ -20,10 +20,10 @@ __all__ = ["CreditGuard", "RejectionStreak"]
 class CreditGuard:
     """Refuses a submit that could take a vendor's spend in this run past its cap.
 
-    ``spent`` counts successes of this run; ``held`` counts the prices of items in
-    flight (submitted, or resumed tasks that will be charged when they succeed). A new
-    submit is allowed only if ``spent + held + price <= cap``: the cap holds even if
-    every task in flight succeeds.
+    ``spent`` counts successes collected by this run; ``held`` counts the prices of
+    items in flight and of tasks created by earlier runs that this run may still
+    collect (the vendor bills those when they succeed). A new submit is allowed only if
+    ``spent + held + price <= cap``: the cap holds even if every such task succeeds.
     """
 
     def __init__(self, caps: Mapping[str, float]) -> None:
@@ -31,6 +31,22 @@ class CreditGuard:
         self.spent: dict[str, float] = defaultdict(float)
         self._holds: dict[str, tuple[str, float]] = {}
         self._held: dict[str, float] = defaultdict(float)
+        self._pool: dict[str, float] = defaultdict(float)
+
+    def reserve_pool(self, vendor: str, amount: float) -> None:
+        """Hold ``amount`` for tasks of earlier runs not met yet (they will be billed
+        if they succeed); :meth:`claim` moves it to the item that resumes one."""
+        self._pool[vendor] += amount
+        self._held[vendor] += amount
+
+    def claim(self, key: str, vendor: str, amount: float) -> None:
+        """Hold ``amount`` for a resumed task, from the pool while it lasts."""
+        if key in self._holds:
+            return
+        taken = min(amount, self._pool[vendor])
+        self._pool[vendor] -= taken
+        self._held[vendor] -= taken
+        self.hold(key, vendor, amount)
 
     def holds(self, key: str) -> bool:
         return key in self._holds

@@ -53,6 +53,7 @@ from pipeline.inputs import input_relpath, iter_inputs
 from pipeline.journal import ItemRecord, Journal
 from pipeline.lock import OutputLock
 from pipeline.manifest import Manifest, Variant
+from pipeline.operations import OPERATIONS
 from pipeline.outputs import atomic_write_bytes, resolve_inside, result_relpath, sweep_partial_files
 from pipeline.progress import Progress
 from pipeline.providers.base import ImagePayload, Provider, RequestStats, TaskState
@@ -154,12 +155,20 @@ class Engine:
         self._file_hashes: dict[Path, str] = {}
         self._first_polls: dict[str, FirstPollSchedule] = {}
         self._ready: set[str] = set()  # items in flight whose task is known to have succeeded
+        self._paid_before: set[str] = set()  # resumed items billed in an earlier run
         self._credits = CreditGuard(manifest.max_credits)
         self._rejections = RejectionStreak(config.retry.stop_after_identical_rejections)
 
     # -- scheduling ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        if self._credits.caps:
+            # Tasks of earlier runs are billed when they succeed, whichever run meets
+            # them: hold their price from the start so new submits can't crowd them out.
+            for name, count in (await self.journal.live_tasks()).items():
+                spec = OPERATIONS.get(name)
+                if spec is not None:
+                    self._credits.reserve_pool(spec.vendor, spec.price * count)
         send: MemoryObjectSendStream[WorkItem]
         receive: MemoryObjectReceiveStream[WorkItem]
         send, receive = anyio.create_memory_object_stream[WorkItem](self.manifest.concurrency)
@@ -209,8 +218,6 @@ class Engine:
     ) -> None:
         async with receive:
             async for item in receive:
-                if self.draining:
-                    continue  # not started: a rerun picks it up
                 try:
                     await self._process(item)
                 except FatalError as exc:
@@ -230,6 +237,10 @@ class Engine:
         self._inflight.add(item.key)
         try:
             rec = await self.journal.lookup(item.key)
+            if self.draining and not (
+                _has_live_task(rec) or (rec is not None and rec.status == "succeeded")
+            ):
+                return  # not started: a rerun picks it up (created tasks are still collected)
             if rec is not None and rec.seen_run == self.run_id:
                 self.duplicates += 1
                 log.info("%s: same content as an input already handled in this run", item.input_rel)
@@ -280,13 +291,17 @@ class Engine:
     async def _lifecycle(self, item: WorkItem, rec: ItemRecord | None) -> None:
         op = item.variant.operation
         # A task already created (resumed) will be charged if it succeeds: count it.
-        if rec is not None and rec.task_id is not None and rec.status == "submitted":
-            self._credits.hold(item.key, op.vendor, op.price)
+        # One the vendor already said had succeeded was paid for in an earlier run.
+        if _has_live_task(rec) and rec is not None and rec.status != "ready":
+            self._credits.claim(item.key, op.vendor, op.price)
+        if rec is not None and rec.status in PAID_STATUSES:
+            self._paid_before.add(item.key)
         try:
             await self._lifecycle_steps(item, rec)
         finally:
             self._credits.release(item.key)
             self._ready.discard(item.key)
+            self._paid_before.discard(item.key)
 
     async def _lifecycle_steps(self, item: WorkItem, rec: ItemRecord | None) -> None:
         op = item.variant.operation
@@ -307,10 +322,10 @@ class Engine:
         # When the current task was created, for learning task durations (None when
         # resumed from an earlier run: its age is unknown).
         submitted_mono: float | None = None
-        resumed_age = time.time() - rec.updated_at if rec is not None else None
+        resumed_age = max(0.0, time.time() - rec.updated_at) if rec is not None else None
         # The vendor already said this task succeeded (and billed it): if it is gone
         # now, the result is lost, and submitting again would pay twice.
-        result_ready = rec is not None and rec.status == "ready"
+        result_ready = rec is not None and rec.status in PAID_STATUSES
         try:
             if item.unreadable:
                 raise _ItemFailed(PermanentError(item.unreadable, code="INPUT_UNREADABLE"))
@@ -321,6 +336,15 @@ class Engine:
                         raise _ItemFailed(last_error)
                     if payload is None:
                         payload, files, changes = await self._prepare(item)
+                    if self.draining and self.fatal is not None:
+                        raise _ItemFailed(
+                            FatalError(
+                                f"not sent: the run is stopping ({self.fatal.code}); "
+                                f"a rerun sends it",
+                                code="NOT_SENT",
+                                vendor=op.vendor,
+                            )
+                        )
                     if not self._credits.holds(item.key):
                         refusal = self._credits.refuse(op.vendor, op.price, op.price_unit)
                         if refusal is not None:
@@ -514,7 +538,9 @@ class Engine:
                     # It succeeded (an earlier poll said so) and now the vendor has
                     # reclaimed it: AILab drops task and result 24 h after completion
                     # (vendor-protocols.md §1.5/§1.7). Never resubmit: that pays twice.
-                    raise _ItemFailed(self._result_lost(task_id, vendor, state.error.message))
+                    raise _ItemFailed(
+                        self._result_lost(task_id, vendor, state.error.message), keep_task=True
+                    )
                 raise _TaskFailed(state.error)
             if not result_ready:
                 # Journaled before the download: a rerun that finds the task gone
@@ -525,6 +551,11 @@ class Engine:
             if state.image is not None:
                 return state.image
             if not state.result_url:
+                if result_ready:
+                    raise _ItemFailed(
+                        self._result_lost(task_id, vendor, "succeeded without a result"),
+                        keep_task=True,
+                    )
                 raise _TaskFailed(
                     RetryableError(
                         "task succeeded without a result", code="NO_RESULT", vendor=vendor
@@ -535,7 +566,9 @@ class Engine:
             except PermanentError as exc:
                 refetches += 1
                 if refetches > MAX_RESULT_REFETCHES:
-                    raise _ItemFailed(self._result_lost(task_id, vendor, exc.message)) from None
+                    raise _ItemFailed(
+                        self._result_lost(task_id, vendor, exc.message), keep_task=True
+                    ) from None
                 log.info("%s: result URL failed (%s); asking the vendor again", item.input_rel, exc)
                 continue  # re-poll for a fresh URL (§2.4)
             except RetryableError as exc:
@@ -618,7 +651,10 @@ class Engine:
 
     async def _succeed(self, item: WorkItem, data: bytes, attempts: int) -> None:
         op = item.variant.operation
-        self._credits.spend(op.vendor, op.price)
+        if item.key not in self._paid_before:
+            self._credits.spend(op.vendor, op.price)
+        # Spent now, no longer held: never counted twice while the file is written.
+        self._credits.release(item.key)
         ext = sniff_image_format(data) or "jpg"
         rel = result_relpath(item.variant.operation.name, item.variant.label, item.input_rel, ext)
         target = resolve_inside(self.output_dir, rel)
@@ -646,7 +682,7 @@ class Engine:
         )
         # A task the vendor already finished (and billed) stays "ready" so a rerun
         # fetches its result instead of ever submitting it again.
-        ready = task_id is not None and item.key in self._ready
+        ready = task_id is not None and item.key in self._ready and error.kind != "permanent"
         await self.journal.update(
             item.key,
             status="ready" if ready else "failed",
@@ -659,6 +695,18 @@ class Engine:
             finished_at=time.time(),
         )
         self.progress.failed()
+
+
+PAID_STATUSES = frozenset({"ready", "succeeded"})  # the vendor said the task succeeded
+
+
+def _has_live_task(rec: ItemRecord | None) -> bool:
+    """Whether the item has a task at the vendor still to be collected."""
+    return (
+        rec is not None
+        and rec.task_id is not None
+        and rec.status in {"submitted", "ready", "failed"}
+    )
 
 
 def _take(paths: Iterator[Path], n: int) -> list[Path]:

@@ -364,6 +364,17 @@ class Journal:
         )
         return ItemRecord(*rows[0]) if rows else None
 
+    async def live_tasks(self) -> dict[str, int]:
+        """Tasks created by earlier runs and not collected yet, per operation: the
+        vendor bills each one that succeeds, whichever run collects it."""
+        rows = await self._read(
+            "SELECT operation, COUNT(*) FROM items WHERE task_id IS NOT NULL"
+            " AND (status = 'submitted' OR (status = 'failed' AND error_kind != 'permanent'))"
+            " GROUP BY operation",
+            (),
+        )
+        return {str(op): int(n) for op, n in rows}
+
     async def see(
         self,
         *,

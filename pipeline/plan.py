@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import os
+import sqlite3
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import anyio
 
 from pipeline.config import Config
 from pipeline.engine import RunOptions, vendors_of
 from pipeline.errors import PermanentError, VendorError
+from pipeline.identity import hash_file, item_key
 from pipeline.images import check_limits_fixable, inspect_image
 from pipeline.inputs import iter_inputs
 from pipeline.journal import JOURNAL_NAME, Journal
@@ -30,8 +33,6 @@ _EXPECTED_POLLS = 1.5
 
 
 def _problems_for(path_str: str, ops: list[OperationSpec], auto_fix: bool) -> list[str]:
-    from pathlib import Path
-
     path = Path(path_str)
     try:
         info = inspect_image(path)
@@ -78,34 +79,41 @@ def validate_job(manifest: Manifest, config: Config) -> int:
     return 1 if bad else 0
 
 
-def _journal_view(manifest: Manifest) -> tuple[set[str], dict[str, float]]:
-    """What an earlier run of this output folder already did, read-only.
+class _JournalView:
+    """What earlier runs of this output folder did, read-only (a dry run writes nothing).
 
-    Returns the ``input_path|operation|variant`` of every succeeded item, and the mean
-    polls per task per operation (to estimate requests). No journal: nothing done.
-    A damaged journal raises :class:`JournalError`, exactly as ``run`` would.
+    ``done(key)`` is true for an item that succeeded and whose output file is still
+    there: exactly what ``run`` would skip, since items are keyed by content, not path.
+    ``mean_polls`` is the polls per task observed per operation. No journal: nothing
+    done. A damaged journal raises :class:`JournalError`, exactly as ``run`` would.
     """
-    path = manifest.output / JOURNAL_NAME
-    if not path.exists():
-        return set(), {}
-    conn = Journal.open_sync(path, create=False)
-    try:
-        done = {
-            f"{row[0]}|{row[1]}|{row[2]}"
-            for row in conn.execute(
-                "SELECT input_path, operation, variant FROM items WHERE status = 'succeeded'"
-            )
-        }
-        polls = {
-            row[0]: float(row[1])
-            for row in conn.execute(
-                "SELECT operation, AVG(polls) FROM items"
-                " WHERE status = 'succeeded' AND polls > 0 GROUP BY operation"
-            )
-        }
-    finally:
-        conn.close()
-    return done, polls
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.output = manifest.output
+        self.mean_polls: dict[str, float] = {}
+        self._conn: sqlite3.Connection | None = None
+        path = manifest.output / JOURNAL_NAME
+        if path.exists():
+            self._conn = Journal.open_sync(path, create=False)
+            self.mean_polls = {
+                row[0]: float(row[1])
+                for row in self._conn.execute(
+                    "SELECT operation, AVG(polls) FROM items"
+                    " WHERE status = 'succeeded' AND polls > 0 GROUP BY operation"
+                )
+            }
+
+    def done(self, key: str) -> bool:
+        if self._conn is None:
+            return False
+        row = self._conn.execute(
+            "SELECT output FROM items WHERE key = ? AND status = 'succeeded'", (key,)
+        ).fetchone()
+        return row is not None and bool(row[0]) and (self.output / row[0]).is_file()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
 
 
 async def fetch_balances(
@@ -168,29 +176,43 @@ def print_plan(manifest: Manifest, config: Config, options: RunOptions) -> int:
     (when keys are set, or against the emulator) the balances from the vendors'
     credit endpoints.
     """
-    inputs = [str(p) for p in iter_inputs(manifest.base_dir, manifest.inputs, manifest.output)]
-    done, observed_polls = _journal_view(manifest)
+    inputs = list(iter_inputs(manifest.base_dir, manifest.inputs, manifest.output))
     requests: Counter[str] = Counter()
     spend: dict[str, float] = defaultdict(float)
     units: dict[str, str] = {}
     print(f"plan for {manifest.path} -> {manifest.output} (dry run: nothing billable is sent)")
     print(f"  inputs: {len(inputs)}; variants: {len(manifest.variants)}")
-    total_items = total_todo = 0
-    for variant in manifest.variants:
-        op = variant.operation
-        todo = sum(1 for path in inputs if f"{path}|{op.name}|{variant.label}" not in done)
-        polls = observed_polls.get(op.name, _EXPECTED_POLLS) if op.is_async else 0.0
-        per_item = _BASE_REQUESTS[op.vendor] + polls
-        n_requests = math.ceil(todo * per_item)
-        requests[op.vendor] += n_requests
-        spend[op.vendor] += todo * op.price
-        units[op.vendor] = op.price_unit
-        total_items += len(inputs)
-        total_todo += todo
-        print(
-            f"  {op.name} [{variant.label}]: {len(inputs)} item(s), {len(inputs) - todo} already "
-            f"done, {todo} to send: ~{n_requests} request(s), {todo * op.price:g} {op.price_unit}"
-        )
+    view = _JournalView(manifest)
+    try:
+        # Items are keyed by content, as the run keys them: hash each input once.
+        hashes = [_content_hash(path) for path in inputs]
+        file_hashes = [
+            {name: _content_hash(path) for name, path in variant.files.items()}
+            for variant in manifest.variants
+        ]
+        total_items = total_todo = 0
+        for variant, extra in zip(manifest.variants, file_hashes, strict=True):
+            op = variant.operation
+            todo = sum(
+                1
+                for content in hashes
+                if not view.done(item_key(content, op.name, variant.params, extra))
+            )
+            polls = view.mean_polls.get(op.name, _EXPECTED_POLLS) if op.is_async else 0.0
+            per_item = _BASE_REQUESTS[op.vendor] + polls
+            n_requests = math.ceil(todo * per_item)
+            requests[op.vendor] += n_requests
+            spend[op.vendor] += todo * op.price
+            units[op.vendor] = op.price_unit
+            total_items += len(inputs)
+            total_todo += todo
+            print(
+                f"  {op.name} [{variant.label}]: {len(inputs)} item(s), {len(inputs) - todo} "
+                f"already done, {todo} to send: ~{n_requests} request(s), "
+                f"{todo * op.price:g} {op.price_unit}"
+            )
+    finally:
+        view.close()
     print(f"  work items: {total_items}; to send: {total_todo}")
     for vendor in sorted(requests):
         n = requests[vendor]
@@ -240,3 +262,10 @@ def _duration(seconds: float) -> str:
 
 def _amount(value: float) -> str:
     return f"{value:,.0f}" if value == int(value) else f"{value:,.2f}"
+
+
+def _content_hash(path: Path) -> str:
+    try:
+        return hash_file(path)
+    except OSError:
+        return "unreadable:" + str(path)  # as the run keys an unreadable input

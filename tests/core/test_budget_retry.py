@@ -146,7 +146,7 @@ def test_adaptive_rate_switches_off_above_the_configured_ceiling() -> None:
     assert rate.decrease(now)
     base = 5.0 * DECREASE_FACTOR
     assert rate.rate(now) == pytest.approx(base)
-    slope = max(5.0 - base, base) / RECOVERY_SECONDS
+    slope = base / RECOVERY_SECONDS
     reaches_ceiling = now + (5.0 - base) / slope
     assert rate.rate(reaches_ceiling - 0.1) is not None
     assert rate.rate(reaches_ceiling + 0.01) is None  # back at 5/s: the windows govern

@@ -66,3 +66,17 @@ def test_streak_zero_is_off() -> None:
     streak = RejectionStreak(0)
     for _ in range(50):
         assert streak.add(_rejection("ERROR_INVALID_PARAMETER", 400)) is None
+
+
+def test_pool_for_earlier_tasks_is_held_until_claimed() -> None:
+    guard = CreditGuard({"perfectcorp": 3})
+    guard.reserve_pool("perfectcorp", 3)  # three tasks of an earlier run, not met yet
+    assert guard.refuse("perfectcorp", 1, "units") is not None
+    guard.claim("a", "perfectcorp", 1)  # met one: moves from the pool to the item
+    assert guard.refuse("perfectcorp", 1, "units") is not None
+    guard.release("a")  # its task failed: never billed
+    assert guard.refuse("perfectcorp", 1, "units") is None
+    guard.claim("b", "perfectcorp", 1)
+    guard.claim("c", "perfectcorp", 1)
+    guard.claim("d", "perfectcorp", 1)  # pool empty: a plain hold
+    assert guard.refuse("perfectcorp", 1, "units") is not None

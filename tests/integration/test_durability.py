@@ -247,9 +247,11 @@ def _watch_and_kill(
         if mode == "writing":
             hit = bool(_scan(out)[1])
         else:
-            status = "submitting" if mode == "submitting" else "submitted"
+            # "polling": a task exists and its result is not written yet (it may
+            # already be "ready": the vendor said it succeeded).
+            statuses = {"submitting"} if mode == "submitting" else {"submitted", "ready"}
             hit = any(
-                r.status == status and (r.submitted_at or 0.0) >= child.started
+                r.status in statuses and (r.submitted_at or 0.0) >= child.started
                 for r in _journal(out)
             )
         if hit:
@@ -391,7 +393,7 @@ async def test_kill_9_while_writing_results_loses_nothing_and_pays_once(
     charged = sum(emu.stats()[v]["charged"] for v in VENDORS)
     assert charged > written
     _check_right_after_kill(kill, out)
-    paid_unwritten = [r for r in kill.rows if r.status == "submitted" and r.task_id]
+    paid_unwritten = [r for r in kill.rows if r.status in {"submitted", "ready"} and r.task_id]
     assert paid_unwritten
 
     done = await _cli_run(manifest, cfg)
@@ -438,7 +440,7 @@ async def test_repeated_kill_9_cycles_then_a_full_run(
         elif kill.mode == "submitting":
             assert any(r.status == "submitting" for r in kill.rows)
         else:
-            assert any(r.status == "submitted" and r.task_id for r in kill.rows)
+            assert any(r.status in {"submitted", "ready"} and r.task_id for r in kill.rows)
 
     done = await _cli_run(manifest, cfg)
     assert done.returncode == 0, done.stderr.decode()
@@ -588,6 +590,29 @@ async def test_a_rerun_never_resubmits_a_task_the_vendor_said_had_succeeded(
     assert lines[0]["error"]["code"] == "RESULT_LOST"
     assert lines[0]["error"]["kind"] == "permanent"
     assert report["counts"]["failed"] == 1
+
+
+async def test_a_deleted_output_is_never_paid_for_again_once_the_vendor_forgot_it(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+    write_manifest: Callable[..., Path],
+) -> None:
+    # The result was written, then deleted by someone; AILab has since reclaimed the
+    # task. The rerun must not silently submit (and pay) again: RESULT_LOST.
+    emu: RunningEmulator = await emulator_factory(
+        task_seconds=0.05, ailab_result_url_ttl_seconds=0.5
+    )
+    source = make_portrait(tmp_path / "in" / "p.jpg", seed=3)
+    manifest = write_manifest([ASYNC_OPS[0]])
+    config = fast_config(emu.base_url)
+    code, _report, lines = await _run_in_process(manifest, config)
+    assert code == 0
+    Path(lines[0]["output"]).unlink()
+    await anyio.sleep(0.7)
+    code, _report, lines = await _run_in_process(manifest, config)
+    assert code == 1
+    assert emu.stats()["ailab"]["submits_by_input"] == {_sha(source): 1}
+    assert lines[0]["error"]["code"] == "RESULT_LOST" and lines[0]["task_id"]
 
 
 # -- d. resume after inputs were renamed and moved, with new inputs added ----------------------

@@ -262,3 +262,28 @@ async def test_bad_inputs_do_not_trip_the_brake(
     assert code == 1
     assert report["counts"]["failed"] == 14 and report["aborted"] is None
     assert report["errors_by_code"] == {"ERROR_NO_FACE_IN_FILE": 14}
+
+
+async def test_max_credits_counts_resumed_tasks_that_will_still_be_charged(
+    emulator_factory: Callable[..., Any],
+    portraits: Callable[..., list[Path]],
+    write_manifest: Callable[..., Path],
+) -> None:
+    # Run 1 gives up waiting (TASK_DEADLINE) but keeps the three task ids. Run 2 will be
+    # charged for them when they finish, so with a cap of 3 units it may not submit
+    # anything new.
+    emu: RunningEmulator = await emulator_factory(task_seconds=1.0)
+    portraits(3)
+    config = fast_config(emu.base_url)
+    code, _, lines = await _run(
+        write_manifest(SMILE, concurrency=3), config, task_deadline_seconds=0.2
+    )
+    assert code == 1 and {x["error"]["code"] for x in lines} == {"TASK_DEADLINE"}
+    portraits(3, start=3)
+    manifest = write_manifest(SMILE, concurrency=6, max_credits={"perfectcorp": 3})
+    code, report, lines = await _run(manifest, config)
+    assert code == 3 and report["aborted"]["code"] == "MAX_CREDITS"
+    stats = emu.stats()["perfectcorp"]
+    assert stats["submits"] == 3 and stats["charged"] == 3
+    assert report["credits_spent"]["perfectcorp"]["amount"] == 3
+    assert sum(x["status"] == "succeeded" for x in lines) == 3

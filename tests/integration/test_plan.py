@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config import RateLimit
 from pipeline.emulator import RunningEmulator
-from tests.conftest import AILAB_KEY, PERFECTCORP_KEY, config_yaml
+from tests.conftest import AILAB_KEY, PERFECTCORP_KEY, config_yaml, make_portrait
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -107,3 +107,22 @@ async def test_dry_run_without_keys_says_it_did_not_ask(
     assert done.returncode == 0, done.stderr
     assert "ailab balance: not asked: AILAB_API_KEY is not set" in out
     assert emulator.stats()["ailab"]["requests"] == 0
+
+
+async def test_dry_run_keys_items_by_content_like_the_run(
+    tmp_path: Path,
+    emulator: RunningEmulator,
+    portraits: Callable[..., list[Path]],
+    write_manifest: Callable[..., Path],
+) -> None:
+    paths = portraits(3)
+    cfg = config_yaml(emulator.base_url, tmp_path / "config.yaml")
+    manifest = write_manifest(
+        ops=[{"op": "perfectcorp/ai-smile", "params": {"expression_type": "closed_mouth_smile"}}]
+    )
+    done = await _cli("run", str(manifest), "--config", str(cfg), "--quiet")
+    assert done.returncode == 0, done.stderr
+    # Same name, new photo: the run will send it, so the plan must count it.
+    make_portrait(paths[0], seed=500)
+    done = await _cli("run", str(manifest), "--config", str(cfg), "--dry-run")
+    assert "3 item(s), 2 already done, 1 to send" in done.stdout.decode(), done.stdout

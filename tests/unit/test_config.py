@@ -84,6 +84,30 @@ def test_partial_provider_section_keeps_other_defaults(tmp_path: Path) -> None:
     assert config.timeouts.connect_seconds == 10.0
 
 
+def test_partial_rate_limit_keeps_the_other_published_keys(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            """
+            providers:
+              perfectcorp:
+                rate_limit: {qps: 3}
+              ailab:
+                rate_limit: {qps: 8}
+            """,
+        )
+    )
+    pc = config.provider("perfectcorp").rate_limit
+    assert pc is not None and (pc.requests, pc.per_seconds, pc.qps) == (250, 300, 3)
+    ailab = config.provider("ailab").rate_limit
+    assert ailab is not None and (ailab.requests, ailab.qps) == (None, 8)
+
+
+def test_rate_limit_null_removes_the_limit(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "providers: {perfectcorp: {rate_limit: null}}\n"))
+    assert config.provider("perfectcorp").rate_limit is None
+
+
 def test_config_is_frozen(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "{}\n"))
     with pytest.raises(pydantic.ValidationError):
