@@ -34,9 +34,11 @@ from pipeline.config import RateLimit
 __all__ = ["AdaptiveRate", "RateBudget", "SlidingWindow"]
 
 # Clocks and network latency differ between us and the vendor: a request we send
-# at the very edge of a window can land inside it on their side. Keep a margin.
+# at the very edge of a window can land inside it on their side, later than we
+# counted it by however long it waited in our event loop and on the network. Keep a
+# margin of 2% of the window, and at least 100 ms of latency jitter.
 WINDOW_MARGIN = 0.02  # share of the window length
-MIN_MARGIN_SECONDS = 0.02
+MIN_MARGIN_SECONDS = 0.1
 
 
 class SlidingWindow:

@@ -156,19 +156,21 @@ class Engine:
         self._first_polls: dict[str, FirstPollSchedule] = {}
         self._ready: set[str] = set()  # items in flight whose task is known to have succeeded
         self._paid_before: set[str] = set()  # resumed items billed in an earlier run
+        self._uncollected = 0  # tasks of earlier runs not met yet in this run
         self._credits = CreditGuard(manifest.max_credits)
         self._rejections = RejectionStreak(config.retry.stop_after_identical_rejections)
 
     # -- scheduling ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        if self._credits.caps:
-            # Tasks of earlier runs are billed when they succeed, whichever run meets
-            # them: hold their price from the start so new submits can't crowd them out.
-            for name, count in (await self.journal.live_tasks()).items():
-                spec = OPERATIONS.get(name)
-                if spec is not None:
-                    self._credits.reserve_pool(spec.vendor, spec.price * count)
+        for name, (unpaid, ready) in (await self.journal.live_tasks()).items():
+            self._uncollected += unpaid + ready
+            spec = OPERATIONS.get(name)
+            if spec is not None and self._credits.caps:
+                # Tasks of earlier runs are billed when they succeed, whichever run
+                # meets them: hold their price from the start so new submits can't
+                # crowd them out.
+                self._credits.reserve_pool(spec.vendor, spec.price * unpaid)
         send: MemoryObjectSendStream[WorkItem]
         receive: MemoryObjectReceiveStream[WorkItem]
         send, receive = anyio.create_memory_object_stream[WorkItem](self.manifest.concurrency)
@@ -192,9 +194,9 @@ class Engine:
                 if not batch:
                     break
                 for path in batch:
+                    if self.draining and self._uncollected <= 0:
+                        return  # nothing left that is paid for or running at a vendor
                     for item in await self._items_for(path):
-                        if self.draining:
-                            return
                         await send.send(item)
                         self.progress.discovered(1)
 
@@ -237,8 +239,10 @@ class Engine:
         self._inflight.add(item.key)
         try:
             rec = await self.journal.lookup(item.key)
+            if _collectable(rec) and rec is not None and rec.seen_run != self.run_id:
+                self._uncollected -= 1
             if self.draining and not (
-                _has_live_task(rec) or (rec is not None and rec.status == "succeeded")
+                _collectable(rec) or (rec is not None and rec.status == "succeeded")
             ):
                 return  # not started: a rerun picks it up (created tasks are still collected)
             if rec is not None and rec.seen_run == self.run_id:
@@ -292,7 +296,7 @@ class Engine:
         op = item.variant.operation
         # A task already created (resumed) will be charged if it succeeds: count it.
         # One the vendor already said had succeeded was paid for in an earlier run.
-        if _has_live_task(rec) and rec is not None and rec.status != "ready":
+        if _collectable(rec) and rec is not None and rec.status != "ready":
             self._credits.claim(item.key, op.vendor, op.price)
         if rec is not None and rec.status in PAID_STATUSES:
             self._paid_before.add(item.key)
@@ -361,13 +365,17 @@ class Engine:
                         changes=json.dumps(changes) if changes else None,
                     )
                     try:
-                        # Shielded: once a submit is on the wire, Ctrl-C waits for its
-                        # answer (bounded by the request timeout) so a created task's id
-                        # reaches the journal instead of being paid for again.
+                        # The billable request itself is shielded by the provider (see
+                        # VendorClient._call): once it is on the wire, Ctrl-C waits for
+                        # its answer, bounded by the request timeout. Waiting for the
+                        # rate budget before it is not shielded, so Ctrl-C is prompt.
+                        # No checkpoint lies between that answer and this shield, so a
+                        # created task's id or a paid sync result always reaches the
+                        # journal instead of being paid for again.
+                        submitted = await provider.submit(
+                            op.name, payload, item.variant.params, files
+                        )
                         with anyio.CancelScope(shield=True):
-                            submitted = await provider.submit(
-                                op.name, payload, item.variant.params, files
-                            )
                             if submitted.task_id:
                                 await self.journal.update(
                                     item.key, status="submitted", task_id=submitted.task_id
@@ -700,13 +708,14 @@ class Engine:
 PAID_STATUSES = frozenset({"ready", "succeeded"})  # the vendor said the task succeeded
 
 
-def _has_live_task(rec: ItemRecord | None) -> bool:
-    """Whether the item has a task at the vendor still to be collected."""
-    return (
-        rec is not None
-        and rec.task_id is not None
-        and rec.status in {"submitted", "ready", "failed"}
-    )
+def _collectable(rec: ItemRecord | None) -> bool:
+    """Whether the item has a task at the vendor that a run will still collect
+    (the same rows as :meth:`Journal.live_tasks`)."""
+    if rec is None or rec.task_id is None:
+        return False
+    if rec.status in {"submitted", "ready"}:
+        return True
+    return rec.status == "failed" and rec.error_kind != "permanent"
 
 
 def _take(paths: Iterator[Path], n: int) -> list[Path]:

@@ -364,16 +364,18 @@ class Journal:
         )
         return ItemRecord(*rows[0]) if rows else None
 
-    async def live_tasks(self) -> dict[str, int]:
-        """Tasks created by earlier runs and not collected yet, per operation: the
-        vendor bills each one that succeeds, whichever run collects it."""
+    async def live_tasks(self) -> dict[str, tuple[int, int]]:
+        """Tasks created by earlier runs and not collected yet, per operation, as
+        ``(not yet known to have succeeded, ready)``. The vendor bills each one that
+        succeeds, whichever run collects it; ``ready`` ones are billed already."""
         rows = await self._read(
-            "SELECT operation, COUNT(*) FROM items WHERE task_id IS NOT NULL"
-            " AND (status = 'submitted' OR (status = 'failed' AND error_kind != 'permanent'))"
+            "SELECT operation, SUM(status != 'ready'), SUM(status = 'ready') FROM items"
+            " WHERE task_id IS NOT NULL AND (status IN ('submitted', 'ready')"
+            " OR (status = 'failed' AND error_kind != 'permanent'))"
             " GROUP BY operation",
             (),
         )
-        return {str(op): int(n) for op, n in rows}
+        return {str(op): (int(unpaid), int(ready)) for op, unpaid, ready in rows}
 
     async def see(
         self,

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import aiohttp
+import anyio
 
 from pipeline.config import ProviderConfig, TimeoutConfig
 from pipeline.errors import VendorError
@@ -85,9 +86,17 @@ class VendorClient:
             raise
 
     async def _call(self, kind: str, request: HttpRequest) -> HttpResponse:
+        """Wait for the rate budget, then send once.
+
+        A ``submit`` (the request that creates a billable task or runs a billable sync
+        job) is shielded from cancellation once the budget has let it go: its answer
+        (bounded by the request timeout) must reach the engine, which journals it in a
+        shielded scope entered with no checkpoint in between. The budget wait before it
+        stays cancellable, so Ctrl-C never waits out a rate limit.
+        """
         await self._acquire(kind)
         self._stats.count(self.vendor, kind)
-        return await send(
+        sending = send(
             self._session,
             request,
             join_url(self._config.base_url, request.target),
@@ -95,6 +104,11 @@ class VendorClient:
             client_timeout=api_timeout(self._timeouts),
             extra_headers={"Accept": "application/json", **self._auth_headers()},
         )
+        if kind != "submit":
+            return await sending
+        with anyio.CancelScope(shield=True):
+            response = await sending
+        return response
 
     async def poll(self, operation: str, task_id: str) -> TaskState:
         with self._scrubbed():

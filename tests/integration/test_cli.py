@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
+from pipeline.config import RateLimit
 from pipeline.emulator import RunningEmulator
 from tests.conftest import AILAB_KEY, PERFECTCORP_KEY, config_yaml
 
@@ -141,6 +142,18 @@ def _journal_task_ids(out: Path) -> int:
         conn.close()
 
 
+def _journal_statuses(out: Path) -> list[str]:
+    if not (out / "journal.sqlite").exists():
+        return []
+    conn = sqlite3.connect(out / "journal.sqlite")
+    try:
+        return [str(row[0]) for row in conn.execute("SELECT status FROM items")]
+    except sqlite3.OperationalError:  # the journal is still being created
+        return []
+    finally:
+        conn.close()
+
+
 def _journaled_inputs(out: Path) -> set[tuple[str, str]]:
     """(vendor, sha256 of the input) of every item with a journaled task id."""
     conn = sqlite3.connect(out / "journal.sqlite")
@@ -232,3 +245,36 @@ async def test_sigint_exits_130_and_rerun_completes(
     done = await _cli("run", str(manifest), "--config", str(cfg), "--quiet")
     assert done.returncode == 0
     assert max(emu.stats()["ailab"]["submits_by_input"].values()) == 1
+
+
+async def test_sigint_does_not_wait_out_the_rate_budget(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+    portraits: Callable[..., list[Path]],
+    write_manifest: Callable[..., Path],
+) -> None:
+    # One request per 10 minutes: every item after the first waits at the budget.
+    # Ctrl-C must end the run now (exit 130), not after the budget lets them go;
+    # only a request already on the wire is waited for.
+    emu = await emulator_factory()
+    portraits(4)
+    cfg = config_yaml(
+        emu.base_url, tmp_path / "config.yaml", rate_limit=RateLimit(requests=1, per_seconds=600)
+    )
+    manifest = write_manifest(
+        [{"op": "ailab/emotion-editor", "params": {"service_choice": "big_grin"}}], concurrency=4
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(manifest), "--config", str(cfg), "--quiet"],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    with anyio.fail_after(30):
+        while not _journal_statuses(out).count("succeeded"):
+            await anyio.sleep(0.02)
+    await anyio.sleep(0.3)  # the other three are now waiting at the budget
+    proc.send_signal(signal.SIGINT)
+    with anyio.fail_after(30):  # far below the 600 s the budget would hold them
+        assert await anyio.to_thread.run_sync(proc.wait) == 130
+    assert emu.stats()["ailab"]["submits"] == 1
+    assert sorted(_journal_statuses(out)) == ["submitting"] * 3 + ["succeeded"]
