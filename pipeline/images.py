@@ -506,8 +506,9 @@ def prepare_payload(path: Path, limits: ImageLimits, auto_fix: bool) -> Prepared
       JPEG/PNG as they are when accepted, else re-encodes as JPEG (PNG when the
       image has real transparency and PNG is accepted), shrinks it so each side
       fits, then lowers JPEG quality stepwise and finally scales down further until
-      the byte limit is met. EXIF orientation is applied *only* when re-encoding:
-      an image that passes as is is never touched.
+      the byte limit is met. An image within the limits but with an EXIF
+      orientation other than 1 is also re-encoded upright (at the best quality);
+      any other image within the limits is never touched.
 
     Never fixable: ``PREFLIGHT_TOO_SMALL`` (auto-fix never enlarges) and
     ``PREFLIGHT_UNREADABLE`` (not an image, damaged or truncated).
@@ -531,6 +532,12 @@ def prepare_payload(path: Path, limits: ImageLimits, auto_fix: bool) -> Prepared
             )
         if info.decodable:
             _verify_decodable(path, data)
+        if auto_fix and info.orientation != 1 and info.decodable:
+            # Whether the vendors honour the EXIF tag is undocumented; a face lying on
+            # its side may not be found. auto_fix opted in to changed pixels: send it
+            # upright.
+            out, fmt, changes = _auto_fix(path, data, info, limits)
+            return PreparedImage(_payload(path, out, fmt), info, changes, notes)
         return PreparedImage(_payload(path, data, fmt), info, [], notes)
     if not auto_fix or not all(p.fixable for p in problems) or not info.decodable:
         raise _refuse(path, problems, auto_fix)

@@ -109,6 +109,8 @@ FIXED: dict[str, dict[str, list[str]]] = {
         },
         SMILE: ["applied EXIF orientation 6", "resized 1200x4300 -> 1143x4096"],
     },
+    # Within every limit, but on its side: auto_fix sends it upright.
+    "rotated_ok.jpg": {op: ["applied EXIF orientation 8"] for op in OPS},
     **{
         f"pic.{ext}": {op: [f"re-encoded {fmt} as JPEG"] for op in OPS}
         for ext, fmt in (("webp", "WEBP"), ("bmp", "BMP"), ("gif", "GIF"), ("tiff", "TIFF"))
@@ -316,8 +318,8 @@ async def test_auto_fix_repairs_what_it_can_and_says_what_it_changed(
     assert Counter(stats["ailab"]["submits_by_input"]) == sent["ailab"]
     assert Counter(stats["perfectcorp"]["submits_by_input"]) == sent["perfectcorp"]
     assert stats["ailab"]["rejected"] == stats["perfectcorp"]["rejected"] == 0
-    # 4 formats x 4 ops, wide 4, rotated_big 4, edge 3, noisy 1.
-    assert fixed == 28
+    # 4 formats x 4 ops, wide 4, rotated_big 4, rotated_ok 4, edge 3, noisy 1.
+    assert fixed == 32
     assert report["auto_fixed"] == fixed
     failed = sum(len(ops) for ops in UNFIXABLE.values())
     assert report["counts"]["failed"] == failed

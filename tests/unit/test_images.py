@@ -239,11 +239,26 @@ def test_unsafe_filename_is_sanitised(tmp_path: Path) -> None:
     assert prepare_payload(path, EMOTION, auto_fix=False).payload.filename == "my_photo__.jpg"
 
 
-def test_orientation_is_not_applied_when_passing_through(tmp_path: Path) -> None:
+def test_orientation_is_not_applied_without_auto_fix(tmp_path: Path) -> None:
     path = save(tmp_path / "a.jpg", noise(300, 200), exif=exif_with_orientation(6))
-    prepared = prepare_payload(path, EMOTION, auto_fix=True)
+    prepared = prepare_payload(path, EMOTION, auto_fix=False)
     assert prepared.payload.data == path.read_bytes()
     assert prepared.changes == []
+
+
+def test_auto_fix_sends_an_in_limit_rotated_image_upright(tmp_path: Path) -> None:
+    path = save(tmp_path / "a.jpg", noise(300, 200), exif=exif_with_orientation(6))
+    prepared = prepare_payload(path, EMOTION, auto_fix=True)
+    assert prepared.changes == ["applied EXIF orientation 6"]
+    with Image.open(io.BytesIO(prepared.payload.data)) as sent:
+        assert sent.size == (200, 300)  # upright: the sides swapped
+        assert sent.getexif().get(0x0112, 1) == 1
+
+
+def test_auto_fix_leaves_an_upright_in_limit_image_alone(tmp_path: Path) -> None:
+    path = save(tmp_path / "a.jpg", noise(300, 200))
+    prepared = prepare_payload(path, EMOTION, auto_fix=True)
+    assert prepared.payload.data == path.read_bytes() and prepared.changes == []
 
 
 def test_mpo_is_sent_as_jpeg(tmp_path: Path) -> None:
