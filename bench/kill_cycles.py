@@ -46,7 +46,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from PIL import Image, ImageDraw
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.emulator.stats import request_fingerprint
+from tests.conftest import make_portrait
 
 ROOT = Path(__file__).resolve().parents[1]
 VENDORS = ("ailab", "perfectcorp")
@@ -98,36 +103,6 @@ VENDOR_OF = {spec[0]["op"]: spec[1] for spec in OPS.values()}
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def make_portrait(path: Path, seed: int, size: tuple[int, int] = (160, 200)) -> None:
-    """A small face-like picture; distinct bytes per seed."""
-    rng = random.Random(seed)
-    img = Image.new("RGB", size, (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
-    draw = ImageDraw.Draw(img)
-    w, h = size
-    skin = (220 - rng.randrange(80), 180 - rng.randrange(60), 150 - rng.randrange(50))
-    draw.ellipse((w * 0.25, h * 0.15, w * 0.75, h * 0.75), fill=skin)
-    draw.ellipse((w * 0.37, h * 0.35, w * 0.45, h * 0.42), fill=(30, 30, 30))
-    draw.ellipse((w * 0.55, h * 0.35, w * 0.63, h * 0.42), fill=(30, 30, 30))
-    draw.arc((w * 0.4, h * 0.5, w * 0.6, h * 0.62), 20, 160, fill=(120, 20, 20), width=2)
-    draw.point([(rng.randrange(w), rng.randrange(h)) for _ in range(60)], fill=(255, 255, 255))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG" if path.suffix == ".png" else "JPEG")
-
-
-def fingerprint(endpoint: str, params: dict[str, object], digests: list[str]) -> str:
-    """The emulator's request fingerprint (endpoint, params as text, file digests)."""
-    canonical = json.dumps(
-        {
-            "endpoint": endpoint,
-            "params": {k: str(v) for k, v in sorted(params.items())},
-            "files": digests,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    return sha256(canonical.encode())
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -465,7 +440,7 @@ def check(
         _, vendor, endpoint, params, with_template = OPS[short]
         files = [digests[r.input_path]] + ([template_digest] if with_template else [])
         items[r.key] = Item(
-            r.key, r.operation, vendor, files[0], fingerprint(endpoint, params, files)
+            r.key, r.operation, vendor, files[0], request_fingerprint(endpoint, params, files)
         )
     n_items = len(digests) * len(ops)
     if len(items) != n_items:

@@ -211,10 +211,6 @@ class RateBudget:
         self.waited_seconds = 0.0
         self.rate_limited_answers = 0
 
-    @property
-    def limited(self) -> bool:
-        return bool(self._windows)
-
     def pause(self, seconds: float) -> None:
         """Hold every request back for ``seconds`` from now."""
         self._paused_until = max(self._paused_until, self._clock() + max(0.0, seconds))

@@ -352,7 +352,7 @@ class Engine:
                     if not self._credits.holds(item.key):
                         refusal = self._credits.refuse(op.vendor, op.price, op.price_unit)
                         if refusal is not None:
-                            await self._stop_starting(refusal)
+                            self._stop_starting(refusal)
                             raise _ItemFailed(refusal)
                         self._credits.hold(item.key, op.vendor, op.price)
                     attempts += 1
@@ -400,7 +400,7 @@ class Engine:
                     except PermanentError as exc:
                         brake = self._note_rejection(exc)
                         if brake is not None:
-                            await self._stop_starting(brake)
+                            self._stop_starting(brake)
                         raise _ItemFailed(exc) from None
                     self._rejections.reset()
                     submitted_mono = time.monotonic()
@@ -646,7 +646,7 @@ class Engine:
             vendor=exc.vendor,
         )
 
-    async def _stop_starting(self, reason: FatalError) -> None:
+    def _stop_starting(self, reason: FatalError) -> None:
         """Start no more items; let those in flight finish; the run ends with exit 3."""
         if self.fatal is None:
             self.fatal = reason

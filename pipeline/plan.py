@@ -32,8 +32,7 @@ _BASE_REQUESTS = {"ailab": 1, "perfectcorp": 2}
 _EXPECTED_POLLS = 1.5
 
 
-def _problems_for(path_str: str, ops: list[OperationSpec], auto_fix: bool) -> list[str]:
-    path = Path(path_str)
+def _problems_for(path: Path, ops: list[OperationSpec], auto_fix: bool) -> list[str]:
     try:
         info = inspect_image(path)
     except PermanentError as exc:
@@ -53,14 +52,14 @@ def validate_job(manifest: Manifest, config: Config) -> int:
     bad = 0
     for path in iter_inputs(manifest.base_dir, manifest.inputs, manifest.output):
         total += 1
-        problems = _problems_for(str(path), ops, manifest.auto_fix)
+        problems = _problems_for(path, ops, manifest.auto_fix)
         if problems:
             bad += 1
             for line in problems:
                 print(line)
     for variant in manifest.variants:
         for name, path in variant.files.items():
-            for line in _problems_for(str(path), [variant.operation], manifest.auto_fix):
+            for line in _problems_for(path, [variant.operation], manifest.auto_fix):
                 print(f"{line} ({name})")
     if not manifest.emulator:
         for vendor in vendors_of(manifest):

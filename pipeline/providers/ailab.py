@@ -50,6 +50,7 @@ from pipeline.providers.http import (
     HttpRequest,
     HttpResponse,
     TextPart,
+    as_float,
     body_excerpt,
     clip,
     decode_base64_image,
@@ -215,19 +216,6 @@ def _as_int(value: object) -> int | None:
     if isinstance(value, str):
         try:
             return int(value.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _as_float(value: object) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
         except ValueError:
             return None
     return None
@@ -477,7 +465,7 @@ def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> Credi
         raise _malformed("credits response: data is not an array of pools", status, rid)
     pools: dict[str, float] = {}
     for i, pool in enumerate(data):
-        balance = _as_float(pool.get("balance")) if isinstance(pool, dict) else None
+        balance = as_float(pool.get("balance")) if isinstance(pool, dict) else None
         if balance is None:
             raise _malformed(f"credits response: pool {i} has no numeric balance", status, rid)
         assert isinstance(pool, dict)

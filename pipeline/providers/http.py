@@ -52,6 +52,7 @@ __all__ = [
     "HttpResponse",
     "TextPart",
     "api_timeout",
+    "as_float",
     "body_excerpt",
     "clip",
     "decode_base64_image",
@@ -144,6 +145,21 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def as_float(value: object) -> float | None:
+    """A JSON number or numeric string as a float; ``None`` for anything else
+    (booleans included: ``true`` is not a balance)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:

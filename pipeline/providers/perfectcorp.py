@@ -57,6 +57,7 @@ from pipeline.providers.http import (
     HttpRequest,
     HttpResponse,
     api_timeout,
+    as_float,
     body_excerpt,
     clip,
     header,
@@ -197,19 +198,6 @@ def _as_int(value: object) -> int | None:
     if isinstance(value, str):
         try:
             return int(value.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _as_float(value: object) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
         except ValueError:
             return None
     return None
@@ -373,7 +361,7 @@ def _result_url(data: Mapping[str, Any]) -> str | None:
 
 def _poll_after(data: Mapping[str, Any]) -> float | None:
     # Q9: data.polling_interval, if present, is in milliseconds (V1 semantics).
-    ms = _as_float(data.get("polling_interval"))
+    ms = as_float(data.get("polling_interval"))
     if ms is None or not ms > 0 or ms == float("inf"):
         return None
     return ms / 1000.0
@@ -461,9 +449,9 @@ def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> Credi
         kind = _text(entry.get("type"))
         if not kind.startswith("Api"):
             continue
-        amount = _as_float(entry.get("amount_dec"))
+        amount = as_float(entry.get("amount_dec"))
         if amount is None:
-            amount = _as_float(entry.get("amount"))
+            amount = as_float(entry.get("amount"))
         if amount is None:
             raise _malformed(f"credit entry of type {kind} has no amount_dec", status, rid)
         pools[kind] = pools.get(kind, 0.0) + amount

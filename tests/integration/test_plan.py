@@ -126,3 +126,20 @@ async def test_dry_run_keys_items_by_content_like_the_run(
     make_portrait(paths[0], seed=500)
     done = await _cli("run", str(manifest), "--config", str(cfg), "--dry-run")
     assert "3 item(s), 2 already done, 1 to send" in done.stdout.decode(), done.stdout
+
+
+async def test_dry_run_reports_a_refused_balance_query_without_the_key(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+    portraits: Callable[..., list[Path]],
+    write_manifest: Callable[..., Path],
+) -> None:
+    emu: RunningEmulator = await emulator_factory(ailab_api_keys=["some-other-key"])
+    portraits(1)
+    cfg = config_yaml(emu.base_url, tmp_path / "config.yaml")
+    done = await _cli("run", str(write_manifest()), "--config", str(cfg), "--dry-run")
+    out = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0, out
+    assert "ailab balance: could not ask: ailab ERROR_USER_NOT_EXISTS" in out
+    assert "perfectcorp balance: 100,000 units; enough" in out
+    assert AILAB_KEY not in out
