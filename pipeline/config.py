@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError
 __all__ = [
     "DEFAULT_CONFIG_NAME",
     "Config",
+    "NetworkConfig",
     "ProviderConfig",
     "RateLimit",
     "RetryConfig",
@@ -52,6 +53,13 @@ class ProviderConfig(_Frozen):
     rate_limit: RateLimit | None = None
     # Perfect Corp: the upload path; the feature path is the documented one (§2.2, Q11).
     upload_path: str | None = None
+    # A task still running this long after its submit fails as TASK_DEADLINE, task id
+    # kept, so a rerun resumes polling it (docs/vendors.md "Task lifetimes").
+    task_deadline_seconds: PositiveFloat = 900.0
+    # Longest gap allowed between two polls of a running task; None: no window.
+    # Perfect Corp expires a task not polled in time and still charges it
+    # (docs/vendors.md "Perfect Corp polling window"); its docs give no number.
+    polling_window_seconds: PositiveFloat | None = None
 
 
 class RetryConfig(_Frozen):
@@ -60,6 +68,8 @@ class RetryConfig(_Frozen):
     # vendor-protocols.md §1.8 [R]: N items in a row rejected with the same 400/415
     # code is a client bug, not bad inputs: stop the run (exit 3). 0 turns it off.
     stop_after_identical_rejections: int = Field(default=10, ge=0)
+    # A vendor's Retry-After is honoured up to this many seconds, never longer.
+    retry_after_max_seconds: float = Field(default=300.0, ge=0)
 
 
 class TimeoutConfig(_Frozen):
@@ -67,6 +77,19 @@ class TimeoutConfig(_Frozen):
     request_seconds: PositiveFloat = 120.0
     # §1.7 [R]: storage downloads sometimes stall; 20 s per try.
     download_seconds: PositiveFloat = 20.0
+
+
+class NetworkConfig(_Frozen):
+    """Where results may be fetched from, and how much any answer may weigh."""
+
+    # Result URLs on loopback/private hosts are refused except the exact origin of the
+    # provider's base_url and these "host:port" entries (link-local: always refused).
+    allow_result_hosts: tuple[str, ...] = ()
+    # Caps on what a vendor can make us hold: an API answer (JSON, with a base64
+    # result inside for sync operations), a downloaded result, a result's pixels.
+    max_response_bytes: PositiveInt = 32 * 1024 * 1024
+    max_download_bytes: PositiveInt = 64 * 1024 * 1024
+    max_result_pixels: PositiveInt = 50_000_000
 
 
 def _default_providers() -> dict[VendorName, ProviderConfig]:
@@ -82,6 +105,8 @@ def _default_providers() -> dict[VendorName, ProviderConfig]:
             poll_interval_seconds=5.0,
             # vendor-protocols.md §2.6: 250 requests / 300 s and 5 QPS per key.
             rate_limit=RateLimit(requests=250, per_seconds=300, qps=5),
+            polling_window_seconds=10.0,
+            task_deadline_seconds=600.0,
         ),
     }
 
@@ -90,6 +115,7 @@ class Config(_Frozen):
     providers: dict[VendorName, ProviderConfig] = Field(default_factory=_default_providers)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
     source: str = "built-in defaults"
 
     def provider(self, vendor: str) -> ProviderConfig:

@@ -11,10 +11,15 @@ Every error knows what it means for the run::
     └── VendorError                    a vendor (or the network to it) said no
         ├── RetryableError             kind="retryable": back off and try again
         │   ├── RateLimitedError       429 / flow restriction; does not use up an attempt
-        │   └── TransportError         connection reset, timeout, non-JSON 5xx
+        │   ├── TransportError         connection reset, timeout, non-JSON 5xx
+        │   │                          (``maybe_sent``: the request may have reached the vendor)
+        │   └── StoreError             a paid result could not be written locally
         ├── PermanentError             kind="permanent": this item fails, the run goes on
-        │   └── ResultLostError        paid for, but the result URL expired
+        │   ├── ResultLostError        paid for, but the result can no longer be fetched
+        │   ├── ResultNotImageError    paid for, but what came back is not an acceptable image
+        │   └── InputProblem           the input itself can't be used (not a file, unreadable)
         └── FatalError                 kind="fatal": stop the run cleanly (exit 3)
+            └── DiskFullError          ENOSPC: nothing more can be stored (DISK_FULL)
 
 ``VendorError`` carries the vendor, the vendor's code string, the HTTP status and
 the request id so reports can group by code. Messages never contain API keys:
@@ -29,8 +34,10 @@ ErrorKind = Literal["retryable", "permanent", "fatal"]
 
 __all__ = [
     "ConfigError",
+    "DiskFullError",
     "ErrorKind",
     "FatalError",
+    "InputProblem",
     "JournalError",
     "LockHeldError",
     "ManifestError",
@@ -38,7 +45,9 @@ __all__ = [
     "PipelineError",
     "RateLimitedError",
     "ResultLostError",
+    "ResultNotImageError",
     "RetryableError",
+    "StoreError",
     "TransportError",
     "UsageError",
     "VendorError",
@@ -122,7 +131,22 @@ class RateLimitedError(RetryableError):
 
 
 class TransportError(RetryableError, ConnectionError):
-    """The network failed: connection dropped, timeout, unreadable 5xx body."""
+    """The network failed: connection dropped, timeout, unreadable 5xx body.
+
+    ``maybe_sent`` is true when the request body may have reached the vendor (a read
+    timeout, a connection lost after sending): a billable submit with that outcome
+    may have been charged, so the lifecycle resends it at most once. It is false when
+    the request certainly never left (connection refused, DNS, TLS, connect timeout).
+    """
+
+    def __init__(self, message: str, *, maybe_sent: bool = True, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.maybe_sent = maybe_sent
+
+
+class StoreError(RetryableError):
+    """A paid result could not be written to the output folder (our side, not the
+    vendor's): the journal keeps it as paid so a rerun stores it, never resubmits."""
 
 
 class PermanentError(VendorError):
@@ -135,11 +159,32 @@ class ResultLostError(PermanentError):
     """The task succeeded (and was billed) but its result can no longer be fetched."""
 
 
+class ResultNotImageError(PermanentError):
+    """The vendor billed a result that is not an acceptable image (HTML, text, empty,
+    truncated, a decompression bomb, too large). Never resubmitted on its own."""
+
+    def __init__(self, message: str, **kw: object) -> None:
+        kw.setdefault("code", "RESULT_NOT_IMAGE")
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
+class InputProblem(PermanentError):
+    """The input can't be used as given (a FIFO, a broken symlink, unreadable...)."""
+
+
 class FatalError(VendorError):
     """Nothing more can succeed in this run: bad key, no credits, retired API."""
 
     kind: ErrorKind = "fatal"
     exit_code = 3
+
+
+class DiskFullError(FatalError):
+    """The disk is full (ENOSPC): the run stops; what was paid stays in the journal."""
+
+    def __init__(self, message: str, **kw: object) -> None:
+        kw.setdefault("code", "DISK_FULL")
+        super().__init__(message, **kw)  # type: ignore[arg-type]
 
 
 def error_for_kind(kind: ErrorKind) -> type[VendorError]:
