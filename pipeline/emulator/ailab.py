@@ -238,6 +238,7 @@ class _Task:
     created: float
     completes_at: float
     fails: bool
+    input_digest: str = ""  # sha256 of the first image's bytes: what a charge is booked to
     settled: bool = False
     link: Link | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -313,9 +314,8 @@ class AilabAPI(VendorAPI):
             raise error(429, "ERROR_NOT_ENOUGH_CREDITS", "Not enough credits, please recharge.")
         return hold
 
-    def _charge(self, key: str, hold: Hold) -> None:
-        self.stats.credits_spent += self._ledger(key).debit(hold)
-        self.stats.charged += 1
+    def _charge(self, key: str, hold: Hold, input_digest: str) -> None:
+        self.stats.count_charge(self._ledger(key).debit(hold), input_digest)
 
     def settle_due(self) -> None:
         """Bill tasks that reached their end (success debits; failure releases the hold)."""
@@ -329,7 +329,7 @@ class AilabAPI(VendorAPI):
                 self._ledger(task.key).release(task.hold)
                 self.stats.task_failures += 1
             else:
-                self._charge(task.key, task.hold)
+                self._charge(task.key, task.hold, task.input_digest)
 
     async def _image(self, parts: dict[str, _Part], name: str, limits: _Limits) -> bytes:
         """The bytes of image field ``name``, checked as §1.8 [R] Emulator says."""
@@ -383,7 +383,9 @@ class AilabAPI(VendorAPI):
             status, message = _PERMANENT[code]
             raise error(status, code, message)
 
-    async def _sync(self, key: str, hold: Hold, render: Callable[[], bytes]) -> bytes:
+    async def _sync(
+        self, key: str, hold: Hold, render: Callable[[], bytes], input_digest: str
+    ) -> bytes:
         """Run a sync job: at least ``sync_seconds``; debit on success, release otherwise."""
         try:
             _, result = await asyncio.gather(
@@ -395,11 +397,17 @@ class AilabAPI(VendorAPI):
         except BaseException:
             self._ledger(key).release(hold)
             raise
-        self._charge(key, hold)
+        self._charge(key, hold, input_digest)
         return result
 
     async def _start_task(
-        self, key: str, api: _Api, params: dict[str, int], inputs: list[bytes], hold: Hold
+        self,
+        key: str,
+        api: _Api,
+        params: dict[str, int],
+        inputs: list[bytes],
+        hold: Hold,
+        input_digest: str,
     ) -> _Task:
         now = self.shared.clock()
         task = _Task(
@@ -412,6 +420,7 @@ class AilabAPI(VendorAPI):
             created=now,
             completes_at=now + self.scenario.task_seconds,
             fails=self.shared.faults.chance(self.scenario.task_failure_rate),
+            input_digest=input_digest,
         )
         self.tasks[task.id] = task
         heapq.heappush(self._due, (task.completes_at, next(self._seq), task.id))
@@ -441,7 +450,7 @@ class AilabAPI(VendorAPI):
         self._refuse_faceless(image_digest)
         hold = self._hold(key, EMOTION)
         self._count(EMOTION, {"service_choice": choice}, [image_digest])
-        result = await self._sync(key, hold, lambda: render_emotion(image, choice))
+        result = await self._sync(key, hold, lambda: render_emotion(image, choice), image_digest)
         return self.lose_response(request) or envelope(
             data={"image": base64.b64encode(result).decode("ascii")}
         )
@@ -457,7 +466,7 @@ class AilabAPI(VendorAPI):
         digests = [digest(target), digest(template)]
         self._refuse_faceless(digests[0])
         hold = self._hold(key, FACE_SWAP)
-        task = await self._start_task(key, FACE_SWAP, {}, [target, template], hold)
+        task = await self._start_task(key, FACE_SWAP, {}, [target, template], hold, digests[0])
         self._count(FACE_SWAP, {}, digests)
         return self.lose_response(request) or envelope(task_type="async", task_id=task.id)
 
@@ -494,11 +503,11 @@ class AilabAPI(VendorAPI):
         hold = self._hold(key, BEAUTY)
         self._count(BEAUTY, {**params, "task_type": task_type}, [image_digest])
         if task_type == "sync":
-            result = await self._sync(key, hold, lambda: render_beauty(image, params))
+            result = await self._sync(key, hold, lambda: render_beauty(image, params), image_digest)
             return self.lose_response(request) or envelope(
                 task_type="sync", result=base64.b64encode(result).decode("ascii")
             )
-        task = await self._start_task(key, BEAUTY, params, [image], hold)
+        task = await self._start_task(key, BEAUTY, params, [image], hold, image_digest)
         return self.lose_response(request) or envelope(task_type="async", task_id=task.id)
 
     async def poll(self, request: web.Request, key: str) -> web.StreamResponse:

@@ -162,6 +162,7 @@ class _Task:
     created: float
     completes_at: float
     last_polled: float
+    input_digest: str = ""  # sha256 of the source (or its URL): a charge is booked to it
     terminal_seen: bool = False
     settled: bool = False
     gone: bool = False  # expired unpolled or deleted: InvalidTaskId from now on
@@ -262,8 +263,7 @@ class PerfectCorpAPI(VendorAPI):
             if task.last_polled + window < task.completes_at:  # lapsed while running
                 ledger.release(task.hold)
             elif task.outcome == "success":
-                self.stats.credits_spent += ledger.debit(task.hold)
-                self.stats.charged += 1
+                self.stats.count_charge(ledger.debit(task.hold), task.input_digest)
                 self._record_charge(task, ledger)
             else:
                 ledger.release(task.hold)
@@ -288,13 +288,9 @@ class PerfectCorpAPI(VendorAPI):
             raise error(
                 400, "Invalid task ID", "InvalidTaskId", reason="unknown, deleted or expired task"
             )
-        now = self.shared.clock()
-        if (
-            not task.terminal_seen
-            and now - task.last_polled > self.scenario.unpolled_window_seconds
-        ):
+        if self._lapsed(task, self.shared.clock()):
             # §2.4 polling window: left unpolled too long, the task is gone.
-            task.gone = True
+            self._expire(task)
             raise error(
                 400,
                 "Invalid task ID",
@@ -302,6 +298,30 @@ class PerfectCorpAPI(VendorAPI):
                 reason="task left unpolled past the polling window",
             )
         return task
+
+    def _lapsed(self, task: _Task, now: float) -> bool:
+        """Left unpolled past the window before its result was seen (§2.4)."""
+        return (
+            not task.terminal_seen
+            and not task.gone
+            and now - task.last_polled > self.scenario.unpolled_window_seconds
+        )
+
+    def _expire(self, task: _Task) -> None:
+        task.gone = True
+        self.stats.expired += 1
+
+    def expire_lapsed(self) -> None:
+        """Mark every task the window has already claimed as gone (and count it).
+
+        The same rule a poll applies, applied to all tasks at once so ``expired`` in
+        the stats is exact even for tasks nobody polls again. It changes no outcome:
+        a lapsed task stays lapsed until a poll, which would find it gone anyway.
+        """
+        now = self.shared.clock()
+        for task in self.tasks.values():
+            if self._lapsed(task, now):
+                self._expire(task)
 
     # --- handlers -------------------------------------------------------------------
 
@@ -406,6 +426,7 @@ class PerfectCorpAPI(VendorAPI):
             created=now,
             completes_at=now + self.scenario.task_seconds,
             last_polled=now,
+            input_digest=input_digest,
         )
         self.tasks[task.id] = task
         heapq.heappush(self._due, (task.completes_at, next(self._seq), task.id))

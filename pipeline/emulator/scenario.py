@@ -12,6 +12,7 @@ tasks, no faults, no rate limit, plenty of credits::
     disconnect_rate: 0.0        # share of API requests whose connection drops unanswered
     rate_limit: {requests: 250, per_seconds: 300, qps: 5}   # per key and per IP, per vendor
     result_url_ttl_seconds: 7200
+    unpolled_window_seconds: 600   # Perfect Corp: a task left unpolled this long expires
     seed: 1
 
 Unknown knobs, wrong types and out-of-range values are :class:`ConfigError` with one

@@ -63,6 +63,7 @@ class EmulatorState:
         """Current counters of both vendors (tasks due by now are settled first)."""
         self.ailab.settle_due()
         self.perfectcorp.settle_due()
+        self.perfectcorp.expire_lapsed()
         return {
             "ailab": self.ailab.stats.as_dict(),
             "perfectcorp": self.perfectcorp.stats.as_dict(),

@@ -30,8 +30,13 @@ class VendorStats:
     - ``rate_limited``: of those, refused by the rate limit.
     - ``transient_errors``, ``disconnects``, ``lost_responses``: injected faults.
     - ``task_failures``: tasks that ended failed (never billed).
+    - ``expired``: Perfect Corp tasks lost to the polling window (left unpolled longer than
+      ``unpolled_window_seconds`` before their result was seen; InvalidTaskId from then
+      on). Counted when the next poll finds them gone, or when the stats are read.
     - ``submits_by_input``: sha256 of the input image bytes -> submits.
     - ``submits_by_request``: sha256 of (endpoint, params, every file's sha256) -> submits.
+    - ``charged_by_input``: sha256 of the input image bytes -> billed successes (with
+      ``submits_by_input``, what a grader counts as "paid twice for one image").
     """
 
     requests: int = 0
@@ -48,14 +53,22 @@ class VendorStats:
     disconnects: int = 0
     lost_responses: int = 0
     task_failures: int = 0
+    expired: int = 0
     submits_by_input: Counter[str] = field(default_factory=Counter)
     submits_by_request: Counter[str] = field(default_factory=Counter)
+    charged_by_input: Counter[str] = field(default_factory=Counter)
 
     def count_submit(self, input_digest: str, request_digest: str) -> None:
         """Record one submit that created a task or ran a sync job."""
         self.submits += 1
         self.submits_by_input[input_digest] += 1
         self.submits_by_request[request_digest] += 1
+
+    def count_charge(self, amount: float, input_digest: str) -> None:
+        """Record one billed success of ``amount`` for the input with sha256 ``input_digest``."""
+        self.charged += 1
+        self.credits_spent += amount
+        self.charged_by_input[input_digest] += 1
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON-ready counters."""

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 COUNTERS = {
     "requests", "submits", "polls", "uploads", "puts", "downloads", "charged", "credits_spent",
     "rejected", "rate_limited", "transient_errors", "disconnects", "lost_responses",
-    "task_failures", "submits_by_input", "submits_by_request",
+    "task_failures", "expired", "submits_by_input", "submits_by_request", "charged_by_input",
 }  # fmt: skip
 
 
