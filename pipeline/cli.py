@@ -59,7 +59,37 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="rebuild report.json and results.jsonl from the journal")
     report.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
+    _add_export_parser(sub)
     return parser
+
+
+def _add_export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    export = sub.add_parser(
+        "export",
+        help="the results, with their inputs and readable labels, as a dataset",
+        description="Export the done items of OUTPUT_DIR (read from its results.jsonl) as "
+        "a dataset: 'imagefolder' loads with datasets.load_dataset('imagefolder', "
+        "data_dir=DIR) as before/after pairs with label columns; 'webdataset' writes tar "
+        "shards. Failed and duplicate items are left out and counted.",
+    )
+    export.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
+    export.add_argument(
+        "--format", required=True, choices=["imagefolder", "webdataset"], dest="export_format"
+    )
+    export.add_argument("--to", required=True, type=Path, metavar="DIR", help="an empty folder")
+    export.add_argument(
+        "--force", action="store_true", help="write into a non-empty DIR, replacing same names"
+    )
+    export.add_argument(
+        "--link",
+        action="store_true",
+        help="imagefolder: hard-link files instead of copying them (fast, no extra space). "
+        "A linked file IS the paid result: editing it in DIR edits it in OUTPUT_DIR too. "
+        "Copies (and says so) when DIR is on another filesystem",
+    )
+    export.add_argument(
+        "--shard-size", type=int, default=1000, metavar="N", help="webdataset: samples per shard"
+    )
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
@@ -82,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_validate(args)
         if args.command == "emulate":
             return _cmd_emulate(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_report(args)
     except PipelineError as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)
@@ -152,4 +184,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
         f"{output_dir}: {counts['succeeded']} succeeded, {counts['failed']} failed, "
         f"{counts['skipped']} skipped of {counts['total']}; wrote report.json and results.jsonl"
     )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_dataset
+
+    summary = export_dataset(
+        args.output_dir,
+        args.export_format,
+        args.to,
+        force=args.force,
+        link=args.link,
+        shard_size=args.shard_size,
+    )
+    print(summary.line())
     return 0
