@@ -5,9 +5,17 @@ round of retries for nothing, so each input is checked here first against the
 operation's :class:`~pipeline.operations.ImageLimits` (format, bytes, pixel
 dimensions; transcribed from vendor-protocols.md §1.2-§1.4 and §2.5).
 
-* :func:`inspect_image` reads only the header (Pillow's lazy ``Image.open``) and
-  ``stat``; it also recognises HEIC by its ``ftyp`` brand when Pillow has no HEIF
-  plugin.
+* Every input is checked by ``stat`` before it is opened
+  (:func:`pipeline.inputs.open_input`): a FIFO, socket, device or folder is never
+  opened (``INPUT_NOT_A_FILE``), and a file larger than the pipeline reads for an
+  operation (:func:`max_input_bytes`) is refused unread (``INPUT_TOO_LARGE``).
+* :func:`inspect_image` reads the header (Pillow's lazy ``Image.open``) and checks
+  that the pixels decode; it also recognises HEIC by its ``ftyp`` brand when Pillow
+  has no HEIF plugin.
+* HEIC/HEIF: when ``pillow-heif`` is installed (the ``heif`` extra), its opener is
+  registered on import of this module, so HEIC inputs are decoded, checked and
+  (with ``auto_fix``) converted like any other format. Without it, a HEIC file is
+  recognised by its brand and sent untouched where it is accepted (ai-smile).
 * :func:`check_limits` lists what is wrong, one short sentence per problem.
 * :func:`prepare_payload` returns the bytes to send, named with the extension of
   their *true* format (a PNG called ``.jpg`` is sent as ``.png``, §1.1), or raises
@@ -32,14 +40,33 @@ from typing import IO
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import PermanentError
+from pipeline.inputs import (
+    display_path,
+    open_input,
+    problem_for_os_error,
+    stat_input,
+    too_large_problem,
+)
 from pipeline.operations import MB, ImageLimits
 from pipeline.providers.base import ImagePayload
 
+try:  # the optional "heif" extra
+    import pillow_heif
+except ImportError:  # pragma: no cover - depends on the environment
+    HEIF_DECODER = False
+else:
+    pillow_heif.register_heif_opener()
+    HEIF_DECODER = True
+
 __all__ = [
+    "AUTO_FIX_MIN_READ_BYTES",
+    "AUTO_FIX_READ_FACTOR",
+    "HEIF_DECODER",
     "ImageInfo",
     "PreparedImage",
     "check_limits",
     "inspect_image",
+    "max_input_bytes",
     "prepare_payload",
     "sniff_image_format",
 ]
@@ -69,6 +96,13 @@ _EXTENSIONS = {
 # ISO-BMFF brands of HEIC/HEIF still images (bytes 4..12 are "ftyp" + major brand).
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"})
 _HEAD_BYTES = 256 * 1024  # HEIF metadata ("meta"/"ispe") sits at the start of the file
+
+# The most auto_fix reads of one input: 10 x the operation's byte limit, and at least
+# 100 MB (a 50-megapixel PNG export). Beyond that nothing is read: a 1.5 GB file is a
+# mistake (a video, a disk image), not a photo to shrink. Without auto_fix nothing
+# over the limit itself is read whole (only its header, to say what else is wrong).
+AUTO_FIX_READ_FACTOR = 10
+AUTO_FIX_MIN_READ_BYTES = 100 * MB
 
 # Auto-fix re-compression: first try, then lower quality stepwise, then shrink.
 _JPEG_QUALITIES = (95, 90, 85, 80, 75, 70, 65, 60)
@@ -206,11 +240,18 @@ def _orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _cannot_read(path: Path, exc: OSError) -> PermanentError:
-    return PermanentError(
-        f"{path}: cannot read the file ({exc.strerror or exc}); check that it exists "
-        f"and is readable",
-        code="PREFLIGHT_UNREADABLE",
+def max_input_bytes(limits: ImageLimits) -> int:
+    """The largest input :func:`prepare_payload` reads for an operation with ``limits``
+    (with ``auto_fix``; without it, nothing over ``limits.max_bytes`` is read whole).
+    Larger inputs fail with ``INPUT_TOO_LARGE`` before they are opened."""
+    return max(AUTO_FIX_READ_FACTOR * limits.max_bytes, AUTO_FIX_MIN_READ_BYTES)
+
+
+def _cap_reason(limits: ImageLimits) -> str:
+    whose = limits.label or "this operation"
+    return (
+        f"{AUTO_FIX_READ_FACTOR} x the {_limit_text(limits.max_bytes)} limit of {whose}, "
+        f"at least {_limit_text(AUTO_FIX_MIN_READ_BYTES)}"
     )
 
 
@@ -241,6 +282,9 @@ def _inspect(path: Path, size: int, open_fp: Callable[[], IO[bytes]]) -> ImageIn
             head = fp.read(_HEAD_BYTES)
     except OSError as exc:
         return ImageInfo(path=path, size_bytes=size, format=None, error=str(exc))
+    if _heif_brand(head) and HEIF_DECODER:
+        # The decoder is there and could not open it: a damaged or truncated HEIC.
+        return ImageInfo(path=path, size_bytes=size, format=None, error=f"damaged HEIC ({error})")
     if _heif_brand(head):
         dims = _heif_dimensions(head)
         return ImageInfo(
@@ -255,7 +299,14 @@ def _inspect(path: Path, size: int, open_fp: Callable[[], IO[bytes]]) -> ImageIn
     return ImageInfo(path=path, size_bytes=size, format=None, error=error)
 
 
-def inspect_image(path: Path) -> ImageInfo:
+def _opener(path: Path, cap: int | None = None, why: str = "") -> Callable[[], IO[bytes]]:
+    def opener() -> IO[bytes]:
+        return open_input(path, cap, why=why)[0]
+
+    return opener
+
+
+def inspect_image(path: Path, *, max_bytes: int | None = None) -> ImageInfo:
     """Format, size, bytes and EXIF orientation of ``path``, and whether it decodes.
 
     The header gives format, size and orientation; then the pixels are decoded as
@@ -264,26 +315,22 @@ def inspect_image(path: Path) -> ImageInfo:
     only when a run reaches it: ``pipeline validate`` and ``pipeline run`` agree.
 
     Never raises for a bad image (``format`` is ``None`` and ``error`` says why, or
-    ``damaged`` says why the pixels don't decode); raises :class:`PermanentError`
-    (``PREFLIGHT_UNREADABLE``) only if the file itself can't be read (gone, no
-    permission).
+    ``damaged`` says why the pixels don't decode); raises
+    :class:`~pipeline.errors.InputProblem` (a :class:`PermanentError` with an
+    ``INPUT_*`` code, see :func:`pipeline.inputs.stat_input`) if the file itself
+    can't be used: not a regular file (never opened), gone, unreadable, or larger
+    than ``max_bytes`` (``INPUT_TOO_LARGE``, checked by ``stat`` before opening).
+    The file is streamed, never read whole.
     """
-    try:
-        size = os.stat(path).st_size
-    except OSError as exc:
-        raise _cannot_read(path, exc) from None
-
-    def opener() -> IO[bytes]:
-        return path.open("rb")
-
+    size = stat_input(path).st_size
+    if max_bytes is not None and size > max_bytes:
+        raise too_large_problem(path, size, max_bytes, "the most any of its operations reads")
+    opener = _opener(path, max_bytes)
     info = _inspect(path, size, opener)
     if info.format is None or not info.decodable:
         return info
-    try:
-        with open(path, "rb") as fp:
-            damaged = _decode_error(fp)
-    except OSError as exc:
-        raise _cannot_read(path, exc) from None
+    with opener() as fp:
+        damaged = _decode_error(fp)
     return replace(info, damaged=damaged) if damaged else info
 
 
@@ -436,7 +483,7 @@ def _payload(path: Path, data: bytes, fmt: str) -> ImagePayload:
 
 def _unreadable(path: Path, detail: str) -> PermanentError:
     return PermanentError(
-        f"{path}: cannot be decoded as an image ({detail}); the file is damaged, "
+        f"{display_path(path)}: cannot be decoded as an image ({detail}); the file is damaged, "
         f"truncated or not an image: re-export it or remove it from the inputs",
         code="PREFLIGHT_UNREADABLE",
     )
@@ -482,14 +529,14 @@ def _refuse(path: Path, problems: list[_Problem], auto_fix: bool) -> PermanentEr
             advice = "use a larger image (auto_fix never enlarges images)"
         else:
             advice = "convert it to JPEG or PNG, or remove it from the inputs"
-        return PermanentError(f"{path}: {text}; {advice}", code=first.code)
+        return PermanentError(f"{display_path(path)}: {text}; {advice}", code=first.code)
     advice = (
         "set auto_fix: true in the manifest to convert/shrink it automatically, "
         "or fix the file yourself"
     )
     if auto_fix:  # only reached for HEIC we cannot decode
         advice = "install pillow-heif so auto_fix can convert HEIC, or convert it to JPEG"
-    return PermanentError(f"{path}: {text}; {advice}", code=problems[0].code)
+    return PermanentError(f"{display_path(path)}: {text}; {advice}", code=problems[0].code)
 
 
 def prepare_payload(path: Path, limits: ImageLimits, auto_fix: bool) -> PreparedImage:
@@ -512,11 +559,24 @@ def prepare_payload(path: Path, limits: ImageLimits, auto_fix: bool) -> Prepared
 
     Never fixable: ``PREFLIGHT_TOO_SMALL`` (auto-fix never enlarges) and
     ``PREFLIGHT_UNREADABLE`` (not an image, damaged or truncated).
+
+    The file is checked by ``stat`` before it is read
+    (:class:`~pipeline.errors.InputProblem`, ``INPUT_*`` codes): nothing that is not
+    a regular file is opened, a file over :func:`max_input_bytes` is refused
+    unopened (``INPUT_TOO_LARGE``), and without ``auto_fix`` a file over the byte
+    limit is refused after reading only its header.
     """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise _cannot_read(path, exc) from None
+    size = stat_input(path).st_size
+    cap = max_input_bytes(limits)
+    if size > cap:
+        raise too_large_problem(path, size, cap, _cap_reason(limits))
+    if not auto_fix and not _bytes_ok(size, limits):
+        # Refused whatever else it is: say everything that is wrong, from the header.
+        header = _inspect(path, size, _opener(path, cap, _cap_reason(limits)))
+        if header.format is None:
+            raise _unreadable(path, header.error or "unknown format")
+        raise _refuse(path, _problems(header, limits), auto_fix)
+    data = _read_bounded(path, cap, _cap_reason(limits))
     info = _inspect(path, len(data), lambda: io.BytesIO(data))
     if info.format is None:
         raise _unreadable(path, info.error or "unknown format")
@@ -526,7 +586,7 @@ def prepare_payload(path: Path, limits: ImageLimits, auto_fix: bool) -> Prepared
         fmt = info.wire_format
         if fmt not in _WIRE:  # a limits table naming a format we can't label
             raise PermanentError(
-                f"{path}: {fmt} has no known file extension/Content-Type to send it with; "
+                f"{display_path(path)}: {fmt} has no known file extension/Content-Type to send it with; "
                 f"convert it to JPEG or PNG",
                 code="PREFLIGHT_FORMAT",
             )
@@ -543,6 +603,19 @@ def prepare_payload(path: Path, limits: ImageLimits, auto_fix: bool) -> Prepared
         raise _refuse(path, problems, auto_fix)
     out, fmt, changes = _auto_fix(path, data, info, limits)
     return PreparedImage(_payload(path, out, fmt), info, changes, notes)
+
+
+def _read_bounded(path: Path, cap: int, why: str) -> bytes:
+    """The bytes of ``path``, refusing (``INPUT_TOO_LARGE``) past ``cap`` even if the
+    file grew after its ``stat``."""
+    with open_input(path, cap, why=why)[0] as fp:
+        try:
+            data = fp.read(cap + 1)
+        except OSError as exc:
+            raise problem_for_os_error(os.fspath(path), exc) from None
+    if len(data) > cap:
+        raise too_large_problem(path, len(data), cap, why)
+    return data
 
 
 def _naming_notes(path: Path, info: ImageInfo) -> list[str]:
@@ -651,7 +724,7 @@ def _auto_fix(
         nw, nh = _fit(w, h, target_long)
         if min(nw, nh) <= min_side:
             raise PermanentError(
-                f"{path}: {w}x{h} px can't be shrunk to fit {whose} (long side "
+                f"{display_path(path)}: {w}x{h} px can't be shrunk to fit {whose} (long side "
                 f"<= {target_long} px) without a side dropping to {min_side} px or less; "
                 f"crop it to a less extreme aspect ratio",
                 code="PREFLIGHT_DIMENSIONS",
@@ -702,7 +775,7 @@ def _auto_fix(
         nw, nh = max(1, round(base.width * scale)), max(1, round(base.height * scale))
         if min(nw, nh) <= max(min_side, 1) or min(nw, nh) < 16:
             raise PermanentError(
-                f"{path}: can't get the file under the {limit_text} limit of {whose} even "
+                f"{display_path(path)}: can't get the file under the {limit_text} limit of {whose} even "
                 f"after shrinking it; compress it yourself or remove it from the inputs",
                 code="PREFLIGHT_FILE_SIZE",
             )

@@ -14,8 +14,8 @@ from pipeline.config import Config
 from pipeline.engine import RunOptions, vendors_of
 from pipeline.errors import PermanentError, VendorError
 from pipeline.identity import hash_file, item_key
-from pipeline.images import check_limits_fixable, inspect_image
-from pipeline.inputs import iter_inputs
+from pipeline.images import check_limits_fixable, inspect_image, max_input_bytes
+from pipeline.inputs import NoInputsMatched, display_path, iter_input_entries, iter_inputs
 from pipeline.journal import JOURNAL_NAME, Journal
 from pipeline.manifest import Manifest
 from pipeline.operations import OperationSpec
@@ -34,29 +34,48 @@ _EXPECTED_POLLS = 1.5
 
 def _problems_for(path: Path, ops: list[OperationSpec], auto_fix: bool) -> list[str]:
     try:
-        info = inspect_image(path)
+        # Nothing larger than the most any of the operations would read is opened.
+        info = inspect_image(
+            path, max_bytes=max((max_input_bytes(op.limits) for op in ops), default=None)
+        )
     except PermanentError as exc:
         return [exc.message]
     out = []
     for op in ops:
         for problem, fixable in check_limits_fixable(info, op.limits):
             fix = " (auto_fix will try to fix it)" if auto_fix and fixable else ""
-            out.append(f"{path}: {op.name}: {problem}{fix}")
+            out.append(f"{display_path(path)}: {op.name}: {problem}{fix}")
     return out
 
 
 def validate_job(manifest: Manifest, config: Config) -> int:
-    """Check every input against every operation's limits; print each problem."""
+    """Check every input against every operation's limits; print each problem.
+
+    One line per problem: ``PATH: OPERATION: problem`` for an image an operation
+    would refuse, the entry's own message (``PATH: is a FIFO ...``) for a matched
+    entry that is not a usable file (FIFO, socket, device, broken or looping
+    symlink, unreadable). Returns 0 when every input is fine, 1 when some are not;
+    raises :class:`~pipeline.inputs.NoInputsMatched` (exit 2) when the patterns
+    match nothing at all, after the other checks have printed their lines.
+    """
     ops = list({v.operation.name: v.operation for v in manifest.variants}.values())
     total = 0
     bad = 0
-    for path in iter_inputs(manifest.base_dir, manifest.inputs, manifest.output):
-        total += 1
-        problems = _problems_for(path, ops, manifest.auto_fix)
-        if problems:
-            bad += 1
-            for line in problems:
-                print(line)
+    nothing: NoInputsMatched | None = None
+    try:
+        for entry in iter_input_entries(manifest.base_dir, manifest.inputs, manifest.output):
+            total += 1
+            if entry.problem is not None:
+                bad += 1
+                print(entry.problem.message)
+                continue
+            problems = _problems_for(entry.path, ops, manifest.auto_fix)
+            if problems:
+                bad += 1
+                for line in problems:
+                    print(line)
+    except NoInputsMatched as exc:
+        nothing = exc
     for variant in manifest.variants:
         for name, path in variant.files.items():
             for line in _problems_for(path, [variant.operation], manifest.auto_fix):
@@ -68,9 +87,8 @@ def validate_job(manifest: Manifest, config: Config) -> int:
                 print(
                     f"note: {var} is not set: `pipeline run` needs it for {vendor} (or --emulate)"
                 )
-    if total == 0:
-        print(f"{manifest.path}: no input matched {list(manifest.inputs)}")
-        return 1
+    if nothing is not None:
+        raise nothing
     print(
         f"{manifest.path}: {total} input(s), {len(manifest.variants)} variant(s), "
         f"{total * len(manifest.variants)} work item(s); {bad} input(s) with problems"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.errors import PermanentError
+from pipeline import images
+from pipeline.errors import InputProblem, PermanentError
 from pipeline.images import (
     ImageInfo,
     check_limits,
@@ -23,6 +24,13 @@ BEAUTY = OPERATIONS["ailab/face-beauty-pro"].limits
 EMOTION = OPERATIONS["ailab/emotion-editor"].limits
 SMILE = OPERATIONS["perfectcorp/ai-smile"].limits
 HAS_HEIF_PLUGIN = importlib.util.find_spec("pillow_heif") is not None
+
+
+@pytest.fixture
+def no_heif_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow as it is without pillow-heif: HEIC known only by its brand."""
+    monkeypatch.setattr(images, "HEIF_DECODER", False)
+    monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != "HEIF"])
 
 
 def small_limits(**kw: object) -> ImageLimits:
@@ -125,7 +133,7 @@ def test_inspect_not_an_image(tmp_path: Path) -> None:
     assert got.format is None and got.error
 
 
-@pytest.mark.skipif(HAS_HEIF_PLUGIN, reason="a HEIF plugin decodes the file itself")
+@pytest.mark.usefixtures("no_heif_plugin")
 def test_inspect_heic_by_magic(tmp_path: Path) -> None:
     path = tmp_path / "IMG_0001.HEIC"
     path.write_bytes(fake_heic(4032, 3024))
@@ -273,7 +281,7 @@ def test_mpo_is_sent_as_jpeg(tmp_path: Path) -> None:
     assert prepared.payload.data == path.read_bytes()
 
 
-@pytest.mark.skipif(HAS_HEIF_PLUGIN, reason="a HEIF plugin decodes the file itself")
+@pytest.mark.usefixtures("no_heif_plugin")
 def test_heic_passes_through_for_ai_smile(tmp_path: Path) -> None:
     path = tmp_path / "IMG_0001.HEIC"
     path.write_bytes(fake_heic(4032, 3024))
@@ -283,7 +291,7 @@ def test_heic_passes_through_for_ai_smile(tmp_path: Path) -> None:
     assert prepared.payload.data == path.read_bytes()
 
 
-@pytest.mark.skipif(HAS_HEIF_PLUGIN, reason="a HEIF plugin decodes the file itself")
+@pytest.mark.usefixtures("no_heif_plugin")
 def test_heic_refused_by_ailab_even_with_auto_fix(tmp_path: Path) -> None:
     path = tmp_path / "IMG_0001.heic"
     path.write_bytes(fake_heic())
@@ -364,10 +372,11 @@ def test_not_an_image(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(PermanentError) as err:
+    with pytest.raises(InputProblem) as err:
         prepare_payload(tmp_path / "gone.jpg", EMOTION, auto_fix=False)
-    assert err.value.code == "PREFLIGHT_UNREADABLE"
-    assert "gone.jpg" in err.value.message
+    assert err.value.code == "INPUT_MISSING"
+    assert err.value.kind == "permanent"
+    assert err.value.message.startswith(f"{tmp_path / 'gone.jpg'}: no longer exists")
 
 
 @pytest.mark.parametrize(("fmt", "name"), [("JPEG", "cut.jpg"), ("PNG", "cut.png")])
@@ -551,9 +560,10 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def test_inspect_missing_file_is_permanent(tmp_path: Path) -> None:
-    with pytest.raises(PermanentError) as err:
+    with pytest.raises(InputProblem) as err:
         inspect_image(tmp_path / "gone.jpg")
-    assert err.value.code == "PREFLIGHT_UNREADABLE"
+    assert err.value.code == "INPUT_MISSING"
+    assert err.value.kind == "permanent"
     assert "gone.jpg" in err.value.message
 
 

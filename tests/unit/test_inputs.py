@@ -5,11 +5,23 @@ from __future__ import annotations
 import os
 import types
 from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from pipeline.inputs import count_inputs, input_relpath, iter_inputs
+from pipeline.errors import UsageError
+from pipeline.inputs import (
+    InputEntry,
+    InputPatternError,
+    NoInputsMatched,
+    count_inputs,
+    input_relpath,
+    iter_input_entries,
+    iter_inputs,
+)
 
 
 def make(root: Path, *names: str) -> None:
@@ -45,12 +57,12 @@ def tree(tmp_path: Path) -> Path:
 
 def test_star_star_recursive_sorted_depth_first(tree: Path) -> None:
     got = list(iter_inputs(tree, ["s/**/*.jpg"]))
-    assert rel(tree, got) == ["s/1.jpg", "s/a/3.jpg", "s/a/b/4.jpg", "s/a/b/c/5.jpg"]
+    assert rel(tree, got) == ["s/1.jpg", "s/a/3.jpg", "s/a/b/4.jpg", "s/a/b/c/5.jpg", "s/b.JPG"]
     assert all(p.is_absolute() for p in got)
 
 
 def test_single_star_does_not_cross_directories(tree: Path) -> None:
-    assert rel(tree, iter_inputs(tree, ["s/*.jpg"])) == ["s/1.jpg"]
+    assert rel(tree, iter_inputs(tree, ["s/*.jpg"])) == ["s/1.jpg", "s/b.JPG"]
     assert rel(tree, iter_inputs(tree, ["*/*/*.jpg"])) == ["s/a/3.jpg"]
 
 
@@ -60,8 +72,11 @@ def test_question_mark_and_brackets(tree: Path) -> None:
     assert rel(tree, iter_inputs(tree, ["s/[!1].*"])) == ["s/2.png", "s/b.JPG"]
 
 
-def test_matching_is_case_sensitive(tree: Path) -> None:
-    assert rel(tree, iter_inputs(tree, ["s/*.JPG"])) == ["s/b.JPG"]
+def test_matching_ignores_case(tree: Path) -> None:
+    assert rel(tree, iter_inputs(tree, ["s/*.JPG"])) == ["s/1.jpg", "s/b.JPG"]
+    assert rel(tree, iter_inputs(tree, ["S/*.jpg"])) == []  # the literal root is a path
+    assert rel(tree, iter_inputs(tree, ["*/A/*.JPG"])) == ["s/a/3.jpg"]
+    assert rel(tree, iter_inputs(tree, ["s/[B]*"])) == ["s/b.JPG"]
 
 
 def test_star_star_in_the_middle_and_repeated(tree: Path) -> None:
@@ -116,7 +131,7 @@ def test_exclude_given_relative_or_not_existing(
     monkeypatch.chdir(tree)
     got = rel(tree, iter_inputs(Path("."), ["**/*.jpg"], exclude=Path("out")))
     assert "out/8.jpg" not in got
-    assert len(list(iter_inputs(tree, ["**/*.jpg"], exclude=tree / "new-out"))) == 6
+    assert len(list(iter_inputs(tree, ["**/*.jpg"], exclude=tree / "new-out"))) == 7
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
@@ -126,7 +141,7 @@ def test_exclude_reached_through_a_symlink_and_symlink_loops(tree: Path) -> None
     got = rel(tree, iter_inputs(tree, ["**/*.jpg"], exclude=tree / "out"))
     assert not any("8.jpg" in p for p in got)
     # The loop leads back to the walk's root, which is on the current path: not entered.
-    assert got == ["s/1.jpg", "s/a/3.jpg", "s/a/b/4.jpg", "s/a/b/c/5.jpg", "top.jpg"]
+    assert got == ["s/1.jpg", "s/a/3.jpg", "s/a/b/4.jpg", "s/a/b/c/5.jpg", "s/b.JPG", "top.jpg"]
     # Walking from s/, the loop's target (job/) is new once; job/s is then on the path.
     below = rel(tree, iter_inputs(tree, ["s/**/*.jpg"], exclude=tree / "out"))
     assert below == [
@@ -135,6 +150,7 @@ def test_exclude_reached_through_a_symlink_and_symlink_loops(tree: Path) -> None
         "s/a/b/4.jpg",
         "s/a/b/c/5.jpg",
         "s/a/loop/top.jpg",
+        "s/b.JPG",
     ]
 
 
@@ -145,7 +161,7 @@ def test_non_regular_files_are_skipped(tree: Path) -> None:
     os.symlink(tree / "missing.jpg", tree / "s" / "broken.jpg")
     os.symlink(tree / "s" / "1.jpg", tree / "s" / "linked.jpg")
     got = rel(tree, iter_inputs(tree, ["s/*.jpg"]))
-    assert got == ["s/1.jpg", "s/linked.jpg"]
+    assert got == ["s/1.jpg", "s/b.JPG", "s/linked.jpg"]
     assert list(iter_inputs(tree, ["s/pipe.jpg"])) == []
 
 
@@ -156,18 +172,18 @@ def test_file_matched_by_several_patterns_is_yielded_once(tree: Path) -> None:
         "s/a/3.jpg",
         "s/a/b/4.jpg",
         "s/a/b/c/5.jpg",
+        "s/b.JPG",
         # from "**/*": only what the first pattern did not match
         "out/8.jpg",
         "s/2.png",
         "s/a/notes.txt",
-        "s/b.JPG",
         "top.jpg",
     ]
 
 
 def test_dedupe_works_across_relative_and_absolute_spellings(tree: Path) -> None:
     got = list(iter_inputs(tree, ["s/*.jpg", str(tree / "s" / "1.jpg"), "../job/s/1.jpg"]))
-    assert rel(tree, got) == ["s/1.jpg"]
+    assert rel(tree, got) == ["s/1.jpg", "s/b.JPG"]
 
 
 def test_iteration_is_lazy(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,8 +205,8 @@ def test_iteration_is_lazy(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_count_inputs(tree: Path) -> None:
-    assert count_inputs(tree, ["**/*.jpg"], exclude=tree / "out") == 5
-    assert count_inputs(tree, ["s/**/*.jpg", "s/*.jpg"]) == 4
+    assert count_inputs(tree, ["**/*.jpg"], exclude=tree / "out") == 6
+    assert count_inputs(tree, ["s/**/*.jpg", "s/*.jpg"]) == 5
     assert count_inputs(tree, []) == 0
 
 
@@ -250,3 +266,187 @@ def test_relpath_never_escapes(tmp_path: Path, path: str) -> None:
     assert ".." not in pure.parts and "." not in out.split("/") and "" not in out.split("/")
     joined = os.path.normpath(os.path.join("/srv/out", out))
     assert joined.startswith("/srv/out/")
+
+
+# ------------------------------------------------------- case, braces, entries
+
+
+def test_case_insensitive_extensions(tmp_path: Path) -> None:
+    make(tmp_path, "a.jpg", "b.JPG", "c.Jpg", "d.jPg", "e.jpeg", "f.JPEG", "g.png", "h.PNG")
+    assert rel(tmp_path, iter_inputs(tmp_path, ["*.jpg"])) == ["a.jpg", "b.JPG", "c.Jpg", "d.jPg"]
+    assert rel(tmp_path, iter_inputs(tmp_path, ["*.JPEG"])) == ["e.jpeg", "f.JPEG"]
+
+
+def test_braces(tmp_path: Path) -> None:
+    make(tmp_path, "a.jpg", "b.JPEG", "c.png", "d.gif", "e.jp", "f.jpgx", "{x}.jpg")
+    assert rel(tmp_path, iter_inputs(tmp_path, ["*.{jpg,jpeg,png}"])) == [
+        "a.jpg",
+        "b.JPEG",
+        "c.png",
+        "{x}.jpg",
+    ]
+    # Nested, with an empty alternative: jpg, jpeg.
+    assert rel(tmp_path, iter_inputs(tmp_path, ["*.jp{,e}g"])) == ["a.jpg", "b.JPEG", "{x}.jpg"]
+    assert rel(tmp_path, iter_inputs(tmp_path, ["*.{jp{,e}g,png}"])) == [
+        "a.jpg",
+        "b.JPEG",
+        "c.png",
+        "{x}.jpg",
+    ]
+    # A brace with no comma is literal; [{] matches a literal brace.
+    assert rel(tmp_path, iter_inputs(tmp_path, ["{x}.jpg"])) == ["{x}.jpg"]
+    assert rel(tmp_path, iter_inputs(tmp_path, ["[{]*"])) == ["{x}.jpg"]
+    # Commas inside [...] are members, not separators.
+    assert rel(tmp_path, iter_inputs(tmp_path, ["{[a,]*,d*}"])) == ["a.jpg", "d.gif"]
+
+
+def test_braces_across_segments_and_with_star_star(tmp_path: Path) -> None:
+    make(
+        tmp_path,
+        "raw/1.png",
+        "raw/deep/2.png",
+        "edited/x/3.JPG",
+        "edited/4.jpg",
+        "2025/a/5.jpg",
+        "2026/6.jpeg",
+        "2027/7.jpg",
+    )
+    got = rel(tmp_path, iter_inputs(tmp_path, ["{raw/*.png,edited/**/*.jpg}"]))
+    assert got == ["raw/1.png", "edited/4.jpg", "edited/x/3.JPG"]
+    got = rel(tmp_path, iter_inputs(tmp_path, ["{2025,2026}/**/*.{jpg,jpeg}"]))
+    assert got == ["2025/a/5.jpg", "2026/6.jpeg"]
+    # Alternatives overlapping: each file once.
+    got = rel(tmp_path, iter_inputs(tmp_path, ["{edited/*,edited/**/*}.jpg"]))
+    assert got == ["edited/4.jpg", "edited/x/3.JPG"]
+
+
+def test_braces_that_expand_too_far_are_refused(tmp_path: Path) -> None:
+    pattern = "/".join(["{a/b,c/d}"] * 9) + "/*.jpg"  # 2**9 = 512 walks
+    with pytest.raises(InputPatternError) as err:
+        list(iter_input_entries(tmp_path, [pattern]))
+    assert err.value.exit_code == 2
+    assert "more than 256 patterns" in str(err.value)
+    # Within one segment braces are one regex, never expanded: 2**20 alternatives.
+    make(tmp_path, "ab" * 10 + ".jpg")
+    assert rel(tmp_path, iter_inputs(tmp_path, ["{a,b}" * 20 + ".{jpg,png}"])) == [
+        "ab" * 10 + ".jpg"
+    ]
+
+
+def test_hidden_names_need_a_literal_dot(tmp_path: Path) -> None:
+    make(tmp_path, ".a.jpg", "._IMG_1.JPG", "b.jpg", ".hid/c.jpg", ".DS_Store")
+    assert rel(tmp_path, iter_inputs(tmp_path, ["*.jpg"])) == ["b.jpg"]
+    assert rel(tmp_path, iter_inputs(tmp_path, ["?*"])) == ["b.jpg"]
+    assert rel(tmp_path, iter_inputs(tmp_path, ["[.b]*.jpg"])) == ["b.jpg"]
+    assert rel(tmp_path, iter_inputs(tmp_path, ["{.*,*}.jpg"])) == [
+        "._IMG_1.JPG",
+        ".a.jpg",
+        "b.jpg",
+    ]
+    assert rel(tmp_path, iter_inputs(tmp_path, ["**/*.jpg"])) == ["b.jpg"]
+    assert rel(tmp_path, iter_inputs(tmp_path, [".*/*.jpg"])) == [".hid/c.jpg"]
+
+
+def test_bracket_ranges_and_negation(tmp_path: Path) -> None:
+    make(tmp_path, "a1.jpg", "B2.jpg", "c3.jpg", "-.jpg", "].jpg")
+    assert rel(tmp_path, iter_inputs(tmp_path, ["[a-b]?.jpg"])) == ["B2.jpg", "a1.jpg"]
+    assert rel(tmp_path, iter_inputs(tmp_path, ["[!a-b]?.jpg"])) == ["c3.jpg"]
+    assert rel(tmp_path, iter_inputs(tmp_path, ["[]-].jpg"])) == ["-.jpg", "].jpg"]
+    assert rel(tmp_path, iter_inputs(tmp_path, ["[z-a]*"])) == []  # reversed: matches nothing
+
+
+def test_entries_carry_stat_and_rel(tmp_path: Path) -> None:
+    make(tmp_path, "s/a.jpg")
+    (entry,) = iter_input_entries(tmp_path, ["s/*.jpg"])
+    assert isinstance(entry, InputEntry) and entry.ok and entry.problem is None
+    assert entry.path == tmp_path / "s" / "a.jpg"
+    assert entry.rel == "s/a.jpg" == input_relpath(tmp_path, entry.path)
+    assert entry.stat is not None
+    assert (entry.stat.st_ino, entry.stat.st_size) == (entry.path.stat().st_ino, 1)
+
+
+def test_no_match_at_all_raises_at_the_end(tmp_path: Path) -> None:
+    make(tmp_path, "photos/a.txt")
+    it = iter_input_entries(tmp_path, ["photos/*.jpg", "share/**/*.jpg"])
+    with pytest.raises(NoInputsMatched) as err:
+        next(it)
+    exc = err.value
+    assert isinstance(exc, UsageError) and exc.exit_code == 2
+    assert exc.patterns == ("photos/*.jpg", "share/**/*.jpg")
+    assert exc.base_dir == tmp_path
+    assert str(exc) == (
+        f"no file matches the input patterns 'photos/*.jpg', 'share/**/*.jpg' under {tmp_path} "
+        f"({tmp_path / 'share'} does not exist); check the patterns, and that the folder "
+        f"(or network share) is there and mounted"
+    )
+    # iter_inputs stays quiet, as it always was.
+    assert list(iter_inputs(tmp_path, ["photos/*.jpg"])) == []
+
+
+def test_no_match_names_a_folder_given_as_a_pattern(tmp_path: Path) -> None:
+    make(tmp_path, "photos/a.jpg")
+    with pytest.raises(NoInputsMatched, match=r"photos is a folder: write photos/\*\*/\*\.jpg"):
+        list(iter_input_entries(tmp_path, ["photos"]))
+
+
+def test_no_match_when_everything_is_in_the_output_folder(tmp_path: Path) -> None:
+    make(tmp_path, "out/a.jpg")
+    with pytest.raises(NoInputsMatched):
+        list(iter_input_entries(tmp_path, ["**/*.jpg"], exclude=tmp_path / "out"))
+
+
+def test_an_empty_mount_point_is_no_match(tmp_path: Path) -> None:
+    (tmp_path / "mnt" / "share").mkdir(parents=True)  # the share is not mounted
+    with pytest.raises(NoInputsMatched):
+        list(iter_input_entries(tmp_path, ["mnt/share/**/*.jpg"]))
+
+
+def test_a_bad_entry_alone_is_a_match(tmp_path: Path) -> None:
+    os.symlink(tmp_path / "missing.jpg", tmp_path / "a.jpg")
+    (entry,) = iter_input_entries(tmp_path, ["*.jpg"])
+    assert entry.problem is not None and entry.problem.code == "INPUT_BROKEN_SYMLINK"
+    assert list(iter_inputs(tmp_path, ["*.jpg"])) == []
+
+
+def test_entries_are_lazy(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real_scandir = os.scandir
+
+    def spy(path: str) -> object:
+        calls.append(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", spy)
+    it = iter_input_entries(tree, ["**/*.jpg"])
+    assert isinstance(it, types.GeneratorType) and calls == []
+    assert next(it).path.name == "8.jpg"
+    assert len(calls) == 2
+
+
+@given(
+    names=st.lists(st.text(alphabet="abAB.{},*?-", min_size=1, max_size=6), min_size=1, max_size=6),
+    pattern=st.text(alphabet="abAB.*?", min_size=1, max_size=5),
+)
+@settings(max_examples=150, deadline=None)
+def test_without_braces_matching_is_fnmatch_on_folded_names(
+    tmp_path_factory: pytest.TempPathFactory, names: list[str], pattern: str
+) -> None:
+    """For plain *, ? and literals, a name matches exactly when fnmatch says so on
+    lower-cased text, leading dots aside (a pattern without wildcards is a path, not
+    scanned: the file system decides its case)."""
+    assume(any(ch in "*?" for ch in pattern))
+    base = tmp_path_factory.mktemp("h")
+    for name in set(names):
+        if name in (".", "..") or "/" in name:
+            continue
+        if not (base / name).exists():
+            (base / name).write_bytes(b"x")
+    present = sorted(p.name for p in base.iterdir())
+    want = [
+        n
+        for n in present
+        if fnmatchcase(n.lower(), pattern.lower())
+        and (not n.startswith(".") or pattern.startswith("."))
+    ]
+    got = sorted(p.name for p in iter_inputs(base, [pattern]) if p.parent == base)
+    assert got == want
