@@ -3,21 +3,27 @@
 ``fcntl.flock`` on ``.pipeline.lock`` in the output folder: the kernel releases it
 when the holder dies (even by kill -9), so a stale lock can never block a cron job.
 The file also holds the holder's pid, so a second run can name it.
+
+The lock file is opened with ``O_NOFOLLOW`` and must be a regular file with one link:
+a symlink (or hard link) planted as ``.pipeline.lock`` is refused with
+:class:`LockFileError` rather than truncating whatever it points at.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from pipeline.errors import LockHeldError
+from pipeline.errors import LockHeldError, UsageError
 
-__all__ = ["LOCK_NAME", "OutputLock"]
+__all__ = ["LOCK_NAME", "LockFileError", "OutputLock"]
 
 LOCK_NAME = ".pipeline.lock"
 log = logging.getLogger("pipeline")
@@ -33,16 +39,66 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class LockFileError(UsageError, OSError):
+    """The lock file cannot be used safely (a symlink, a hard link, not a regular
+    file, or the folder cannot hold it). Exit 2: nothing was sent. ``errno`` is kept."""
+
+    def __init__(self, err: int, message: str) -> None:
+        OSError.__init__(self, err, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open (creating) the lock file without following a link; refuse anything odd."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LockFileError(
+            exc.errno or errno.EIO,
+            f"{path.parent}: cannot create the output folder ({exc.strerror})",
+        ) from None
+    # O_NONBLOCK: a FIFO planted under the name must not hang the run while opening.
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LockFileError(
+                errno.ELOOP,
+                f"{path}: the lock file is a symbolic link; refusing to follow it. Remove "
+                "it (nothing in this folder should be a link) and rerun",
+            ) from None
+        raise LockFileError(
+            exc.errno or errno.EIO, f"{path}: cannot create the lock file ({exc.strerror})"
+        ) from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_nlink != 1:
+        # A hard link shares its inode with a file elsewhere: truncating it would
+        # change that file too.
+        problem = f"has {st.st_nlink} hard links"
+    if problem:
+        os.close(fd)
+        raise LockFileError(errno.EINVAL, f"{path}: the lock file {problem}; remove it and rerun")
+    os.set_blocking(fd, True)
+    return fd
+
+
 class OutputLock:
-    """Exclusive lock on an output folder; raises :class:`LockHeldError` if taken."""
+    """Exclusive lock on an output folder; raises :class:`LockHeldError` if taken and
+    :class:`LockFileError` if the lock file is a planted symlink or otherwise unsafe."""
 
     def __init__(self, output_dir: Path) -> None:
         self.path = output_dir / LOCK_NAME
         self._fd: int | None = None
 
     def __enter__(self) -> Self:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
