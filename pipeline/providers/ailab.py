@@ -20,6 +20,7 @@ Pure functions build requests (:func:`build_submit`, :func:`build_poll`,
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 from urllib.parse import quote
@@ -27,6 +28,7 @@ from urllib.parse import quote
 from pipeline.errors import (
     FatalError,
     PermanentError,
+    ResultNotImageError,
     RetryableError,
     TransportError,
     VendorError,
@@ -112,6 +114,10 @@ _QUEUED, _PROCESSING, _SUCCEEDED = 0, 1, 2
 _SDK_FAILED = 3
 
 _MALFORMED: Final = "MALFORMED_RESPONSE"
+# A value with a URL scheme ("ftp:", "file:", "javascript:", "data:text/html,…") is a
+# result URL, if a bad one: it is handed over so the download refuses it
+# (RESULT_URL_REFUSED) instead of the task looking result-less and being resubmitted.
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.\-]*:", re.IGNORECASE)
 
 
 def auth_headers(api_key: str) -> dict[str, str]:
@@ -324,10 +330,17 @@ def parse_envelope(status: int, headers: Mapping[str, str], body: bytes) -> dict
 
 
 def _decode_image(value: object, status: int, request_id: str | None, where: str) -> bytes:
-    # Q6: public clients decode bare base64; strip any data:…;base64, prefix anyway.
+    # docs/vendors.md, "Base64 results": public clients decode bare base64; strip any
+    # data:…;base64, prefix anyway. This is a success envelope: the job ran and was
+    # billed, so a missing or undecodable image is RESULT_NOT_IMAGE, never a resubmit.
     image = decode_base64_image(value) if isinstance(value, str) else None
     if image is None:
-        raise _malformed(f"{where} is missing or not base64", status, request_id)
+        raise ResultNotImageError(
+            f"the result is not an acceptable image: {where} is missing or not base64",
+            vendor=VENDOR,
+            http_status=status,
+            request_id=request_id,
+        )
     return image
 
 
@@ -346,7 +359,10 @@ def parse_submit(operation: str, status: int, headers: Mapping[str, str], body: 
     - emotion-editor (§1.2): ``data.image`` base64 → image bytes;
     - face-swap (§1.3): top-level ``task_id``;
     - face-beauty-pro (§1.4): ``task_id`` (async) or top-level ``result`` base64 (sync).
-    A success envelope missing its payload is ``RetryableError(MALFORMED_RESPONSE)``.
+    A success envelope without a task id is ``RetryableError(MALFORMED_RESPONSE)`` (the
+    provider turns it into an unknown outcome); a sync success whose image is missing
+    or not base64 is ``ResultNotImageError`` (billed). The image bytes themselves are
+    checked by the provider (:mod:`pipeline.resultcheck`).
     """
     doc = parse_envelope(status, headers, body)
     rid = _request_id(doc)
@@ -426,6 +442,8 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
             image = decode_base64_image(text)
             if image is not None:
                 return TaskState(state="succeeded", image=image)
+            if _SCHEME.match(text):
+                return TaskState(state="succeeded", result_url=text)
         # Q1: status 2 without a result counts as an R failure.
         return TaskState(
             state="failed",
@@ -502,6 +520,11 @@ class AILabProvider(VendorClient):
     def _parse_credits(self, resp: HttpResponse) -> CreditBalance:
         return parse_credits(resp.status, resp.headers, resp.body)
 
+    def _unread_error(self, status: int, headers: Mapping[str, str]) -> VendorError:
+        err, _ = envelope_error(status, headers, b"")
+        assert err is not None  # a non-2xx is never a success
+        return err
+
     async def submit(
         self,
         operation: str,
@@ -511,9 +534,17 @@ class AILabProvider(VendorClient):
     ) -> Submitted:
         with self._scrubbed():
             request = build_submit(operation, image, params, files)
-            resp = await self._call("submit", request)
-            out = parse_submit(operation, resp.status, resp.headers, resp.body)
+        # Emotion editor is always sync; face-beauty-pro when asked (§1.2, §1.4).
+        sync = operation == EMOTION_EDITOR or (
+            operation == FACE_BEAUTY_PRO and str(params.get("task_type", "")) == "sync"
+        )
+        out = await self._billable(
+            request,
+            lambda resp: parse_submit(operation, resp.status, resp.headers, resp.body),
+            sync=sync,
+        )
         if out.task_id is not None:
             # Q17: log every task id (a create retried after a timeout may duplicate).
+            # Both ids are scrubbed by _billable (no key, no URL query, clipped).
             _log.info("ailab %s: task_id=%s request_id=%s", operation, out.task_id, out.request_id)
         return out

@@ -12,6 +12,13 @@ Steps of an item::
                  -> Submitted(image=b"...")     sync op: the result is already here
     poll(...)    -> TaskState(running | succeeded(result_url | image) | failed(error))
     download(url)-> bytes                       result URL -> image bytes (no API key sent)
+    download_to(url, sink) -> "jpg"|"png"|"webp"  the same, streamed into a sink (no RAM copy)
+
+Everything a vendor returns is checked before it is handed over: a sync result, an
+inline poll result and every download decode as a JPEG, PNG or WebP within
+``network.max_result_pixels`` (else ``ResultNotImageError``, code
+``RESULT_NOT_IMAGE``: billed, never resubmitted on its own), and result URLs are
+fetched only through :mod:`pipeline.netguard`.
 
 ``poll`` raises for request-level failures (the poll itself failed: re-poll the same
 id later); it *returns* ``TaskState(state="failed")`` when the vendor says the task
@@ -32,6 +39,7 @@ __all__ = [
     "ImagePayload",
     "Provider",
     "RequestStats",
+    "ResultSink",
     "Submitted",
     "TaskState",
 ]
@@ -94,6 +102,13 @@ class RequestStats:
         return out
 
 
+class ResultSink(Protocol):
+    """Where :meth:`Provider.download_to` streams a result: anything with ``write``
+    (a binary file, ``pipeline.outputs.AtomicFile``); an async ``write`` is awaited."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
 # A rate-budget gate, awaited with the request kind ("submit", "poll", "upload", ...)
 # before every call to the vendor's API host.
 AcquireSlot = Callable[[str], Awaitable[None]]
@@ -120,6 +135,18 @@ class Provider(Protocol):
 
     async def download(self, url: str) -> bytes:
         """Fetch a result URL (storage host: no API key, no rate budget)."""
+        ...
+
+    async def download_to(
+        self, url: str, sink: ResultSink, *, check_path: str | None = None
+    ) -> str:
+        """Stream a result URL into ``sink`` and check it; returns its format.
+
+        ``check_path``: the file ``sink`` writes to (flushed first if the sink has
+        ``flush``), read back for the check; without it the stream is also spooled
+        to a private temporary file for the check. On ``ResultNotImageError`` (or any
+        error) the caller discards what the sink holds.
+        """
         ...
 
     async def credits(self) -> CreditBalance:

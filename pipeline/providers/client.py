@@ -2,31 +2,75 @@
 
 A subclass supplies only its wire: the auth header and the pure build/parse functions
 of its vendor module. Everything that touches the rate budget, the request counters,
-the timeouts or the key lives here once.
+the timeouts, the caps, the result checks or the key lives here once.
+
+What a vendor sends back is made safe here before anyone else sees it:
+
+- bodies are read with caps and bounded memory (:mod:`pipeline.providers.http`);
+- results are checked (:func:`pipeline.resultcheck.check_result_image`): a sync
+  submit's image, an inline poll image and every download. A billed result that is
+  not an acceptable image raises (or, from a poll, reports) ``ResultNotImageError``;
+- result URLs go through :class:`pipeline.netguard.UrlGuard`;
+- every vendor string in an error or a returned value (messages, codes, request
+  ids) is scrubbed of the key and of URL query strings, and clipped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import inspect
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
+from typing import IO
 
 import aiohttp
 import anyio
+import anyio.to_thread
 
-from pipeline.config import ProviderConfig, TimeoutConfig
-from pipeline.errors import VendorError
-from pipeline.providers.base import AcquireSlot, CreditBalance, RequestStats, TaskState
+from pipeline.config import NetworkConfig, ProviderConfig, TimeoutConfig
+from pipeline.errors import (
+    PermanentError,
+    ResultNotImageError,
+    RetryableError,
+    TransportError,
+    VendorError,
+)
+from pipeline.netguard import UrlGuard
+from pipeline.providers.base import (
+    AcquireSlot,
+    CreditBalance,
+    RequestStats,
+    ResultSink,
+    Submitted,
+    TaskState,
+)
 from pipeline.providers.http import (
+    RESPONSE_TOO_LARGE,
+    BodyScope,
     HttpRequest,
     HttpResponse,
+    ResponseTooLarge,
     api_timeout,
+    contains_secret,
     download,
+    download_to,
     join_url,
     redact_error,
+    safe_url,
+    scrub,
     send,
 )
+from pipeline.resultcheck import check_result_image_async
 
-__all__ = ["VendorClient"]
+__all__ = ["UNSAFE_ID", "VendorClient"]
+
+# A vendor id (task id) that carries the API key: refused, so the key never reaches
+# the journal, results.jsonl or a log line through it.
+UNSAFE_ID = "UNSAFE_TASK_ID"
+_MALFORMED = "MALFORMED_RESPONSE"
+_MAX_ID = 512
 
 
 class VendorClient:
@@ -34,7 +78,8 @@ class VendorClient:
 
     ``acquire`` (the shared rate budget) is awaited before every call to the API host;
     storage PUTs and result downloads skip it. The session must carry no default
-    headers: downloads and PUTs go to storage hosts.
+    headers (PUTs go to storage hosts; downloads use their own pinned session).
+    ``network`` holds the caps and the result-host allow list (defaults if omitted).
     """
 
     vendor: str
@@ -47,6 +92,8 @@ class VendorClient:
         timeouts: TimeoutConfig,
         stats: RequestStats,
         acquire: AcquireSlot,
+        *,
+        network: NetworkConfig | None = None,
     ) -> None:
         self._session = session
         self._config = config
@@ -54,6 +101,13 @@ class VendorClient:
         self._timeouts = timeouts
         self._stats = stats
         self._acquire = acquire
+        self._network = network or NetworkConfig()
+        self._guard = UrlGuard(
+            config.base_url,
+            self._network.allow_result_hosts,
+            vendor=self.vendor,
+            connect_seconds=timeouts.connect_seconds,
+        )
 
     def __repr__(self) -> str:  # never show the key
         return f"{type(self).__name__}(base_url={self._config.base_url!r})"
@@ -75,7 +129,14 @@ class VendorClient:
     def _parse_credits(self, resp: HttpResponse) -> CreditBalance:
         raise NotImplementedError
 
-    # -- shared ----------------------------------------------------------------------
+    def _unread_error(self, status: int, headers: Mapping[str, str]) -> VendorError:
+        """The error a non-2xx answer means when its body was too large to read."""
+        raise NotImplementedError
+
+    # -- scrubbing -----------------------------------------------------------------
+
+    def _scrub(self, text: str | None, limit: int = 128) -> str | None:
+        return None if text is None else scrub(text, self._api_key, limit)
 
     @contextmanager
     def _scrubbed(self) -> Iterator[None]:
@@ -85,44 +146,243 @@ class VendorClient:
             redact_error(err, self._api_key)
             raise
 
-    async def _call(self, kind: str, request: HttpRequest) -> HttpResponse:
-        """Wait for the rate budget, then send once.
+    def _safe_id(self, value: str | None, what: str) -> str | None:
+        """A vendor id we will store and send back: refused if it carries the key
+        (any form) or is absurdly long; ids are never altered (polls need them)."""
+        if value is None:
+            return None
+        if contains_secret(value, self._api_key) or len(value) > _MAX_ID:
+            raise PermanentError(
+                f"the vendor's {what} is unusable (it echoes the API key or is over "
+                f"{_MAX_ID} characters); it is not stored. The task may have been created "
+                "and billed: check the vendor's console before resubmitting",
+                code=UNSAFE_ID,
+                vendor=self.vendor,
+            )
+        return value
 
-        A ``submit`` (the request that creates a billable task or runs a billable sync
-        job) is shielded from cancellation once the budget has let it go: its answer
-        (bounded by the request timeout) must reach the engine, which journals it in a
-        shielded scope entered with no checkpoint in between. The budget wait before it
-        stays cancellable, so Ctrl-C never waits out a rate limit.
-        """
+    def _scrub_submitted(self, out: Submitted) -> Submitted:
+        return replace(
+            out,
+            task_id=self._safe_id(out.task_id, "task id"),
+            request_id=self._scrub(out.request_id),
+        )
+
+    # -- shared ----------------------------------------------------------------------
+
+    def _too_large(self, kind: str, exc: ResponseTooLarge, *, sync: bool) -> VendorError:
+        """What an answer over ``max_response_bytes`` means for this call."""
+        limit = exc.limit
+        if not 200 <= exc.status < 300:
+            err = self._unread_error(exc.status, exc.headers)
+            err.message = f"HTTP {exc.status}, answer larger than {limit} bytes (not read)"
+            err.args = (err.message,)
+            return err
+        if kind == "submit" and sync:
+            return ResultNotImageError(
+                f"the vendor answered the sync request with more than {limit} bytes: the "
+                "result was billed but is unusable (network.max_response_bytes)",
+                vendor=self.vendor,
+                http_status=exc.status,
+            )
+        if kind == "submit":
+            return TransportError(
+                f"the vendor answered the task creation with more than {limit} bytes; "
+                "the task may exist (outcome unknown)",
+                code=RESPONSE_TOO_LARGE,
+                vendor=self.vendor,
+                http_status=exc.status,
+                maybe_sent=True,
+            )
+        return RetryableError(
+            f"{kind}: answer larger than {limit} bytes (network.max_response_bytes)",
+            code=RESPONSE_TOO_LARGE,
+            vendor=self.vendor,
+            http_status=exc.status,
+        )
+
+    async def _send_api(
+        self, kind: str, request: HttpRequest, scope: BodyScope, *, sync: bool = False
+    ) -> HttpResponse:
+        try:
+            return await send(
+                self._session,
+                request,
+                join_url(self._config.base_url, request.target),
+                vendor=self.vendor,
+                client_timeout=api_timeout(self._timeouts),
+                extra_headers={"Accept": "application/json", **self._auth_headers()},
+                max_bytes=self._network.max_response_bytes,
+                scope=scope,
+            )
+        except ResponseTooLarge as exc:
+            raise self._too_large(kind, exc, sync=sync) from None
+
+    async def _call(
+        self, kind: str, request: HttpRequest, *, scope: BodyScope | None = None
+    ) -> HttpResponse:
+        """Wait for the rate budget, then send once (not for billable submits: those
+        go through :meth:`_billable`). ``scope`` keeps a large body counted until the
+        caller is done with it."""
         await self._acquire(kind)
         self._stats.count(self.vendor, kind)
-        sending = send(
-            self._session,
-            request,
-            join_url(self._config.base_url, request.target),
-            vendor=self.vendor,
-            client_timeout=api_timeout(self._timeouts),
-            extra_headers={"Accept": "application/json", **self._auth_headers()},
-        )
-        if kind != "submit":
-            return await sending
-        with anyio.CancelScope(shield=True):
-            response = await sending
-        return response
+        if scope is not None:
+            return await self._send_api(kind, request, scope)
+        async with BodyScope() as own:
+            return await self._send_api(kind, request, own)
+
+    async def _billable(
+        self,
+        request: HttpRequest,
+        parse: Callable[[HttpResponse], Submitted],
+        *,
+        sync: bool,
+    ) -> Submitted:
+        """The request that creates a billable task or runs a billable sync job.
+
+        Shielded from cancellation once the budget has let it go: its answer (bounded
+        by the request timeout), its parsing and, for a sync result, the image check
+        must reach the engine, which journals it in a shielded scope entered with no
+        checkpoint in between. The budget wait before it stays cancellable, so Ctrl-C
+        never waits out a rate limit.
+
+        Outcomes beyond the parser's: a 2xx answer that cannot be read as the
+        vendor's success or error (not JSON, no task id) is an unknown outcome:
+        ``TransportError(maybe_sent=True, code=MALFORMED_RESPONSE)``; a sync result
+        that is not an acceptable image is ``ResultNotImageError`` (billed).
+        """
+        await self._acquire("submit")
+        self._stats.count(self.vendor, "submit")
+        with anyio.CancelScope(shield=True), self._scrubbed():
+            async with BodyScope() as scope:
+                resp = await self._send_api("submit", request, scope, sync=sync)
+                status = resp.status
+                try:
+                    out = parse(resp)
+                except RetryableError as exc:
+                    if exc.code != _MALFORMED or not 200 <= status < 300:
+                        raise
+                    raise TransportError(
+                        f"unreadable answer to a billable request (outcome unknown): {exc.message}",
+                        code=_MALFORMED,
+                        vendor=self.vendor,
+                        http_status=status,
+                        request_id=exc.request_id,
+                        maybe_sent=True,
+                    ) from None
+                del resp  # the raw body: only the decoded image stays in memory
+                if out.image is not None:
+                    await self._check_image(out.image)
+                out = self._scrub_submitted(out)
+        return out
+
+    async def _check_image(self, data: bytes | str | IO[bytes], where: str = "") -> str:
+        try:
+            return await check_result_image_async(
+                data,
+                max_bytes=max(self._network.max_response_bytes, self._network.max_download_bytes),
+                max_pixels=self._network.max_result_pixels,
+                vendor=self.vendor,
+            )
+        except ResultNotImageError as exc:
+            if where:
+                exc.message = f"{where}: {exc.message}"
+                exc.args = (exc.message,)
+            raise
 
     async def poll(self, operation: str, task_id: str) -> TaskState:
         with self._scrubbed():
-            state = self._parse_poll(await self._call("poll", self._build_poll(task_id)))
+            async with BodyScope() as scope:
+                resp = await self._call("poll", self._build_poll(task_id), scope=scope)
+                state = self._parse_poll(resp)
+                del resp
+                if state.image is not None:
+                    # A task that succeeded with an inline result was billed: one that
+                    # is not an image fails as RESULT_NOT_IMAGE, never resubmitted.
+                    try:
+                        await self._check_image(state.image, "inline result")
+                    except ResultNotImageError as exc:
+                        state = TaskState(state="failed", error=exc, poll_after=state.poll_after)
         if state.error is not None:
             redact_error(state.error, self._api_key)
         return state
 
     async def download(self, url: str) -> bytes:
+        """The result at ``url``, checked (``ResultNotImageError`` if it is not an
+        acceptable image). Holds the whole body in memory: prefer :meth:`download_to`."""
         with self._scrubbed():
-            return await download(
-                self._session, url, vendor=self.vendor, timeouts=self._timeouts, stats=self._stats
+            data = await download(
+                None,
+                url,
+                vendor=self.vendor,
+                timeouts=self._timeouts,
+                stats=self._stats,
+                guard=self._guard,
+                max_bytes=self._network.max_download_bytes,
             )
+            await self._check_image(data, f"download {safe_url(url)}")
+            return data
+
+    async def download_to(
+        self, url: str, sink: ResultSink, *, check_path: str | None = None
+    ) -> str:
+        """Stream the result at ``url`` into ``sink``, check it, return its format
+        (``"jpg"`` | ``"png"`` | ``"webp"``).
+
+        ``check_path`` is the file the sink writes (read back for the check after
+        ``sink.flush()``, if it has one); without it, the stream is also spooled to a
+        private temporary file for the check. Raises ``ResultNotImageError`` when the
+        result is not an acceptable image (the caller discards the sink), the
+        network's ``TransportError``, and the classified HTTP errors of a download.
+        """
+        where = f"download {safe_url(url)}"
+        with self._scrubbed():
+            if check_path is not None:
+                await download_to(
+                    url,
+                    sink,
+                    vendor=self.vendor,
+                    timeouts=self._timeouts,
+                    stats=self._stats,
+                    guard=self._guard,
+                    max_bytes=self._network.max_download_bytes,
+                )
+                flush = getattr(sink, "flush", None)
+                if callable(flush):
+                    flushed = flush()
+                    if inspect.isawaitable(flushed):
+                        await flushed
+                return await self._check_image(os.fspath(check_path), where)
+            spool = await anyio.to_thread.run_sync(tempfile.TemporaryFile)
+            try:
+                tee = _Tee(sink, spool)
+                await download_to(
+                    url,
+                    tee,
+                    vendor=self.vendor,
+                    timeouts=self._timeouts,
+                    stats=self._stats,
+                    guard=self._guard,
+                    max_bytes=self._network.max_download_bytes,
+                )
+                return await self._check_image(spool, where)
+            finally:
+                spool.close()
 
     async def credits(self) -> CreditBalance:
         with self._scrubbed():
             return self._parse_credits(await self._call("credits", self._build_credits()))
+
+
+class _Tee:
+    """Writes every chunk to the caller's sink and to the check spool."""
+
+    def __init__(self, sink: ResultSink, spool: IO[bytes]) -> None:
+        self._sink = sink
+        self._spool = spool
+
+    async def write(self, data: bytes) -> None:
+        result = self._sink.write(data)
+        if inspect.isawaitable(result):
+            await result
+        self._spool.write(data)

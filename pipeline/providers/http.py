@@ -5,32 +5,49 @@ Sans-I/O helpers (plain functions, tested without a network):
 - :class:`HttpRequest` / :class:`HttpResponse`: what the vendor modules' ``build_*``
   functions return and their ``parse_*`` functions take;
 - :func:`parse_json_object`, :func:`header`, :func:`parse_retry_after`;
-- :func:`decode_base64_image`, :func:`sniff_image_type` (vendor-protocols.md Q6);
-- :func:`parse_download`: a result download's status → bytes or a classified error;
-- :func:`redact`, :func:`redact_error`, :func:`safe_url`: keep secrets out of messages;
+- :func:`decode_base64_image`, :func:`sniff_image_type` (docs/vendors.md, "Base64
+  results");
+- :func:`parse_download`: a result download's status → go on, or a classified error;
+- :func:`redact`, :func:`redact_error`, :func:`scrub`, :func:`safe_url`: keep secrets
+  (the API key, signed URL queries) out of messages, logs and reports;
 - :func:`redirect_error`: API hosts never redirect us (the key must stay on one host).
 
-The only coroutines are :func:`send` (one HTTP exchange, network failures mapped to
-:class:`~pipeline.errors.TransportError`) and :func:`download` (a result URL, no key).
+The coroutines: :func:`send` (one HTTP exchange, its body read with a cap, network
+failures mapped to :class:`~pipeline.errors.TransportError`), :func:`download` and
+:func:`download_to` (a result URL through :mod:`pipeline.netguard`, no key).
+
+Memory: no body is read unbounded. An API answer may weigh ``max_response_bytes``, a
+download ``max_download_bytes``; bytes are counted after decompression (aiohttp
+inflates ``gzip``/``deflate``/``br`` in bounded steps), so a gzip bomb stops at the
+cap. A reader buffers :data:`FREE_BODY_BYTES` freely; beyond that it must hold one of
+:data:`LARGE_BODY_SLOTS` process-wide slots (:class:`BodyScope`), so at any
+concurrency at most that many large bodies are in memory at once. Downloads given a
+sink (:func:`download_to`) stream to it and never hold more than a chunk.
+
 API keys never enter an :class:`HttpRequest`: the vendor classes add their auth header
 at the moment they send to their own base URL, so a request value can be logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import email.utils
+import inspect
 import io
 import json
 import re
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import quote, quote_plus, urlsplit, urlunsplit
 
 import aiohttp
+import anyio
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -39,48 +56,78 @@ from pipeline.errors import (
     FatalError,
     PermanentError,
     RateLimitedError,
+    ResultNotImageError,
     RetryableError,
     TransportError,
     VendorError,
 )
-from pipeline.providers.base import ImagePayload, RequestStats
+from pipeline.netguard import AddressRefused, UrlGuard, guarded_get
+from pipeline.providers.base import ImagePayload, RequestStats, ResultSink
 
 __all__ = [
+    "CHUNK_BYTES",
+    "CONNECT_FAILED",
+    "FREE_BODY_BYTES",
+    "LARGE_BODY_SLOTS",
+    "RESPONSE_TOO_LARGE",
+    "BodyScope",
     "FilePart",
     "FormPart",
     "HttpRequest",
     "HttpResponse",
+    "ResponseTooLarge",
     "TextPart",
     "api_timeout",
     "as_float",
     "body_excerpt",
     "clip",
+    "contains_secret",
     "decode_base64_image",
     "download",
     "download_timeout",
+    "download_to",
     "header",
     "join_url",
     "parse_download",
     "parse_json_object",
     "parse_retry_after",
+    "read_capped",
     "redact",
     "redact_error",
     "redirect_error",
     "safe_url",
+    "scrub",
     "send",
     "sniff_image_type",
+    "transport_error",
 ]
 
 # Longest slice of a vendor-supplied text we copy into an error message.
 _MAX_MESSAGE = 300
+# Longest vendor code / request id we keep (they are short by design; a longer one is
+# a vendor echoing something back).
+_MAX_CODE = 80
+_MAX_REQUEST_ID = 128
 # Request headers aiohttp would add on its own; storage PUTs must carry exactly the
-# headers the vendor signed (vendor-protocols.md §2.2 step 2), so these are skipped.
+# headers the vendor signed (docs/vendors.md, "Perfect Corp upload"), so these are
+# skipped.
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+CONNECT_FAILED: Final = "CONNECT_FAILED"
+RESPONSE_TOO_LARGE: Final = "RESPONSE_TOO_LARGE"
+
+# Body memory bounds (module doc). A JSON answer without an inline image is a few
+# KiB; sync results (base64 images) are the bodies that need a slot.
+FREE_BODY_BYTES: Final = 256 * 1024
+LARGE_BODY_SLOTS: Final = 2
+CHUNK_BYTES: Final = 64 * 1024
+# What we read of a non-2xx download body for the error message.
+_ERROR_EXCERPT_BYTES = 4096
 
 
 @dataclass(frozen=True)
 class TextPart:
-    """A scalar multipart field, already rendered as text (AILab: decimal, §1.1)."""
+    """A scalar multipart field, already rendered as text (AILab: decimal)."""
 
     name: str
     value: str
@@ -88,7 +135,7 @@ class TextPart:
 
 @dataclass(frozen=True)
 class FilePart:
-    """A file multipart field: real filename and matching Content-Type (§1.1)."""
+    """A file multipart field: real filename and matching Content-Type."""
 
     name: str
     payload: ImagePayload
@@ -123,6 +170,19 @@ class HttpResponse:
     body: bytes
 
 
+class ResponseTooLarge(RetryableError):
+    """An answer whose body is over its cap; it was not read. The caller turns it
+    into what it means for its step (see ``VendorClient``)."""
+
+    def __init__(
+        self, message: str, *, status: int, headers: Mapping[str, str], limit: int, vendor: str
+    ) -> None:
+        super().__init__(message, code=RESPONSE_TOO_LARGE, vendor=vendor, http_status=status)
+        self.status = status
+        self.headers = headers
+        self.limit = limit
+
+
 # -------------------------------------------------------------------------- sans-I/O
 
 
@@ -139,10 +199,11 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
 
 
 def parse_json_object(body: bytes) -> dict[str, Any] | None:
-    """The body as a JSON object, or ``None`` if it is not one (HTML, truncated, a list)."""
+    """The body as a JSON object, or ``None`` if it is not one (HTML, truncated, a
+    list, nested deeper than the parser's recursion limit, a 5000-digit number)."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
 
@@ -153,7 +214,10 @@ def as_float(value: object) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int of 400 digits
+            return None
     if isinstance(value, str):
         try:
             return float(value.strip())
@@ -165,47 +229,66 @@ def as_float(value: object) -> float | None:
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date), else ``None``.
 
-    Neither vendor documents the header (§1.7, §2.6); Q3 says honour it if present.
+    The raw value is returned (negative clamped to 0): the engine caps it with
+    ``retry.retry_after_max_seconds``. Never raises, whatever the header holds
+    (999999999, NaN, a date in year 9999 or 1900, garbage). Neither vendor documents
+    the header (docs/vendors.md, "Rate limits"): honour it when present.
     """
     raw = header(headers, "Retry-After")
     if raw is None:
         return None
     raw = raw.strip()
+    if not raw or len(raw) > 64:
+        return None
     try:
         seconds = float(raw)
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
+            seconds = when.timestamp() - (time.time() if now is None else now)
+        except (TypeError, ValueError, IndexError, OverflowError, OSError):
             return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
     if seconds != seconds or seconds in (float("inf"), float("-inf")):  # NaN / inf
         return None
     return max(0.0, seconds)
 
 
-_DATA_URL_PREFIX = re.compile(r"^data:[^,]*?;base64,", re.IGNORECASE)
+_DATA_URL_PREFIX = re.compile(r"^\s*data:[^,]*?;base64,", re.IGNORECASE)
+_WHITESPACE = b" \t\r\n\v\f"
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
 def decode_base64_image(text: str) -> bytes | None:
-    """Decode a base64 image, tolerating a ``data:…;base64,`` prefix (Q6), line breaks,
-    missing padding and the URL-safe alphabet. ``None`` if it is not base64 at all."""
-    cleaned = _DATA_URL_PREFIX.sub("", text.strip(), count=1)
-    cleaned = "".join(cleaned.split())
-    if not cleaned:
-        return None
-    if "-" in cleaned or "_" in cleaned:
-        cleaned = cleaned.replace("-", "+").replace("_", "/")
-    cleaned += "=" * (-len(cleaned) % 4)
+    """Decode a base64 image, tolerating a ``data:…;base64,`` prefix, line breaks,
+    missing padding and the URL-safe alphabet. ``None`` if it is not base64 at all.
+
+    Works on one ASCII copy of the text (results can be tens of MB: every extra copy
+    counts against the memory bound), not on successive ``str`` rewrites.
+    """
+    prefix = _DATA_URL_PREFIX.match(text)
     try:
-        data = base64.b64decode(cleaned, validate=True)
+        raw = text.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    if prefix is not None:
+        raw = raw[prefix.end() :]
+    if any(c in raw for c in _WHITESPACE):
+        raw = raw.translate(None, _WHITESPACE)
+    if not raw:
+        return None
+    if b"-" in raw or b"_" in raw:
+        raw = raw.translate(_URLSAFE)
+    if len(raw) % 4:
+        raw += b"=" * (-len(raw) % 4)
+    try:
+        data = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
         return None
     return data or None
 
 
 def sniff_image_type(data: bytes) -> str | None:
-    """The image type from its magic bytes (Q6: ``FFD8FF`` JPEG, ``89504E47`` PNG)."""
+    """The image type from its magic bytes (``FFD8FF`` JPEG, ``89504E47`` PNG, ...)."""
     if data.startswith(b"\xff\xd8\xff"):
         return "image/jpeg"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -220,7 +303,8 @@ def sniff_image_type(data: bytes) -> str | None:
 
 
 def safe_url(url: str) -> str:
-    """``scheme://host/path`` without query or fragment: presigned URLs carry signatures."""
+    """``scheme://host/path`` without userinfo, query or fragment: presigned URLs
+    carry their signature in the query, so this is the only form that may be logged."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -231,23 +315,53 @@ def safe_url(url: str) -> str:
 _QUERY = re.compile(r"\?[^\s'\"<>]*")
 
 
+def _secret_forms(secret: str | None) -> tuple[str, ...]:
+    """The key and the forms a vendor could echo it back in: URL-encoded (path and
+    form style) and base64. Longest first, so a longer form is replaced whole."""
+    if not secret:
+        return ()
+    forms = {
+        secret,
+        quote(secret, safe=""),
+        quote_plus(secret),
+        base64.b64encode(secret.encode()).decode().rstrip("="),
+    }
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def contains_secret(text: str, secret: str | None) -> bool:
+    """Whether ``text`` carries ``secret`` in any of the forms :func:`redact` replaces."""
+    return any(form in text for form in _secret_forms(secret))
+
+
 def redact(text: str, secret: str | None) -> str:
-    """``text`` with ``secret`` and every URL query string replaced."""
-    if secret:
-        text = text.replace(secret, "***")
+    """``text`` with every form of ``secret`` and every URL query string replaced."""
+    for form in _secret_forms(secret):
+        if form in text:
+            text = text.replace(form, "***")
     return _QUERY.sub("?…", text)
 
 
+def scrub(text: str, secret: str | None, limit: int = _MAX_MESSAGE) -> str:
+    """A vendor-supplied string made safe to log: key forms and URL queries replaced,
+    whitespace (newlines: log injection) collapsed, clipped to ``limit``."""
+    text = redact(" ".join(text.split()), secret)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def redact_error(err: VendorError, secret: str) -> VendorError:
-    """Scrub ``secret`` from an error's message and code, in place; returns ``err``.
+    """Scrub an error in place (message, code, request id); returns ``err``.
 
     Parsers build messages from response bodies, and a vendor could echo the key back
-    ("This API key … is not recognized"); this is the last line of defence.
+    ("This API key … is not recognized") or a signed URL; this is the last line of
+    defence before an error reaches a log, the journal or a report. Every field is
+    also clipped: a vendor string is never copied at unbounded length.
     """
-    if secret and (secret in err.message or secret in err.code):
-        err.message = err.message.replace(secret, "***")
-        err.code = err.code.replace(secret, "***")
-        err.args = (err.message,)
+    err.message = scrub(err.message, secret)
+    err.code = scrub(err.code, secret, _MAX_CODE)
+    if err.request_id is not None:
+        err.request_id = scrub(err.request_id, secret, _MAX_REQUEST_ID)
+    err.args = (err.message,)
     return err
 
 
@@ -264,32 +378,22 @@ def body_excerpt(body: bytes) -> str:
 
 def parse_download(
     status: int, headers: Mapping[str, str], body: bytes, *, url: str, vendor: str
-) -> bytes:
-    """A result download's response → image bytes, or a classified error.
+) -> None:
+    """Classify a result download's status; return for 2xx (the content is checked
+    separately by :func:`pipeline.resultcheck.check_result_image`).
 
-    - 2xx with a body → the bytes (a text/JSON/HTML body is a storage error page: R);
-    - 403/404/410 → ``PermanentError(code="RESULT_URL_EXPIRED")``: AILab URLs live 24 h
-      (§1.3), Perfect Corp's 2 h (§2.4); the engine decides whether a re-poll can get a
+    - 403/404/410 → ``PermanentError(code="RESULT_URL_EXPIRED")``: result URLs expire
+      (docs/vendors.md, "Result URLs"); the engine decides whether a re-poll can get a
       fresh URL (Perfect Corp: yes) or the paid result is lost;
-    - 429 → ``RateLimitedError``; 408 and 5xx → ``RetryableError`` (§1.7: storage
-      sometimes stalls); other 4xx → ``PermanentError``.
+    - 429 → ``RateLimitedError``; 408 and 5xx → ``RetryableError`` (storage sometimes
+      stalls); other 4xx → ``PermanentError``; anything else (1xx, a redirect that
+      survived) → ``RetryableError``.
+
+    ``body`` is only an excerpt, for the message.
     """
-    where = f"download {safe_url(url)}"
     if 200 <= status < 300:
-        ctype = (header(headers, "Content-Type") or "").split(";")[0].strip().lower()
-        if not body:
-            raise RetryableError(
-                f"{where}: empty body", code="EMPTY_RESULT", vendor=vendor, http_status=status
-            )
-        if ctype.startswith("text/") or ctype in ("application/json", "application/xml"):
-            raise RetryableError(
-                f"{where}: got {ctype}, not an image: {body_excerpt(body)}",
-                code="RESULT_NOT_IMAGE",
-                vendor=vendor,
-                http_status=status,
-            )
-        return body
-    text = f"{where}: HTTP {status}: {body_excerpt(body)}"
+        return
+    text = f"download {safe_url(url)}: HTTP {status}: {body_excerpt(body)}"
     if status in (403, 404, 410):
         raise PermanentError(text, code="RESULT_URL_EXPIRED", vendor=vendor, http_status=status)
     if status == 429:
@@ -304,7 +408,6 @@ def parse_download(
         raise RetryableError(text, vendor=vendor, http_status=status)
     if 400 <= status < 500:
         raise PermanentError(text, vendor=vendor, http_status=status)
-    # A 1xx/3xx that survived redirect handling.
     raise RetryableError(text, vendor=vendor, http_status=status)
 
 
@@ -336,11 +439,133 @@ def api_timeout(timeouts: TimeoutConfig) -> aiohttp.ClientTimeout:
 
 
 def download_timeout(timeouts: TimeoutConfig) -> aiohttp.ClientTimeout:
-    """Timeout of one result download (§1.7 [R]: 20 s per try; the engine retries)."""
+    """Timeout of one result download hop (storage sometimes stalls: docs/vendors.md,
+    "Result URLs"; the engine retries)."""
     return aiohttp.ClientTimeout(
         total=timeouts.download_seconds,
         connect=min(timeouts.connect_seconds, timeouts.download_seconds),
     )
+
+
+def transport_error(exc: BaseException, what: str, vendor: str) -> TransportError:
+    """A network failure as :class:`TransportError`, with ``maybe_sent`` and code:
+
+    - the request certainly never left: connection refused, DNS failure, TLS failure,
+      connect timeout, a refused pinned address → ``CONNECT_FAILED``,
+      ``maybe_sent=False`` (what the engine counts towards ``VENDOR_UNREACHABLE``);
+    - it may have reached the vendor (read timeout, total timeout, disconnected or
+      reset after connecting, truncated or undecodable body) → ``TIMEOUT`` /
+      ``NETWORK_ERROR``, ``maybe_sent=True``.
+
+    The message names the exception and the URL without its query, never a header.
+    """
+    name = type(exc).__name__
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return TransportError(
+            f"{what}: connect timed out", code=CONNECT_FAILED, vendor=vendor, maybe_sent=False
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError | AddressRefused):
+        detail = clip(redact(str(exc), None)) or name
+        return TransportError(
+            f"{what}: could not connect: {name}: {detail}",
+            code=CONNECT_FAILED,
+            vendor=vendor,
+            maybe_sent=False,
+        )
+    if isinstance(exc, TimeoutError):
+        return TransportError(f"{what}: timed out", code="TIMEOUT", vendor=vendor, maybe_sent=True)
+    detail = clip(redact(str(exc), None)) or name
+    return TransportError(
+        f"{what}: {name}: {detail}", code="NETWORK_ERROR", vendor=vendor, maybe_sent=True
+    )
+
+
+# ------------------------------------------------------------------- body memory
+
+
+_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _large_body_slots() -> anyio.Semaphore:
+    # One semaphore per event loop: the pipeline runs one loop, tests run many.
+    loop = asyncio.get_running_loop()
+    sem = _SLOTS.get(loop)
+    if sem is None:
+        sem = _SLOTS[loop] = anyio.Semaphore(LARGE_BODY_SLOTS)
+    return sem
+
+
+class BodyScope:
+    """Holds at most one large-body slot, from the moment a body outgrows
+    :data:`FREE_BODY_BYTES` until the scope exits.
+
+    Wrap a call *and* what is done with its body (parse, base64 decode, image check)
+    in one scope, so the memory a large body costs is counted until it is gone::
+
+        async with BodyScope() as scope:
+            resp = await send(..., scope=scope)
+            ...
+    """
+
+    def __init__(self) -> None:
+        self._held = False
+
+    async def hold(self) -> None:
+        if not self._held:
+            await _large_body_slots().acquire()
+            self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            _large_body_slots().release()
+
+    async def __aenter__(self) -> BodyScope:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+async def read_capped(
+    resp: aiohttp.ClientResponse, *, limit: int, scope: BodyScope, what: str, vendor: str
+) -> bytes:
+    """The whole (decompressed) body, or :class:`ResponseTooLarge` past ``limit``
+    bytes (also when ``Content-Length`` announces more: nothing is read then)."""
+    headers = CIMultiDict(resp.headers)
+
+    def too_large() -> ResponseTooLarge:
+        return ResponseTooLarge(
+            f"{what}: answer larger than {limit} bytes; not read",
+            status=resp.status,
+            headers=headers,
+            limit=limit,
+            vendor=vendor,
+        )
+
+    announced = resp.content_length
+    if announced is not None and announced > limit:
+        raise too_large()
+    if announced is not None and announced > FREE_BODY_BYTES:
+        await scope.hold()
+    buf = io.BytesIO()
+    size = 0
+    async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        if size > FREE_BODY_BYTES:
+            await scope.hold()
+        buf.write(chunk)
+    # getvalue() hands over the buffer without a copy when nothing else refers to it.
+    return buf.getvalue()
 
 
 # ------------------------------------------------------------------------------- I/O
@@ -373,14 +598,20 @@ async def send(
     extra_headers: Mapping[str, str] | None = None,
     allow_redirects: bool = False,
     exact_headers: bool = False,
+    max_bytes: int = 32 * 1024 * 1024,
+    scope: BodyScope | None = None,
 ) -> HttpResponse:
-    """Send ``request`` to ``url`` once and read the whole body.
+    """Send ``request`` to ``url`` once and read its body, at most ``max_bytes``.
 
     ``url`` is used as given (``encoded=True``): vendor task ids are quoted by the
     builders and presigned storage URLs must not be re-quoted, or their signature
     breaks. ``extra_headers`` carries the auth header for API calls only.
-    ``exact_headers`` suppresses aiohttp's own headers (storage PUTs, §2.2). Network
-    failures, timeouts and truncated bodies raise :class:`TransportError`.
+    ``exact_headers`` suppresses aiohttp's own headers (storage PUTs). ``scope``
+    holds the large-body slot past the return (see :class:`BodyScope`); without one,
+    the slot is released once the body is read.
+
+    Raises :class:`TransportError` for network failures (:func:`transport_error`) and
+    :class:`ResponseTooLarge` for a body over the cap.
     """
     headers = CIMultiDict(request.headers)
     if extra_headers:
@@ -395,6 +626,8 @@ async def send(
         body = io.BytesIO(request.data)  # see _form_data
     skip = [h for h in _AUTO_HEADERS if h not in headers] if exact_headers else None
     what = f"{request.method} {safe_url(url)}"
+    own_scope = scope is None
+    body_scope = scope or BodyScope()
     try:
         async with session.request(
             request.method,
@@ -405,40 +638,140 @@ async def send(
             allow_redirects=allow_redirects,
             skip_auto_headers=skip,
         ) as resp:
-            payload = await resp.read()
+            payload = await read_capped(
+                resp, limit=max_bytes, scope=body_scope, what=what, vendor=vendor
+            )
             return HttpResponse(resp.status, CIMultiDict(resp.headers), payload)
-    except TimeoutError as exc:
-        raise TransportError(f"{what}: timed out", code="TIMEOUT", vendor=vendor) from exc
-    except aiohttp.ClientError as exc:
-        detail = redact(str(exc), None) or type(exc).__name__
+    except (TimeoutError, aiohttp.ClientError, AddressRefused) as exc:
+        raise transport_error(exc, what, vendor) from exc
+    except ValueError as exc:
+        # yarl/aiohttp refuse a URL they cannot parse: the request never left.
         raise TransportError(
-            f"{what}: {type(exc).__name__}: {clip(detail)}", code="NETWORK_ERROR", vendor=vendor
+            f"{what}: invalid URL", code=CONNECT_FAILED, vendor=vendor, maybe_sent=False
         ) from exc
+    finally:
+        if own_scope:
+            body_scope.release()
 
 
-async def download(
-    session: aiohttp.ClientSession,
+# --------------------------------------------------------------------- downloads
+
+
+async def _write(sink: ResultSink, chunk: bytes) -> None:
+    result = sink.write(chunk)
+    if inspect.isawaitable(result):
+        await result
+
+
+async def _fetch(
+    guard: UrlGuard,
     url: str,
     *,
     vendor: str,
     timeouts: TimeoutConfig,
     stats: RequestStats,
-) -> bytes:
-    """GET a result URL from the vendor's storage: no API key, no rate budget (§1.7)."""
-    scheme = urlsplit(url).scheme.lower() if url else ""
-    if scheme not in ("http", "https"):
-        raise PermanentError(
-            f"result URL is not http(s): {safe_url(url)!r}",
-            code="INVALID_RESULT_URL",
+    max_bytes: int,
+    sink: ResultSink | None,
+) -> bytes | None:
+    """One download through :func:`pipeline.netguard.guarded_get`: the body into
+    ``sink`` (returns ``None``) or, without a sink, returned (large-body slot held
+    while it is read). Over ``max_bytes`` → ``ResultNotImageError``."""
+    where = f"download {safe_url(url)}"
+
+    def count(hop: int) -> None:
+        if hop == 0:  # one download, however many redirects it takes
+            stats.count(vendor, "download")
+
+    def too_large() -> ResultNotImageError:
+        return ResultNotImageError(
+            f"{where}: the result is not an acceptable image: result larger than {max_bytes} bytes",
             vendor=vendor,
         )
-    stats.count(vendor, "download")
-    resp = await send(
-        session,
-        HttpRequest("GET", url),
+
+    try:
+        async with guarded_get(
+            guard, url, client_timeout=download_timeout(timeouts), on_send=count
+        ) as resp:
+            where = f"download {safe_url(str(resp.url))}"
+            if not 200 <= resp.status < 300:
+                excerpt = await resp.content.read(_ERROR_EXCERPT_BYTES)
+                parse_download(resp.status, resp.headers, excerpt, url=str(resp.url), vendor=vendor)
+            announced = resp.content_length
+            if announced is not None and announced > max_bytes:
+                raise too_large()
+            if sink is not None:
+                size = 0
+                async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise too_large()
+                    await _write(sink, chunk)
+                return None
+            async with BodyScope() as scope:
+                try:
+                    return await read_capped(
+                        resp, limit=max_bytes, scope=scope, what=where, vendor=vendor
+                    )
+                except ResponseTooLarge:
+                    raise too_large() from None
+    except VendorError:
+        raise
+    except (TimeoutError, aiohttp.ClientError, AddressRefused) as exc:
+        raise transport_error(exc, where, vendor) from exc
+    except OSError as exc:
+        # The guard's own name resolution failed (socket.gaierror): never connected.
+        raise TransportError(
+            f"{where}: could not resolve the host: {type(exc).__name__}",
+            code=CONNECT_FAILED,
+            vendor=vendor,
+            maybe_sent=False,
+        ) from exc
+
+
+async def download(
+    session: aiohttp.ClientSession | None,
+    url: str,
+    *,
+    vendor: str,
+    timeouts: TimeoutConfig,
+    stats: RequestStats,
+    guard: UrlGuard | None = None,
+    max_bytes: int = 64 * 1024 * 1024,
+) -> bytes:
+    """GET a result URL from the vendor's storage: no API key, no rate budget.
+
+    Goes through ``guard`` (:mod:`pipeline.netguard`: http(s) only, every redirect
+    hop checked, connections pinned to checked addresses); without one, only public
+    hosts are allowed. ``session`` is unused (kept for callers): each download uses
+    a private, pinned session. Returns the body, at most ``max_bytes``; the content
+    is not checked here (see ``VendorClient.download``).
+    """
+    del session
+    data = await _fetch(
+        guard or UrlGuard("", vendor=vendor, connect_seconds=timeouts.connect_seconds),
         url,
         vendor=vendor,
-        client_timeout=download_timeout(timeouts),
-        allow_redirects=True,  # storage may redirect; no key travels with this request
+        timeouts=timeouts,
+        stats=stats,
+        max_bytes=max_bytes,
+        sink=None,
     )
-    return parse_download(resp.status, resp.headers, resp.body, url=url, vendor=vendor)
+    assert data is not None
+    return data
+
+
+async def download_to(
+    url: str,
+    sink: ResultSink,
+    *,
+    vendor: str,
+    timeouts: TimeoutConfig,
+    stats: RequestStats,
+    guard: UrlGuard,
+    max_bytes: int,
+) -> None:
+    """Stream a result URL into ``sink`` (``write(bytes)``, sync or async), at most
+    ``max_bytes``; memory stays at one chunk. The content is not checked here."""
+    await _fetch(
+        guard, url, vendor=vendor, timeouts=timeouts, stats=stats, max_bytes=max_bytes, sink=sink
+    )

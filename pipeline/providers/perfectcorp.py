@@ -23,6 +23,7 @@ Pure functions build and parse every step; :class:`PerfectCorpProvider` moves by
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -30,7 +31,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from pipeline.config import ProviderConfig, TimeoutConfig
+from pipeline.config import NetworkConfig, ProviderConfig, TimeoutConfig
 from pipeline.errors import (
     FatalError,
     PermanentError,
@@ -38,6 +39,7 @@ from pipeline.errors import (
     TransportError,
     VendorError,
 )
+from pipeline.netguard import RESULT_URL_REFUSED, guarded_session
 from pipeline.providers.base import (
     AcquireSlot,
     CreditBalance,
@@ -56,6 +58,7 @@ from pipeline.providers.client import VendorClient
 from pipeline.providers.http import (
     HttpRequest,
     HttpResponse,
+    ResponseTooLarge,
     api_timeout,
     as_float,
     body_excerpt,
@@ -66,6 +69,7 @@ from pipeline.providers.http import (
     redirect_error,
     safe_url,
     send,
+    transport_error,
 )
 
 __all__ = [
@@ -102,11 +106,15 @@ UNIVERSAL_UPLOAD_PATH: Final = "/s2s/v2.0/file"  # §2.2, release v1.14 (Q11)
 TASK_PATH: Final = "/s2s/v2.0/task/ai-smile"  # §2.3 create, §2.4 poll (+ "/{task_id}")
 CREDIT_PATH: Final = "/s2s/v1.0/client/credit"  # §2.5
 
+_SCHEME: Final = re.compile(r"^[a-z][a-z0-9+.\-]*:", re.IGNORECASE)
 _REQUEST_ID_HEADER: Final = "x-request-id"  # §2.1 [U]: seen on responses; log it
 _MALFORMED: Final = "MALFORMED_RESPONSE"
 
 # §2.2: step-2 failures of any kind mean "redo both steps" (Q15).
 _PUT_FAILED: Final = "UPLOAD_PUT_FAILED"
+# The presigned upload URL points somewhere netguard refuses (loopback, private,
+# metadata): nothing is sent, and every item would get the same answer.
+_PUT_REFUSED: Final = "UPLOAD_URL_REFUSED"
 # §2.4 / §2.9: request-level poll codes that mean the task itself is over.
 _POLL_INVALID_TASK: Final = "invalidtaskid"  # S: resubmitting may double-charge (Q16)
 _POLL_RESUBMIT: Final = frozenset({"tasktimeout", "unknown_internal_error"})  # R: resubmit
@@ -348,13 +356,16 @@ def parse_create_task(status: int, headers: Mapping[str, str], body: bytes) -> S
 
 def _result_url(data: Mapping[str, Any]) -> str | None:
     # §2.4: data.results.url. Tolerate a list of results and V1's singular `result`.
+    # Any URL is handed over, http(s) or not (ftp:, file:, data:, javascript:): the
+    # task succeeded and was billed, and the download refuses a bad URL
+    # (RESULT_URL_REFUSED) with a reason, where "no result" would only re-poll.
     for key in ("results", "result"):
         value = data.get(key)
         if isinstance(value, list) and value:
             value = value[0]
         if isinstance(value, dict):
             url = _text(value.get("url"))
-            if url.lower().startswith(("http://", "https://")):
+            if _SCHEME.match(url):
                 return url
     return None
 
@@ -479,8 +490,10 @@ class PerfectCorpProvider(VendorClient):
         timeouts: TimeoutConfig,
         stats: RequestStats,
         acquire: AcquireSlot,
+        *,
+        network: NetworkConfig | None = None,
     ) -> None:
-        super().__init__(session, config, api_key, timeouts, stats, acquire)
+        super().__init__(session, config, api_key, timeouts, stats, acquire, network=network)
         # Q11: configurable, default to the feature path, fall back on 404 and remember.
         self._upload_path = config.upload_path or FEATURE_UPLOAD_PATH
 
@@ -504,6 +517,11 @@ class PerfectCorpProvider(VendorClient):
     def _parse_credits(self, resp: HttpResponse) -> CreditBalance:
         return parse_credits(resp.status, resp.headers, resp.body)
 
+    def _unread_error(self, status: int, headers: Mapping[str, str]) -> VendorError:
+        err, _ = envelope_error(status, headers, b"")
+        assert err is not None  # a non-2xx is never a success
+        return err
+
     async def _upload(self, image: ImagePayload) -> UploadTarget:
         path = self._upload_path
         resp = await self._call("upload", build_upload(image, path))
@@ -518,17 +536,35 @@ class PerfectCorpProvider(VendorClient):
         return parse_upload(resp.status, resp.headers, resp.body)
 
     async def _put(self, target: UploadTarget, image: ImagePayload) -> None:
+        """Step 2 through a pinned session: the presigned URL is vendor-supplied, so
+        it is checked like a result URL (:mod:`pipeline.netguard`) and never
+        redirected; no auth header travels with it."""
         request = build_put(target, image)
+        try:
+            checked = await self._guard.check(target.url)
+        except PermanentError as exc:
+            if exc.code != RESULT_URL_REFUSED:
+                raise
+            raise PermanentError(
+                exc.message.replace("result URL refused", "upload URL refused"),
+                code=_PUT_REFUSED,
+                vendor=VENDOR,
+            ) from None
+        except (OSError, TimeoutError) as exc:
+            raise transport_error(exc, f"PUT {safe_url(target.url)}", VENDOR) from exc
         self._stats.count(VENDOR, "put")
-        # §2.2 step 2: exactly the signed headers; no auth, nothing added by aiohttp.
-        resp = await send(
-            self._session,
-            request,
-            target.url,
-            vendor=VENDOR,
-            client_timeout=api_timeout(self._timeouts),
-            exact_headers=True,
-        )
+        async with guarded_session(api_timeout(self._timeouts)) as (session, resolver):
+            resolver.pin(checked)
+            # §2.2 step 2: exactly the signed headers; no auth, nothing added by aiohttp.
+            resp = await send(
+                session,
+                request,
+                target.url,
+                vendor=VENDOR,
+                client_timeout=api_timeout(self._timeouts),
+                exact_headers=True,
+                max_bytes=self._network.max_response_bytes,
+            )
         parse_put(resp.status, resp.headers, resp.body, url=target.url)
 
     async def submit(
@@ -559,22 +595,34 @@ class PerfectCorpProvider(VendorClient):
                 vendor=VENDOR,
             )
         with self._scrubbed():
-            target = await self._upload(image)
             try:
+                target = await self._upload(image)
                 await self._put(target, image)
             except TransportError as exc:
-                # Q15: any PUT failure means redo both steps; say so in the code.
+                # Nothing billable was sent yet (the create is step 3): maybe_sent is
+                # false whatever the network did. Q15: a failed PUT means redo both.
                 raise TransportError(
-                    exc.message, code=_PUT_FAILED, vendor=VENDOR, http_status=exc.http_status
+                    exc.message,
+                    code=exc.code if exc.code == "CONNECT_FAILED" else _PUT_FAILED,
+                    vendor=VENDOR,
+                    http_status=exc.http_status,
+                    maybe_sent=False,
                 ) from exc
-            resp = await self._call("submit", build_create_task(target.file_id, expression))
-            out = parse_create_task(resp.status, resp.headers, resp.body)
+            except ResponseTooLarge as exc:  # pragma: no cover - _call maps it
+                raise RetryableError(exc.message, code=exc.code, vendor=VENDOR) from exc
+        file_id = self._scrub(target.file_id)
+        out = await self._billable(
+            build_create_task(target.file_id, expression),
+            lambda resp: parse_create_task(resp.status, resp.headers, resp.body),
+            sync=False,
+        )
         # Q17: log every task id (a create retried after a timeout may duplicate).
+        # Ids are scrubbed (no key, no URL query, clipped) before they are logged.
         _log.info(
             "perfectcorp %s: task_id=%s file_id=%s request_id=%s",
             operation,
             out.task_id,
-            target.file_id,
+            file_id,
             out.request_id,
         )
         return out

@@ -7,6 +7,7 @@ recorder keeps raw header pairs, so tests can assert exactly which headers were 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -15,14 +16,25 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from PIL import Image
 
 from pipeline.config import ProviderConfig, TimeoutConfig
 from pipeline.providers.base import ImagePayload, RequestStats
 
 KEY = "sk-live-SECRET-0123456789abcdef"
 
-JPEG = b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF" + bytes(range(256)) * 4
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 2
+
+
+def _image(fmt: str, size: tuple[int, int] = (48, 40)) -> bytes:
+    # Real, decodable images: results are decode-checked before they count.
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 120, 90)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+JPEG = _image("JPEG")
+PNG = _image("PNG")
+WEBP = _image("WEBP")
 
 
 def jpeg_payload(data: bytes = JPEG, name: str = "portrait.jpg") -> ImagePayload:

@@ -12,6 +12,7 @@ from pipeline.errors import (
     FatalError,
     PermanentError,
     RateLimitedError,
+    ResultNotImageError,
     RetryableError,
     TransportError,
     VendorError,
@@ -328,9 +329,12 @@ def test_redirect_is_fatal() -> None:
     [{}, {"image": ""}, {"image": None}, {"image": "@@not base64@@"}, {"image": 42}],
 )
 def test_emotion_editor_without_an_image(data: dict[str, Any]) -> None:
-    with pytest.raises(RetryableError) as info:
+    # A success envelope: the job ran and was billed, so a missing image is not
+    # retried (that would pay again) but fails as RESULT_NOT_IMAGE.
+    with pytest.raises(ResultNotImageError) as info:
         ailab.parse_submit("ailab/emotion-editor", 200, {}, body(ailab_ok(data=data)))
-    assert info.value.code == "MALFORMED_RESPONSE"
+    assert info.value.code == "RESULT_NOT_IMAGE"
+    assert info.value.kind == "permanent"
     assert info.value.request_id == "req-1"
 
 
@@ -374,7 +378,7 @@ def test_face_beauty_pro_async_and_sync() -> None:
 
 
 def test_face_beauty_pro_sync_bad_result() -> None:
-    with pytest.raises(RetryableError):
+    with pytest.raises(ResultNotImageError):
         ailab.parse_submit(
             "ailab/face-beauty-pro", 200, {}, body(ailab_ok(task_type="sync", result=""))
         )

@@ -126,9 +126,10 @@ def test_clip_and_excerpt() -> None:
 URL = "https://ailab-outputs.oss-accelerate.aliyuncs.com/r/x.jpg?Expires=1&Signature=s3cr3t"
 
 
-def test_download_ok() -> None:
-    got = http.parse_download(200, {"Content-Type": "image/jpeg"}, JPEG, url=URL, vendor="ailab")
-    assert got == JPEG
+@pytest.mark.parametrize("status", [200, 203, 206])
+def test_download_2xx_goes_on(status: int) -> None:
+    # The content is judged by pipeline.resultcheck, not by the status or its type.
+    assert http.parse_download(status, {"Content-Type": "text/html"}, b"", url=URL, vendor="a") is None
 
 
 @pytest.mark.parametrize("status", [403, 404, 410])
@@ -158,17 +159,3 @@ def test_download_other_4xx_is_permanent() -> None:
     with pytest.raises(PermanentError) as info:
         http.parse_download(400, {}, b"bad", url=URL, vendor="ailab")
     assert info.value.code == "HTTP_400"
-
-
-@pytest.mark.parametrize(
-    ("ctype", "body", "code"),
-    [
-        ("image/jpeg", b"", "EMPTY_RESULT"),
-        ("text/html; charset=utf-8", b"<html>oops</html>", "RESULT_NOT_IMAGE"),
-        ("application/json", b'{"error": "x"}', "RESULT_NOT_IMAGE"),
-    ],
-)
-def test_download_200_that_is_not_an_image(ctype: str, body: bytes, code: str) -> None:
-    with pytest.raises(RetryableError) as info:
-        http.parse_download(200, {"content-type": ctype}, body, url=URL, vendor="ailab")
-    assert info.value.code == code

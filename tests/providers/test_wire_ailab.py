@@ -254,7 +254,9 @@ async def test_connection_refused_is_transport(session: aiohttp.ClientSession) -
     kit = make_kit(session, f"http://127.0.0.1:{port}")
     with pytest.raises(TransportError) as info:
         await provider(kit).credits()
-    assert info.value.code == "NETWORK_ERROR"
+    # Nothing left: the engine counts CONNECT_FAILED towards VENDOR_UNREACHABLE.
+    assert info.value.code == "CONNECT_FAILED"
+    assert info.value.maybe_sent is False
     assert_no_key(info.value)
 
 
@@ -275,7 +277,7 @@ async def test_download_errors(vendor: Vendor, session: aiohttp.ClientSession) -
         await p.download(vendor.url("/slow.jpg"))
     with pytest.raises(PermanentError) as pinfo:
         await p.download("ftp://example.com/x.jpg")
-    assert pinfo.value.code == "INVALID_RESULT_URL"
+    assert pinfo.value.code == "RESULT_URL_REFUSED"
     assert kit.budget.taken == 0
     assert kit.stats.by_vendor() == {"ailab": {"download": 3}}
 

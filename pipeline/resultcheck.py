@@ -1,0 +1,364 @@
+"""Is what the vendor billed us for an image we can hand to the user?
+
+:func:`check_result_image` answers for bytes in memory, a file path or an open binary
+file, within bounded memory and time, and returns the format (``"jpg"``, ``"png"`` or
+``"webp"``) or raises :class:`~pipeline.errors.ResultNotImageError` with a one-line
+reason. The order of the checks is what keeps memory bounded:
+
+1. the byte count (``os.stat`` for a path) against ``max_bytes``; empty is refused;
+2. the magic bytes: HTML pages, JSON, plain text and other formats are named as such;
+3. the pixel count from the header, before anything is decoded: a 20000x20000 PNG is
+   refused from its first 24 bytes. WebP's header is parsed here, because Pillow's
+   WebP decoder allocates the whole canvas the moment it opens a file;
+4. integrity, cheaply: a JPEG is decoded at 1/8 scale (``draft()``), which reads every
+   byte of entropy-coded data, so a truncated file fails; a PNG's chunks and CRCs are
+   walked by ``verify()`` up to ``IEND``; a WebP is decoded in full (its pixels are
+   capped by :data:`FULL_DECODE_PIXELS`).
+
+Pillow's format classes are used directly rather than ``Image.open``: ``Image.open``
+runs Pillow's own decompression-bomb check, which *warns* (a process-wide warning
+filter decides whether that is an exception) between 89 and 179 million pixels.
+Step 3 is stricter and always an error, so that check is redundant here; any bomb
+error Pillow still raises is turned into ``ResultNotImageError`` too.
+
+Decodes are limited process-wide (:data:`MAX_CONCURRENT_DECODES`, a threading
+semaphore, so thread-pool callers share it); async callers use
+:func:`check_result_image_async`, which also queues in the event loop before taking a
+worker thread, so waiting checks never hold the thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import struct
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import IO, Final
+
+import anyio
+import anyio.to_thread
+from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+from pipeline.errors import ResultNotImageError
+
+__all__ = [
+    "FULL_DECODE_PIXELS",
+    "MAX_CONCURRENT_DECODES",
+    "ResultSource",
+    "check_result_image",
+    "check_result_image_async",
+    "describe_non_image",
+]
+
+ResultSource = bytes | bytearray | memoryview | str | os.PathLike[str] | IO[bytes]
+
+# At most this many results are being decoded at once in the process. A JPEG decoded
+# at 1/8 scale needs about pixels*3/64 bytes; a progressive JPEG or a WebP decoded in
+# full needs up to 6 and 4 bytes per pixel, bounded by FULL_DECODE_PIXELS below.
+MAX_CONCURRENT_DECODES: Final = 2
+# Above this many pixels a progressive JPEG (libjpeg keeps every DCT coefficient of a
+# progressive scan: up to 6 bytes per pixel) or a WebP (the decoder allocates the
+# RGBA canvas: 4 bytes per pixel) is not decoded; its structure is checked instead
+# (JPEG: the last scan ends with EOI; WebP: every RIFF chunk is complete). 12 Mpx
+# keeps one decode under ~72 MB; portraits are far smaller.
+FULL_DECODE_PIXELS: Final = 12_000_000
+
+_HEAD = 64
+_DECODES = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
+_LOOP_LIMITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
+    weakref.WeakKeyDictionary()
+)
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _refuse(reason: str, vendor: str) -> ResultNotImageError:
+    return ResultNotImageError(f"the result is not an acceptable image: {reason}", vendor=vendor)
+
+
+# ------------------------------------------------------------------------- sources
+
+
+class _Source:
+    """Uniform access to bytes, a path or a seekable binary file."""
+
+    def __init__(self, source: ResultSource) -> None:
+        self._owned: IO[bytes] | None = None
+        if isinstance(source, bytes | bytearray | memoryview):
+            self.size = len(source)
+            self._fp: IO[bytes] = io.BytesIO(source)
+        elif isinstance(source, str | os.PathLike):
+            self.size = os.stat(source).st_size
+            self._owned = self._fp = open(source, "rb")  # noqa: SIM115 (closed in close())
+        else:
+            self._fp = source
+            self._fp.seek(0, os.SEEK_END)
+            self.size = self._fp.tell()
+
+    def fp(self) -> IO[bytes]:
+        self._fp.seek(0)
+        return self._fp
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        self._fp.seek(offset)
+        return self._fp.read(n)
+
+    def close(self) -> None:
+        if self._owned is not None:
+            self._owned.close()
+
+
+# --------------------------------------------------------------- what it is instead
+
+
+def describe_non_image(head: bytes) -> str:
+    """A short name for data that is not JPEG/PNG/WebP, from its first bytes."""
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "unsupported image format GIF (accepted: JPEG, PNG, WebP)"
+    if head[4:8] == b"ftyp":
+        return "unsupported image format HEIF/AVIF (accepted: JPEG, PNG, WebP)"
+    if head.startswith(b"BM"):
+        return "unsupported image format BMP (accepted: JPEG, PNG, WebP)"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "unsupported image format TIFF (accepted: JPEG, PNG, WebP)"
+    if head.startswith(b"%PDF"):
+        return "a PDF document"
+    if head.startswith(b"PK\x03\x04"):
+        return "a ZIP archive"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip-compressed data"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "an HTML page"
+    if text.startswith(b"<script") or b"<script" in text:
+        return "a script (HTML/JavaScript text)"
+    if text.startswith(b"<?xml") or text.startswith(b"<svg") or text.startswith(b"<"):
+        return "XML/SVG markup"
+    if text[:1] in (b"{", b"["):
+        return "JSON text"
+    for cut in range(4):  # a multi-byte character may be cut at the end of the head
+        try:
+            decoded = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if decoded and all(c.isprintable() or c in "\t\r\n" for c in decoded):
+            return "plain text"
+        break
+    return "not an image (unknown binary format)"
+
+
+def _format_of(head: bytes) -> str | None:
+    if head.startswith(_JPEG_MAGIC):
+        return "jpg"
+    if head.startswith(_PNG_MAGIC):
+        return "png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+# ------------------------------------------------------------------------- headers
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    """Canvas size from a WebP header (RIFF + first chunk), ``None`` if unreadable.
+
+    Hand-written because Pillow only reads it inside the decoder constructor, which
+    already allocates the canvas (the very thing a bomb check must come before).
+    """
+    fourcc = head[12:16]
+    if fourcc == b"VP8X" and len(head) >= 30:
+        w = int.from_bytes(head[24:27], "little") + 1
+        h = int.from_bytes(head[27:30], "little") + 1
+        return w, h
+    if fourcc == b"VP8L" and len(head) >= 25 and head[20] == 0x2F:
+        bits = int.from_bytes(head[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if fourcc == b"VP8 " and len(head) >= 30 and head[23:26] == b"\x9d\x01\x2a":
+        w, h = struct.unpack("<HH", head[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    return None
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, what: str, vendor: str) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise _refuse(f"{what} header gives an empty size {w}x{h}", vendor)
+    if w * h > max_pixels:
+        raise _refuse(
+            f"{what} of {w}x{h} pixels exceeds the limit of {max_pixels} pixels "
+            "(a decompression bomb or an absurd size)",
+            vendor,
+        )
+
+
+# ----------------------------------------------------------------------- integrity
+
+
+def _webp_structure(src: _Source, vendor: str) -> None:
+    """Every RIFF chunk of a WebP complete and inside the file (truncation check)."""
+    riff_size = int.from_bytes(src.read_at(4, 4), "little")
+    if riff_size + 8 > src.size:
+        raise _refuse(
+            f"truncated WebP: the header announces {riff_size + 8} bytes, got {src.size}", vendor
+        )
+    offset, end, chunks = 12, riff_size + 8, 0
+    while offset + 8 <= end:
+        length = int.from_bytes(src.read_at(offset + 4, 4), "little")
+        offset += 8 + length + (length & 1)
+        chunks += 1
+    if chunks == 0 or offset > end + 1:  # the last chunk's pad byte may be missing
+        raise _refuse("truncated or corrupt WebP: a chunk runs past the end", vendor)
+
+
+def _jpeg_ends_with_eoi(src: _Source, vendor: str) -> None:
+    """The data after the last start-of-scan marker contains EOI (``FFD9``).
+
+    Markers cannot occur inside entropy-coded data (``FF`` is stuffed as ``FF00``), so
+    a file cut anywhere in its scans has no EOI after its last SOS. Read backwards in
+    1 MiB blocks (overlapping by one byte, for a marker split between two blocks):
+    memory stays bounded for any file size.
+    """
+    step = 1 << 20
+    pos = src.size
+    carry = b""
+    eoi_later = False
+    while pos > 0:
+        start = max(0, pos - step)
+        block = src.read_at(start, pos - start) + carry
+        sos = block.rfind(b"\xff\xda")
+        if sos >= 0:
+            if eoi_later or block.find(b"\xff\xd9", sos + 2) >= 0:
+                return
+            break
+        eoi_later = eoi_later or b"\xff\xd9" in block
+        carry = block[:1]
+        pos = start
+    raise _refuse("truncated JPEG: no end-of-image marker after the last scan", vendor)
+
+
+def _verify_jpeg(src: _Source, max_pixels: int, vendor: str) -> None:
+    im = JpegImagePlugin.JpegImageFile(src.fp())
+    try:
+        _check_pixels(im.size, max_pixels, "JPEG", vendor)
+        w, h = im.size
+        progressive = bool(im.info.get("progressive") or im.info.get("progression"))
+        if progressive and w * h > FULL_DECODE_PIXELS:
+            _jpeg_ends_with_eoi(src, vendor)
+            return
+        # 1/8 scale: libjpeg still reads (and Huffman-decodes) every scan, so a cut or
+        # damaged stream fails, but the pixel buffer is 64 times smaller.
+        im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+        im.load()
+    finally:
+        im.close()
+    # Pillow (LOAD_TRUNCATED_IMAGES, set by anyone in the process) may accept a cut
+    # file; the marker check does not depend on that global.
+    _jpeg_ends_with_eoi(src, vendor)
+
+
+def _verify_png(src: _Source, max_pixels: int, vendor: str) -> None:
+    head = src.read_at(0, 33)
+    if len(head) < 24 or head[12:16] != b"IHDR":
+        raise _refuse("corrupt PNG: no IHDR header", vendor)
+    w, h = struct.unpack(">II", head[16:24])
+    _check_pixels((w, h), max_pixels, "PNG", vendor)
+    im = PngImagePlugin.PngImageFile(src.fp())
+    try:
+        im.verify()  # every chunk's CRC, up to IEND: a cut file fails
+    finally:
+        im.close()
+
+
+def _verify_webp(src: _Source, max_pixels: int, vendor: str) -> None:
+    head = src.read_at(0, _HEAD)
+    size = _webp_size(head)
+    if size is None:
+        raise _refuse("corrupt WebP: unreadable header", vendor)
+    _check_pixels(size, max_pixels, "WebP", vendor)
+    _webp_structure(src, vendor)
+    if size[0] * size[1] > FULL_DECODE_PIXELS:
+        return
+    im = WebPImagePlugin.WebPImageFile(src.fp())
+    try:
+        _check_pixels(im.size, max_pixels, "WebP", vendor)
+        im.load()
+    finally:
+        im.close()
+
+
+_VERIFY = {"jpg": _verify_jpeg, "png": _verify_png, "webp": _verify_webp}
+_NAMES = {"jpg": "JPEG", "png": "PNG", "webp": "WebP"}
+
+
+@contextmanager
+def _decode_slot() -> Iterator[None]:
+    with _DECODES:
+        yield
+
+
+def check_result_image(
+    data_or_path: ResultSource, *, max_bytes: int, max_pixels: int, vendor: str = ""
+) -> str:
+    """The result's format (``"jpg"`` | ``"png"`` | ``"webp"``), or raise
+    :class:`~pipeline.errors.ResultNotImageError` with a one-line reason.
+
+    ``data_or_path`` is the bytes, a path to them (a streamed download) or a seekable
+    binary file. Blocking: call it from a worker thread, or use
+    :func:`check_result_image_async`. Never warns: Pillow's decompression-bomb
+    warnings and errors come out as ``ResultNotImageError``.
+    """
+    src = _Source(data_or_path)
+    try:
+        if src.size == 0:
+            raise _refuse("empty (0 bytes)", vendor)
+        if src.size > max_bytes:
+            raise _refuse(f"result larger than {max_bytes} bytes ({src.size})", vendor)
+        head = src.read_at(0, _HEAD)
+        fmt = _format_of(head)
+        if fmt is None:
+            raise _refuse(describe_non_image(head), vendor)
+        with _decode_slot():
+            try:
+                _VERIFY[fmt](src, max_pixels, vendor)
+            except ResultNotImageError:
+                raise
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise _refuse(f"{_NAMES[fmt]} decompression bomb ({exc})", vendor) from None
+            except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as exc:
+                detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+                raise _refuse(f"truncated or corrupt {_NAMES[fmt]} ({detail})", vendor) from None
+        return fmt
+    finally:
+        src.close()
+
+
+def _loop_limiter() -> anyio.CapacityLimiter:
+    loop = asyncio.get_running_loop()
+    limiter = _LOOP_LIMITERS.get(loop)
+    if limiter is None:
+        limiter = _LOOP_LIMITERS[loop] = anyio.CapacityLimiter(MAX_CONCURRENT_DECODES)
+    return limiter
+
+
+async def check_result_image_async(
+    data_or_path: ResultSource, *, max_bytes: int, max_pixels: int, vendor: str = ""
+) -> str:
+    """:func:`check_result_image` in a worker thread; at most
+    :data:`MAX_CONCURRENT_DECODES` of them per event loop hold a thread at once."""
+    return await anyio.to_thread.run_sync(
+        partial(
+            check_result_image,
+            data_or_path,
+            max_bytes=max_bytes,
+            max_pixels=max_pixels,
+            vendor=vendor,
+        ),
+        limiter=_loop_limiter(),
+    )
