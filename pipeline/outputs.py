@@ -86,10 +86,12 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "check_no_symlink",
+    "open_result",
     "resolve_inside",
     "result_relpath",
     "sweep_partial_files",
     "write_file_nofollow",
+    "write_result",
 ]
 
 TEMP_SUFFIX = ".part"
@@ -568,6 +570,24 @@ def atomic_write_bytes(path: Path, data: bytes, *, root: Path | None = None) -> 
     """
     with AtomicFile(path, root=root) as handle:
         handle.write(data)
+
+
+def open_result(output_dir: Path, relpath: str) -> AtomicFile:
+    """An :class:`AtomicFile` for the result at ``relpath`` (from :func:`result_relpath`)
+    under ``output_dir``: checked with :func:`resolve_inside`, written with no link
+    followed below ``output_dir``. For streaming a download to disk."""
+    return AtomicFile(resolve_inside(output_dir, relpath), root=output_dir)
+
+
+def write_result(output_dir: Path, relpath: str, data: bytes) -> Path:
+    """Store a result's bytes at ``relpath`` under ``output_dir``; returns the path.
+
+    Raises :class:`FileWriteError` (an ``OSError``; ``errno`` ``ENOSPC`` when the disk
+    is full) and :class:`UnsafePathError` for a planted symlink or a file in the way.
+    """
+    with open_result(output_dir, relpath) as handle:
+        handle.write(data)
+    return handle.target
 
 
 def write_file_nofollow(path: Path, data: bytes, *, root: Path | None = None) -> None:
