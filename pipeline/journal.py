@@ -26,6 +26,7 @@ never overwritten.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -33,23 +34,27 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Literal, Self
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 
-from pipeline.errors import JournalError
+from pipeline.errors import DiskFullError, JournalError
+from pipeline.lifecycle import COLLECTABLE_STATUSES, ErrorInfo, Snapshot, Status, check_move
 
-__all__ = ["JOURNAL_NAME", "ItemRecord", "Journal", "RunRecord"]
+_KINDS = ("retryable", "permanent", "fatal")
+
+__all__ = ["JOURNAL_NAME", "KEEP", "Change", "ItemRecord", "Journal", "RunRecord"]
 
 JOURNAL_NAME = "journal.sqlite"
 APPLICATION_ID = 0x50505031  # "PPP1": marks the file as ours
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE runs (
     id INTEGER PRIMARY KEY,
@@ -86,13 +91,89 @@ CREATE TABLE items (
 CREATE INDEX items_seen_run ON items (seen_run);
 """
 
+# Version 2 (this release): unknown-outcome sends, billing, poll lag, the spool of
+# paid results not stored yet, duplicates met per run, and the stat cache.
+_MIGRATE_V1_TO_V2 = """
+ALTER TABLE items ADD COLUMN unknown_sends INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE items ADD COLUMN billed_run INTEGER;
+ALTER TABLE items ADD COLUMN poll_lag REAL;
+CREATE TABLE spool (key TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE duplicates (
+    run_id INTEGER NOT NULL,
+    input_rel TEXT NOT NULL,
+    input_path TEXT NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (run_id, input_rel, key)
+);
+CREATE TABLE files (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    dev INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    cached_at_ns INTEGER NOT NULL
+);
+"""
+_SCHEMA = _SCHEMA_V1 + _MIGRATE_V1_TO_V2
+
 _ITEM_COLUMNS = (
     "key", "operation", "variant", "params", "input_path", "input_rel", "status",
     "task_id", "attempts", "polls", "output", "error_code", "error_message",
     "error_kind", "changes", "seen_run", "run_status", "succeeded_run",
-    "submitted_at", "finished_at", "updated_at",
+    "submitted_at", "finished_at", "updated_at", "unknown_sends", "billed_run",
+    "poll_lag",
 )  # fmt: skip
-_UPDATABLE = frozenset(_ITEM_COLUMNS) - {"key"}
+
+
+class _Keep(Enum):
+    KEEP = 0
+
+
+KEEP: Final = _Keep.KEEP
+Keep = Literal[_Keep.KEEP]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One journal write for an item: a status (checked against the lifecycle's
+    table) and the fields that change with it; ``KEEP`` leaves a field as it is."""
+
+    status: Status
+    task_id: str | Keep | None = KEEP
+    attempts: int | Keep = KEEP
+    unknown_sends: int | Keep = KEEP
+    output: str | Keep | None = KEEP
+    error: ErrorInfo | Keep | None = KEEP
+    run_status: str | Keep | None = KEEP  # succeeded | failed | skipped | failed_earlier
+    billed_run: int | Keep | None = KEEP
+    succeeded_run: int | Keep = KEEP
+    poll_lag: float | Keep | None = KEEP
+    polls: int | Keep = KEEP
+    changes: str | Keep | None = KEEP
+    finished: bool = False  # set finished_at = now
+    spool: bytes | Keep | None = KEEP  # bytes: keep a paid result; None: drop it
+
+    def columns(self, now: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status.value, "updated_at": now}
+        for name in (
+            "task_id", "attempts", "unknown_sends", "output", "run_status", "billed_run",
+            "succeeded_run", "poll_lag", "polls", "changes",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if value is not KEEP:
+                out[name] = value
+        if self.error is not KEEP:
+            err = self.error
+            out["error_code"] = err.code if err else None
+            out["error_message"] = err.message if err else None
+            out["error_kind"] = err.kind if err else None
+        if self.status is Status.SUBMITTING:
+            out["submitted_at"] = now
+        if self.finished:
+            out["finished_at"] = now
+        return out
 
 
 @dataclass(frozen=True)
@@ -120,6 +201,25 @@ class ItemRecord:
     submitted_at: float | None
     finished_at: float | None
     updated_at: float
+    unknown_sends: int = 0
+    billed_run: int | None = None
+    poll_lag: float | None = None
+
+    def snapshot(self, *, has_spool: bool = False) -> Snapshot:
+        """What :func:`pipeline.lifecycle.resume` needs from this row."""
+        error = None
+        if self.error_code is not None:
+            kind = self.error_kind if self.error_kind in _KINDS else "permanent"
+            error = ErrorInfo(self.error_code, self.error_message or "", kind)  # type: ignore[arg-type]
+        return Snapshot(
+            status=Status(self.status),
+            task_id=self.task_id,
+            attempts=self.attempts,
+            unknown_sends=self.unknown_sends,
+            error=error,
+            output=self.output,
+            has_spool=has_spool,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,12 +255,20 @@ class Journal:
         self._wake = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self.commits = 0
+        # The last status written (or read) per item met by this run: every change is
+        # checked against the lifecycle's table before it is queued.
+        self._status: dict[str, Status] = {}
 
     # -- opening ------------------------------------------------------------------
 
     @staticmethod
     def open_sync(path: Path, *, create: bool) -> sqlite3.Connection:
         """Open (or create) a journal file and check it is ours and intact."""
+        if path.is_symlink():
+            raise JournalError(
+                f"{path}: the journal is a symbolic link; refusing to follow it. Remove the "
+                "link (a journal is always a plain file inside the output folder)"
+            )
         existed = path.exists()
         if not existed and not create:
             raise JournalError(f"{path}: no journal here; run `pipeline run` on a manifest first")
@@ -234,6 +342,9 @@ class Journal:
                 f"{path}: this SQLite file is not a portrait-pipeline journal (application_id "
                 f"{app_id}); choose another output folder or move the file aside"
             )
+        if version == 1:
+            Journal._migrate_v1(conn, path)
+            version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise JournalError(
                 f"{path}: journal schema version {version} is not the supported "
@@ -248,6 +359,25 @@ class Journal:
                 f"{path}: the journal failed its integrity check ({result}); restore it from "
                 "a backup or move it aside. It was not modified."
             )
+
+    @staticmethod
+    def _migrate_v1(conn: sqlite3.Connection, path: Path) -> None:
+        """Bring a journal of the previous release (schema 1) to schema 2, in one
+        transaction: a crash leaves it at 1 or at 2, never between."""
+        try:
+            conn.executescript(
+                "BEGIN IMMEDIATE;"
+                + _MIGRATE_V1_TO_V2
+                + f"PRAGMA user_version = {SCHEMA_VERSION};"
+                + "COMMIT;"
+            )
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise JournalError(
+                f"{path}: cannot upgrade the journal from schema 1 ({exc}); it was not "
+                "modified. Free some disk space, or use the previous release to finish"
+            ) from None
 
     async def __aenter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,15 +430,27 @@ class Journal:
             conn.execute("COMMIT")
 
     async def _write(self, sql: str, params: Sequence[Any]) -> None:
+        await self._write_many([(sql, params)])
+
+    async def _write_many(self, ops: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Queue writes that commit together (one transaction); return once committed.
+
+        Shielded: a cancelled caller must not be left unsure whether its transition
+        (say, a task id) was committed; it waits for the commit.
+        """
         batch = self._batch
-        batch.ops.append((sql, params))
+        batch.ops.extend(ops)
         self._wake.set()
-        # Shielded: a cancelled caller must not leave the caller unsure whether its
-        # transition (say, a task id) was committed; it waits for the commit.
         with anyio.CancelScope(shield=True):
             await batch.done.wait()
         if batch.error is not None:
-            raise JournalError(f"{self.path}: journal write failed: {batch.error}")
+            error = batch.error
+            if _disk_full(error):
+                raise DiskFullError(
+                    f"{self.path}: the disk is full; the journal cannot record more. Free "
+                    "some space and rerun: everything committed so far is kept"
+                )
+            raise JournalError(f"{self.path}: journal write failed: {error}")
 
     async def flush(self) -> None:
         """Wait until every write issued so far is committed."""
@@ -359,19 +501,43 @@ class Journal:
     # -- items ----------------------------------------------------------------------------
 
     async def lookup(self, key: str) -> ItemRecord | None:
-        rows = await self._read(
-            f"SELECT {', '.join(_ITEM_COLUMNS)} FROM items WHERE key = ?", (key,)
-        )
-        return ItemRecord(*rows[0]) if rows else None
+        found = await self.lookup_many([key])
+        return found.get(key)
+
+    async def lookup_many(self, keys: Sequence[str]) -> dict[str, ItemRecord]:
+        """The rows of ``keys`` that exist, in one read per 500 keys."""
+        out: dict[str, ItemRecord] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            rows = await self._read(
+                f"SELECT {', '.join(_ITEM_COLUMNS)} FROM items WHERE key IN"
+                f" ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            for row in rows:
+                rec = ItemRecord(*row)
+                out[rec.key] = rec
+                self._status[rec.key] = Status(rec.status)
+        return out
+
+    async def has_spool(self, key: str) -> bool:
+        rows = await self._read("SELECT 1 FROM spool WHERE key = ?", (key,))
+        return bool(rows)
+
+    async def load_spool(self, key: str) -> bytes | None:
+        rows = await self._read("SELECT data FROM spool WHERE key = ?", (key,))
+        return bytes(rows[0][0]) if rows else None
 
     async def live_tasks(self) -> dict[str, tuple[int, int]]:
         """Tasks created by earlier runs and not collected yet, per operation, as
         ``(not yet known to have succeeded, ready)``. The vendor bills each one that
-        succeeds, whichever run collects it; ``ready`` ones are billed already."""
+        succeeds, whichever run collects it; ``ready`` ones are billed already.
+        The rows are those :func:`pipeline.lifecycle.collectable` accepts."""
+        statuses = ", ".join(f"'{s.value}'" for s in sorted(COLLECTABLE_STATUSES))
         rows = await self._read(
             "SELECT operation, SUM(status != 'ready'), SUM(status = 'ready') FROM items"
-            " WHERE task_id IS NOT NULL AND (status IN ('submitted', 'ready')"
-            " OR (status = 'failed' AND error_kind != 'permanent'))"
+            f" WHERE task_id IS NOT NULL AND (status IN ({statuses})"
+            " OR (status = 'failed' AND error_kind IS NOT NULL AND error_kind != 'permanent'))"
             " GROUP BY operation",
             (),
         )
@@ -390,6 +556,7 @@ class Journal:
     ) -> None:
         """Record that this run met the item (inserting it as pending if new)."""
         now = time.time()
+        self._status.setdefault(key, Status.PENDING)
         await self._write(
             "INSERT INTO items (key, operation, variant, params, input_path, input_rel, status,"
             " seen_run, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)"
@@ -399,23 +566,92 @@ class Journal:
             (key, operation, variant, params, input_path, input_rel, run_id, now),
         )
 
-    async def update(self, key: str, **fields: Any) -> None:
-        """Set ``fields`` on the item; committed when this returns."""
-        unknown = set(fields) - _UPDATABLE
-        if unknown:
-            raise ValueError(f"unknown journal columns: {sorted(unknown)}")
-        fields["updated_at"] = time.time()
-        names = sorted(fields)
+    async def skip_many(self, keys: Sequence[str], run_id: int, run_status: str) -> None:
+        """Mark items this run met and left as they were (done, or failed for good)."""
+        if not keys:
+            return
+        now = time.time()
+        ops = [
+            (
+                "UPDATE items SET seen_run = ?, run_status = ?, updated_at = ? WHERE key = ?",
+                (run_id, run_status, now, key),
+            )
+            for key in keys
+        ]
+        await self._write_many(ops)
+
+    async def record_duplicate(
+        self, run_id: int, input_rel: str, input_path: str, key: str
+    ) -> None:
+        """An input whose content (for this variant) another input of the run carries."""
         await self._write(
-            f"UPDATE items SET {', '.join(f'{n} = ?' for n in names)} WHERE key = ?",
-            [fields[n] for n in names] + [key],
+            "INSERT OR IGNORE INTO duplicates (run_id, input_rel, input_path, key)"
+            " VALUES (?, ?, ?, ?)",
+            (run_id, input_rel, input_path, key),
         )
+
+    async def change(self, key: str, change: Change) -> None:
+        """Apply one lifecycle step to the item; committed when this returns.
+
+        Raises :class:`pipeline.lifecycle.IllegalMove` (before writing anything) if
+        the status change is not in the lifecycle's table.
+        """
+        check_move(self._status.get(key), change.status)
+        cols = change.columns(time.time())
+        names = sorted(cols)
+        ops: list[tuple[str, Sequence[Any]]] = [
+            (
+                f"UPDATE items SET {', '.join(f'{n} = ?' for n in names)} WHERE key = ?",
+                [cols[n] for n in names] + [key],
+            )
+        ]
+        if isinstance(change.spool, bytes):
+            ops.append(
+                ("INSERT OR REPLACE INTO spool (key, data) VALUES (?, ?)", (key, change.spool))
+            )
+        elif change.spool is None:
+            ops.append(("DELETE FROM spool WHERE key = ?", (key,)))
+        self._status[key] = change.status
+        await self._write_many(ops)
+
+    # -- the stat cache -------------------------------------------------------------------
+
+    async def cached_hashes(self, paths: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        """``path -> (size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash)`` rows
+        for the paths the cache knows (hash last, as a str in a tuple of ints)."""
+        out: dict[str, tuple[Any, ...]] = {}
+        for start in range(0, len(paths), 500):
+            chunk = list(paths[start : start + 500])
+            rows = await self._read(
+                "SELECT path, size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash FROM files"
+                f" WHERE path IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            for row in rows:
+                out[row[0]] = tuple(row[1:])
+        return out
+
+    async def cache_hashes(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Store ``(path, size, mtime_ns, ctime_ns, inode, dev, hash, cached_at_ns)`` rows."""
+        if rows:
+            await self._write_many(
+                [
+                    ("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+                    for row in rows
+                ]
+            )
 
     async def add_polls(self, key: str, n: int = 1) -> None:
         await self._write(
             "UPDATE items SET polls = polls + ?, updated_at = ? WHERE key = ?",
             (n, time.time(), key),
         )
+
+
+def _disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return isinstance(error, sqlite3.OperationalError) and "full" in str(error).lower()
 
 
 # -- reading for reports (synchronous; report.py runs these in a thread) ---------------------
@@ -449,3 +685,119 @@ def iter_run_items(conn: sqlite3.Connection, run_id: int) -> Iterator[ItemRecord
     )
     for row in cur:
         yield ItemRecord(*row)
+
+
+# Report reading streams every item a run met (10^6 on a nightly rerun of a big
+# folder), so its rows are named tuples: a fraction of an ItemRecord's cost per row.
+from typing import NamedTuple  # noqa: E402  (kept in this section, which report.py owns)
+
+# Error codes of a result the vendor billed and that is gone for good.
+PAID_LOST_CODES: Final = ("RESULT_LOST", "RESULT_NOT_IMAGE")
+_LOST_SQL = "(" + ", ".join(f"'{code}'" for code in PAID_LOST_CODES) + ")"
+# Whether the vendor billed the item, in any run. ``billed_run`` is written from schema 2
+# on; rows of a schema-1 journal are billed if they ever succeeded, are ``ready``
+# (the vendor said the task succeeded) or lost a paid result.
+_BILLED_SQL = (
+    "(billed_run IS NOT NULL OR succeeded_run IS NOT NULL OR status = 'ready'"
+    f" OR (status = 'failed' AND error_code IN {_LOST_SQL}))"
+)
+# Whether the vendor billed it in run ``:run`` (schema-1 rows: the run it succeeded in).
+_BILLED_IN_RUN_SQL = "(billed_run = :run OR (billed_run IS NULL AND succeeded_run = :run))"
+
+
+class RunRow(NamedTuple):
+    """What a report needs of one item (see :func:`iter_run_rows`)."""
+
+    key: str
+    operation: str
+    variant: str
+    params: str  # JSON object of vendor codes (and path params, when recorded)
+    input_path: str
+    input_rel: str
+    status: str  # a :class:`Status` value
+    task_id: str | None
+    attempts: int
+    polls: int
+    output: str | None  # relative to the output folder
+    error_code: str | None
+    error_message: str | None
+    error_kind: str | None
+    changes: str | None  # JSON list of auto-fix notes
+    run_status: str | None  # succeeded | failed | skipped | failed_earlier | None (unfinished)
+    unknown_sends: int
+    poll_lag: float | None
+    billed: int  # 1: the vendor billed it (in any run)
+    billed_here: int  # 1: the vendor billed it in the run being read
+
+
+_RUN_ROW_SQL = ", ".join(
+    [*RunRow._fields[:-2], f"{_BILLED_SQL} AS billed", f"{_BILLED_IN_RUN_SQL} AS billed_here"]
+)
+
+
+def iter_run_rows(conn: sqlite3.Connection, run_id: int) -> Iterator[RunRow]:
+    """Every item run ``run_id`` met, ordered by input, operation and variant; one
+    query, streamed (rows are read as the caller consumes them)."""
+    cur = conn.execute(
+        f"SELECT {_RUN_ROW_SQL} FROM items WHERE seen_run = :run"
+        " ORDER BY input_rel, operation, variant",
+        {"run": run_id},
+    )
+    return map(RunRow._make, cur)
+
+
+class DuplicateRow(NamedTuple):
+    """An input met in a run whose content (for that variant) another input carries."""
+
+    input_rel: str
+    input_path: str
+    key: str
+    carrier: RunRow | None  # the item that carries it; None if it has no row
+
+
+def iter_run_duplicates(conn: sqlite3.Connection, run_id: int) -> Iterator[DuplicateRow]:
+    """The duplicates run ``run_id`` met, each with its carrying item, by input."""
+    # The billing expressions name only columns the duplicates table lacks.
+    cur = conn.execute(
+        "SELECT d.input_rel, d.input_path, d.key, i.key IS NOT NULL,"
+        f" {', '.join(f'i.{name}' for name in RunRow._fields[:-2])},"
+        f" {_BILLED_SQL}, {_BILLED_IN_RUN_SQL}"
+        " FROM duplicates d LEFT JOIN items i ON i.key = d.key"
+        " WHERE d.run_id = :run ORDER BY d.input_rel, d.key",
+        {"run": run_id},
+    )
+    for row in cur:
+        carrier = RunRow._make(row[4:]) if row[3] else None
+        yield DuplicateRow(row[0], row[1], row[2], carrier)
+
+
+@dataclass(frozen=True)
+class FolderCounts:
+    """Every item in the journal, whichever run met it last."""
+
+    by_status: dict[str, int]  # Status value -> items
+    billed: dict[str, int]  # operation -> items the vendor billed (in any run)
+    paid_lost: int  # billed, and the result is gone for good (PAID_LOST_CODES)
+    possibly_billed: int  # a send whose outcome is unknown is on record
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_status.values())
+
+
+def folder_counts(conn: sqlite3.Connection) -> FolderCounts:
+    """Totals over the whole journal, in one aggregate query."""
+    rows = conn.execute(
+        f"SELECT operation, status, COUNT(*), SUM({_BILLED_SQL}),"
+        f" SUM(status = 'failed' AND error_code IN {_LOST_SQL}), SUM(unknown_sends > 0)"
+        " FROM items GROUP BY operation, status"
+    ).fetchall()
+    by_status = {status.value: 0 for status in Status}
+    billed: dict[str, int] = {}
+    lost = unknown = 0
+    for operation, status, n, n_billed, n_lost, n_unknown in rows:
+        by_status[status] = by_status.get(status, 0) + n
+        billed[operation] = billed.get(operation, 0) + n_billed
+        lost += n_lost
+        unknown += n_unknown
+    return FolderCounts(by_status, billed, lost, unknown)

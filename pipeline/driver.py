@@ -1,0 +1,368 @@
+"""The thin async driver: performs each lifecycle state's I/O for one item.
+
+:mod:`pipeline.lifecycle` decides; this module acts. For each state the driver
+first makes the state's journal checkpoint durable, then performs its I/O (rate
+budget, submit, sleep, poll, download, store) and turns whatever happened, every
+provider outcome and every exception, into one lifecycle event, here and nowhere
+else. It is the only code that awaits on an item's behalf.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import anyio
+
+from pipeline import lifecycle as lc
+from pipeline.errors import (
+    FatalError,
+    PermanentError,
+    RateLimitedError,
+    ResultNotImageError,
+    RetryableError,
+    TransportError,
+    VendorError,
+)
+from pipeline.images import prepare_payload, sniff_image_format
+from pipeline.journal import KEEP, Change, Journal, Keep
+from pipeline.outputs import atomic_write_bytes, resolve_inside
+
+if TYPE_CHECKING:
+    from pipeline.engine import Engine, WorkItem
+    from pipeline.providers.base import ImagePayload, Provider
+
+__all__ = ["DurationEstimate", "ItemDriver", "error_info"]
+
+log = logging.getLogger("pipeline")
+
+
+def error_info(exc: VendorError) -> lc.ErrorInfo:
+    return lc.ErrorInfo(exc.code, exc.message, exc.kind)
+
+
+class DurationEstimate:
+    """How long one operation's tasks take, measured: the first-poll delay.
+
+    Each finished task gives an upper bound of its duration: the time from its
+    submit to the poll that saw it done. The first poll of a new task goes at a
+    high quantile (80%) of recent bounds, a quarter interval early; then every
+    interval. Most tasks are then done at their first poll and the rest at the
+    second, at most one interval after their end (about 1.2 polls a task). Being a
+    quantile of measurements, the delay can never climb past the durations actually
+    seen, whatever the concurrency: the multiplier it replaces compounded to minutes
+    when a whole first wave was still running at its first poll. Never sooner than
+    one interval after the submit (docs/vendors.md "Polling").
+    """
+
+    QUANTILE = 0.8
+
+    def __init__(self, interval: float, keep: int = 64) -> None:
+        self.interval = interval
+        self._done: deque[float] = deque(maxlen=keep)
+
+    def observe(self, seen_done_after: float) -> None:
+        self._done.append(seen_done_after)
+
+    def expected(self) -> float | None:
+        if not self._done:
+            return None
+        ordered = sorted(self._done)
+        high = ordered[int(self.QUANTILE * (len(ordered) - 1))]
+        return max(self.interval, high - self.interval / 4)
+
+
+@dataclass
+class _Held:
+    """What the driver holds for one item between states (the state holds none)."""
+
+    payload: ImagePayload | None = None
+    files: dict[str, ImagePayload] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)
+    result: bytes | None = None
+    billed_now: bool = False
+    polls: int = 0
+    poll_lag: float | None = None
+
+
+class ItemDriver:
+    """Drives one item from its resumed state to a terminal one."""
+
+    def __init__(self, engine: Engine, item: WorkItem, policy: lc.Policy) -> None:
+        self.engine = engine
+        self.item = item
+        self.policy = policy
+        self.op = item.variant.operation
+        self.provider: Provider = engine.providers[self.op.vendor]
+        self.journal: Journal = engine.journal
+        self.held = _Held()
+        self._written: lc.Checkpoint | None = None
+        self.recorded_output: str | None = None  # a path an earlier run recorded keeps
+        self.billed_before = False
+
+    async def run(self, state: lc.State, *, polls_before: int = 0) -> lc.State:
+        """Checkpoint, perform, step; until a terminal state, which is journaled."""
+        self.held.polls = polls_before
+        while not lc.is_terminal(state):
+            await self._checkpoint(state)
+            # Storing a paid result is not cancellable (bounded by the disk): Ctrl-C or
+            # a fatal stop elsewhere must not lose bytes the vendor has billed.
+            shield = isinstance(state, lc.Store)
+            try:
+                with anyio.CancelScope(shield=shield):
+                    event = await self._perform(state)
+            except (FatalError, anyio.get_cancelled_exc_class()):
+                raise
+            except Exception as exc:  # a bug in I/O code: fail this item, not the run
+                log.exception("%s: unexpected error", self.item.input_rel)
+                event = lc.Crashed(_one_line(exc))
+            self._note(state, event)
+            state = lc.next(state, event, time.monotonic(), self.policy)
+        await self.engine.finish_item(self, state)
+        return state
+
+    async def _checkpoint(self, state: lc.State) -> None:
+        cp = lc.checkpoint(state)
+        if cp is None or cp == self._written:
+            return
+        await self.journal.change(
+            self.item.key,
+            Change(
+                cp.status,
+                task_id=cp.task_id if cp.status is not lc.Status.SUBMITTING else None,
+                attempts=KEEP if cp.attempts is None else cp.attempts,
+                unknown_sends=KEEP if cp.unknown_sends is None else cp.unknown_sends,
+                changes=json.dumps(self.held.changes) if self.held.changes else KEEP,
+            ),
+        )
+        self._written = cp
+
+    def _note(self, state: lc.State, event: lc.Event) -> None:
+        """Bookkeeping that follows events: billing, learned durations, poll lag."""
+        if isinstance(event, lc.SyncResult | lc.TaskSucceeded) and not self.held.billed_now:
+            billed_before = isinstance(state, lc.Poll) and state.billed
+            if not billed_before:
+                self.held.billed_now = True
+                self.engine.credits.spend(self.op.vendor, self.op.price)
+                self.engine.credits.release(self.item.key)
+        if isinstance(event, lc.TaskSucceeded) and isinstance(state, lc.Poll):
+            now = time.monotonic()
+            if state.started is not None and state.refetches == 0:
+                self.engine.estimate(self.op.name).observe(now - state.started)
+            since = state.last_running
+            if since is None and state.started is not None:
+                expected = self.engine.estimate(self.op.name).expected() or 0.0
+                since = state.started + expected
+            if since is not None:
+                self.held.poll_lag = round(max(0.0, now - since), 3)
+        if isinstance(event, lc.SendFailed) and event.billed and not self.held.billed_now:
+            self.held.billed_now = True
+            self.engine.credits.spend(self.op.vendor, self.op.price)
+
+    # -- each state's I/O -------------------------------------------------------------------
+
+    async def _perform(self, state: lc.State) -> lc.Event:
+        if isinstance(state, lc.Prepare):
+            return await self._prepare()
+        if isinstance(state, lc.Send):
+            return await self._send()
+        if isinstance(state, lc.Retry):
+            await _sleep_until(state.until)
+            return lc.Stopping(_not_sent(self.engine)) if self.engine.stopping else lc.Timer()
+        if isinstance(state, lc.Poll):
+            await _sleep_until(state.due)
+            return await self._poll(state)
+        if isinstance(state, lc.Fetch):
+            await _sleep_until(state.due)
+            return await self._fetch(state)
+        if isinstance(state, lc.Store):
+            return await self._store(state)
+        raise AssertionError(f"no I/O for {state!r}")
+
+    async def _prepare(self) -> lc.Event:
+        if self.item.problem is not None:
+            return lc.InputRejected(error_info(self.item.problem))
+        if self.engine.stopping:
+            return lc.Stopping(_not_sent(self.engine))
+        limits, auto_fix = self.op.limits, self.engine.manifest.auto_fix
+        try:
+            prepared = await anyio.to_thread.run_sync(
+                prepare_payload, self.item.input_path, limits, auto_fix
+            )
+            for name, path in self.item.variant.files.items():
+                extra = await anyio.to_thread.run_sync(prepare_payload, path, limits, auto_fix)
+                self.held.files[name] = extra.payload
+        except PermanentError as exc:
+            return lc.InputRejected(error_info(exc))
+        self.held.payload = prepared.payload
+        self.held.changes = list(prepared.changes)
+        return lc.InputReady()
+
+    async def _send(self) -> lc.Event:
+        engine = self.engine
+        if engine.stopping:
+            return lc.Stopping(_not_sent(engine))
+        refusal = engine.credits_refusal(self.item.key, self.op)
+        if refusal is not None:
+            engine.stop_starting(refusal)
+            return lc.SendFailed(error_info(refusal))
+        assert self.held.payload is not None
+        try:
+            # The billable request itself is shielded by the provider once it is on
+            # the wire (VendorClient._call); the budget wait before it is not.
+            submitted = await self.provider.submit(
+                self.op.name, self.held.payload, self.item.variant.params, self.held.files
+            )
+        except VendorError as exc:
+            engine.reachability(self.op.vendor, exc)
+            return self._send_failed(exc)
+        engine.reachability(self.op.vendor, None)
+        engine.rejections.reset()
+        if submitted.task_id:
+            return lc.TaskCreated(submitted.task_id, engine.estimate(self.op.name).expected())
+        if submitted.image is not None:
+            self.held.result = submitted.image
+            return lc.SyncResult()
+        # Answered "ok" without a task id or a result: it may have been billed.
+        error = lc.ErrorInfo("NO_TASK_ID", "the vendor answered without a task id", "retryable")
+        return lc.SendFailed(error, maybe_sent=True)
+
+    def _send_failed(self, exc: VendorError) -> lc.Event:
+        info = error_info(exc)
+        if isinstance(exc, ResultNotImageError):
+            return lc.SendFailed(info, billed=True)
+        if isinstance(exc, RateLimitedError):
+            self.engine.rate_limited(self.op.vendor, exc)
+            return lc.SendFailed(info, rate_limited=True, retry_after=exc.retry_after)
+        if isinstance(exc, TransportError):
+            return lc.SendFailed(info, maybe_sent=exc.maybe_sent)
+        if isinstance(exc, PermanentError):
+            self.engine.note_rejection(exc)
+        return lc.SendFailed(info)
+
+    async def _poll(self, state: lc.Poll) -> lc.Event:
+        try:
+            answer = await self.provider.poll(self.op.name, state.task_id)
+        except VendorError as exc:
+            self.engine.reachability(self.op.vendor, exc)
+            if isinstance(exc, RateLimitedError):
+                self.engine.rate_limited(self.op.vendor, exc)
+                return lc.PollError(error_info(exc), rate_limited=True, retry_after=exc.retry_after)
+            if isinstance(exc, RetryableError):
+                return lc.PollError(error_info(exc), retry_after=None)
+            # A permanent answer to a poll is about the task (gone, failed).
+            return lc.TaskFailed(error_info(exc))
+        finally:
+            self.held.polls += 1
+        self.engine.reachability(self.op.vendor, None)
+        if answer.state == "running":
+            return lc.TaskRunning(answer.poll_after)
+        if answer.state == "failed":
+            assert answer.error is not None
+            return lc.TaskFailed(error_info(answer.error))
+        if answer.image is not None:
+            self.held.result = answer.image
+        return lc.TaskSucceeded(answer.result_url, has_image=answer.image is not None)
+
+    async def _fetch(self, state: lc.Fetch) -> lc.Event:
+        try:
+            data = await self.provider.download(state.url)
+            await anyio.to_thread.run_sync(self.engine.check_result, data)
+        except ResultNotImageError as exc:
+            return lc.DownloadFailed(error_info(exc), "not_image")
+        except RetryableError as exc:
+            return lc.DownloadFailed(error_info(exc), "transient")
+        except VendorError as exc:
+            return lc.DownloadFailed(error_info(exc), "url")
+        self.held.result = data
+        return lc.Downloaded()
+
+    async def _store(self, state: lc.Store) -> lc.Event:
+        data = self.held.result
+        if state.source == "spool":
+            data = await self.journal.load_spool(self.item.key)
+            self.held.result = data
+        if data is None:
+            info = lc.ErrorInfo("RESULT_LOST", "the paid result was not kept", "permanent")
+            return lc.DownloadFailed(info, "not_image")
+        try:
+            await anyio.to_thread.run_sync(self.engine.check_result, data)
+        except ResultNotImageError as exc:
+            return lc.DownloadFailed(error_info(exc), "not_image")
+        ext = sniff_image_format(data) or "jpg"
+        rel = self.engine.output_rel(self, ext)
+        try:
+            target = resolve_inside(self.engine.output_dir, rel)
+            await anyio.to_thread.run_sync(atomic_write_bytes, target, data)
+        except (OSError, ValueError) as exc:
+            return _store_failed(rel, exc)
+        return lc.Stored(rel)
+
+
+def _store_failed(rel: str, exc: BaseException) -> lc.StoreFailed:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        info = lc.ErrorInfo(
+            "DISK_FULL",
+            f"the disk is full: cannot write {rel}; the paid result is kept in the journal. "
+            "Free some space and rerun",
+            "fatal",
+        )
+        return lc.StoreFailed(info, disk_full=True)
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    info = lc.ErrorInfo(
+        "STORE_FAILED",
+        f"cannot write {rel}: {reason}; the result is paid for and kept: fix the output "
+        "folder and rerun to store it (it is not paid for again)",
+        "retryable",
+    )
+    return lc.StoreFailed(info)
+
+
+def _not_sent(engine: Engine) -> lc.ErrorInfo:
+    reason = engine.fatal.code if engine.fatal else "stopping"
+    return lc.ErrorInfo(
+        "NOT_SENT", f"not sent: the run is stopping ({reason}); a rerun sends it", "fatal"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:300]
+
+
+async def _sleep_until(when: float) -> None:
+    delay = when - time.monotonic()
+    if delay > 0 and math.isfinite(delay):
+        await anyio.sleep(delay)
+
+
+def terminal_change(state: lc.State, held: _Held, *, run_id: int) -> Change | None:
+    """The journal write that records a terminal state (None: nothing to write).
+
+    ``billed_run`` is set to this run when the vendor billed the item in it."""
+    billed: int | Keep = run_id if held.billed_now else KEEP
+    attempts: int | Keep = KEEP
+    if isinstance(state, lc.Succeeded | lc.Failed) and state.tally.attempts:
+        attempts = state.tally.attempts
+    if isinstance(state, lc.Succeeded):
+        return Change(
+            lc.Status.SUCCEEDED, output=state.output, run_status="succeeded",
+            succeeded_run=run_id, billed_run=billed, error=None, finished=True, spool=None,
+            polls=held.polls, poll_lag=held.poll_lag if held.poll_lag is not None else KEEP,
+            attempts=attempts,
+        )  # fmt: skip
+    if isinstance(state, lc.Failed):
+        keep_task = state.task_id is not None or state.status is lc.Status.FAILED
+        return Change(
+            state.status, task_id=state.task_id if keep_task else KEEP, error=state.error,
+            run_status="failed", billed_run=billed, unknown_sends=state.tally.unknown_sends,
+            finished=True, polls=held.polls, attempts=attempts,
+            spool=held.result if state.spool and held.result is not None else KEEP,
+        )  # fmt: skip
+    return None

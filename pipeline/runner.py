@@ -1,0 +1,294 @@
+"""A run as a whole: lock, journal, emulator, session, providers, signals, reports.
+
+:func:`run_job` is the library entry point (``pipeline run`` calls it). It builds
+everything an :class:`pipeline.engine.Engine` needs, including the per-vendor
+:class:`pipeline.lifecycle.Policy` built once from the config and the manifest,
+runs it, and always writes the reports, whatever stopped the run.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import anyio
+import anyio.to_thread
+
+from pipeline import lifecycle as lc
+from pipeline.budget import RateBudget
+from pipeline.config import Config, ProviderConfig, api_key
+from pipeline.errors import DiskFullError, FatalError, UsageError
+from pipeline.journal import Journal
+from pipeline.lock import OutputLock
+from pipeline.manifest import Manifest
+from pipeline.outputs import sweep_partial_files
+from pipeline.progress import Progress
+from pipeline.providers.base import Provider, RequestStats
+
+if TYPE_CHECKING:
+    from pipeline.engine import Engine
+
+__all__ = [
+    "EMULATOR_KEY",
+    "RunOptions",
+    "RunResult",
+    "build_policy",
+    "build_provider",
+    "point_at",
+    "resolve_keys",
+    "run_job",
+    "vendors_of",
+]
+
+log = logging.getLogger("pipeline")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EMULATOR_KEY = "emulator-key"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    retry_failed: bool = False
+    quiet: bool = False
+    emulate: bool = False
+    strict: bool = False  # failures carried over from earlier runs count for the exit code
+    # Tests and benchmarks: override waiting (poll interval, task deadline) for every vendor.
+    poll_interval_override: float | None = None
+    task_deadline_seconds: float | None = None
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    report: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+
+def vendors_of(manifest: Manifest) -> list[str]:
+    return sorted({v.operation.vendor for v in manifest.variants})
+
+
+def build_policy(config: Config, manifest: Manifest, vendor: str, options: RunOptions) -> lc.Policy:
+    """Every limit of an item's life for one vendor, from the config and the manifest."""
+    provider = config.provider(vendor)
+    retry = config.retry
+    interval = options.poll_interval_override or provider.poll_interval_seconds
+    deadline = options.task_deadline_seconds or provider.task_deadline_seconds
+    return lc.Policy(
+        max_attempts=manifest.max_attempts,
+        max_poll_errors=manifest.max_attempts,
+        backoff_initial=retry.backoff_initial_seconds,
+        backoff_max=retry.backoff_max_seconds,
+        retry_after_max=retry.retry_after_max_seconds,
+        poll=lc.PollPolicy(
+            interval=interval, window=provider.polling_window_seconds, deadline=deadline
+        ),
+    )
+
+
+def build_provider(
+    vendor: str,
+    session: aiohttp.ClientSession,
+    provider_config: ProviderConfig,
+    key: str,
+    config: Config,
+    stats: RequestStats,
+    budget: RateBudget,
+) -> Provider:
+    if vendor == "ailab":
+        from pipeline.providers.ailab import AILabProvider
+
+        return AILabProvider(session, provider_config, key, config.timeouts, stats, budget.acquire)
+    from pipeline.providers.perfectcorp import PerfectCorpProvider
+
+    return PerfectCorpProvider(
+        session, provider_config, key, config.timeouts, stats, budget.acquire
+    )
+
+
+def resolve_keys(manifest: Manifest, config: Config, emulate: bool) -> dict[str, str]:
+    """API keys of the vendors this manifest uses; ConfigError names a missing variable."""
+    keys = {}
+    for vendor in vendors_of(manifest):
+        if emulate:
+            var = config.provider(vendor).api_key_env
+            keys[vendor] = os.environ.get(var, "").strip() or EMULATOR_KEY
+        else:
+            keys[vendor] = api_key(config, vendor)
+    return keys
+
+
+def point_at(config: Config, base_url: str) -> Config:
+    """A copy of ``config`` with every provider's base URL set to ``base_url``."""
+    providers = {
+        name: p.model_copy(update={"base_url": base_url}) for name, p in config.providers.items()
+    }
+    return config.model_copy(update={"providers": providers})
+
+
+def _make_output_dir(manifest: Manifest) -> None:
+    try:
+        manifest.output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"{manifest.path}: output: cannot create {manifest.output} ({exc.strerror}); "
+            "choose a writable folder"
+        ) from None
+
+
+async def run_job(manifest: Manifest, config: Config, options: RunOptions) -> RunResult:
+    """Run (or resume) ``manifest``. Returns the exit code and the report."""
+    emulate = options.emulate or manifest.emulator
+    keys = resolve_keys(manifest, config, emulate)
+    _make_output_dir(manifest)
+    with OutputLock(manifest.output):
+        async with Journal(manifest.output) as journal:
+            swept = await anyio.to_thread.run_sync(sweep_partial_files, manifest.output)
+            if swept:
+                log.info("removed %d partial file(s) left by an interrupted run", swept)
+            run_id = await journal.begin_run(str(manifest.path), os.getpid())
+            return await _run(manifest, config, options, journal, run_id, keys, emulate)
+
+
+async def _run(
+    manifest: Manifest,
+    config: Config,
+    options: RunOptions,
+    journal: Journal,
+    run_id: int,
+    keys: Mapping[str, str],
+    emulate: bool,
+) -> RunResult:
+    from pipeline.engine import Engine
+
+    stats = RequestStats()
+    started = time.monotonic()
+    interrupted = False
+    engine: Engine | None = None
+    budgets: dict[str, RateBudget] = {}
+    emulator = None
+    try:
+        if emulate:
+            from pipeline.emulator import start_emulator
+
+            emulator = await start_emulator()
+            config = point_at(config, emulator.base_url)
+            log.info("using the built-in emulator at %s", emulator.base_url)
+        budgets = {v: RateBudget(config.provider(v).rate_limit) for v in keys}
+        timeout = aiohttp.ClientTimeout(
+            total=config.timeouts.request_seconds, connect=config.timeouts.connect_seconds
+        )
+        connector = aiohttp.TCPConnector(limit=max(16, manifest.concurrency * 2))
+        with Progress(enabled=not options.quiet and sys.stderr.isatty()) as progress:
+            async with aiohttp.ClientSession(
+                timeout=timeout, connector=connector, trust_env=True
+            ) as session:
+                providers = {
+                    v: build_provider(
+                        v, session, config.provider(v), keys[v], config, stats, budgets[v]
+                    )
+                    for v in keys
+                }
+                policies = {v: build_policy(config, manifest, v, options) for v in keys}
+                engine = Engine(
+                    manifest=manifest, config=config, providers=providers, budgets=budgets,
+                    journal=journal, run_id=run_id, options=options, progress=progress,
+                    policies=policies,
+                )  # fmt: skip
+                signals = _SignalWatch()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(signals.watch, tg.cancel_scope)
+                    try:
+                        await engine.run()
+                    finally:
+                        tg.cancel_scope.cancel()
+                interrupted = signals.received is not None
+    except BaseException as exc:  # record, then re-raise below
+        if isinstance(exc, KeyboardInterrupt | anyio.get_cancelled_exc_class()):
+            interrupted = True
+        elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC and engine is not None:
+            engine.fatal = DiskFullError(
+                f"the disk is full ({exc.filename or 'output'}); free space and rerun"
+            )
+        elif isinstance(exc, DiskFullError) and engine is not None:
+            engine.fatal = exc
+        else:
+            raise
+    finally:
+        if emulator is not None:
+            with anyio.CancelScope(shield=True):
+                await emulator.close()
+    fatal = engine.fatal if engine else None
+    run_stats: dict[str, Any] = {
+        "requests": stats.by_vendor(),
+        "duplicates": engine.duplicates if engine else 0,
+        "interrupted": interrupted,
+        "aborted": fatal.as_record() if fatal else None,
+        "halted": engine.halted if engine else None,
+        "elapsed_seconds": round(time.monotonic() - started, 3),
+        "rate_budget": {v: b.summary() for v, b in budgets.items()},
+        "first_poll_seconds": engine.poll_schedule() if engine else {},
+        "max_credits": dict(manifest.max_credits),
+    }
+    with anyio.CancelScope(shield=True):
+        report = await _finish(journal, run_id, manifest, run_stats, fatal, interrupted, options)
+    result = RunResult(exit_code=report["exit_code"], report=report)
+    if fatal is not None:
+        result.message = f"run stopped: {fatal}"
+    elif engine is not None and engine.halted:
+        result.message = f"run stopped: {engine.halted}"
+    return result
+
+
+async def _finish(
+    journal: Journal,
+    run_id: int,
+    manifest: Manifest,
+    run_stats: dict[str, Any],
+    fatal: FatalError | None,
+    interrupted: bool,
+    options: RunOptions,
+) -> dict[str, Any]:
+    from pipeline.report import build_reports
+
+    def exit_code_for(counts: Mapping[str, int]) -> int:
+        if interrupted:
+            return EXIT_INTERRUPTED
+        if fatal is not None:
+            return EXIT_FATAL
+        failed = counts.get("failed", 0)
+        if options.strict:
+            failed += counts.get("failed_earlier", 0)
+        return EXIT_FAILED if failed else EXIT_OK
+
+    await journal.finish_run(run_id, None, run_stats)
+    await journal.flush()
+    report = await anyio.to_thread.run_sync(build_reports, manifest.output, exit_code_for)
+    await journal.finish_run(run_id, report["exit_code"], run_stats)
+    await journal.flush()
+    return report
+
+
+class _SignalWatch:
+    """Turns SIGINT/SIGTERM into a clean cancellation of the run (exit 130)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    async def watch(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                self.received = signal.Signals(signum).name
+                log.warning(
+                    "received %s: stopping; every finished step is journaled", self.received
+                )
+                scope.cancel()
+                return
