@@ -29,16 +29,17 @@ import anyio.to_thread
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.journal import JOURNAL_NAME, Journal
+from pipeline.journal import JOURNAL_NAME, Change, Journal
+from pipeline.lifecycle import Status
 
-TRANSITIONS_PER_ITEM = 5
+TRANSITIONS_PER_ITEM = 4  # see, submitting, submitted, succeeded
 
 
 class OneCommitPerWrite(Journal):
     """The naive journal: every write is its own transaction and its own fsync."""
 
-    async def _write(self, sql: str, params: Sequence[Any]) -> None:
-        await anyio.to_thread.run_sync(self._apply, [(sql, params)])
+    async def _write_many(self, ops: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        await anyio.to_thread.run_sync(self._apply, list(ops))
         self.commits += 1
 
 
@@ -53,16 +54,19 @@ async def _item(journal: Journal, run_id: int, i: int) -> None:
         input_rel=f"in/{i % 100:02d}/p{i:07d}.jpg",
         run_id=run_id,
     )
-    await journal.update(key, status="submitting", attempts=1, submitted_at=time.time())
-    await journal.update(key, status="submitted", task_id=f"task-{i:040x}")
-    await journal.add_polls(key)
-    await journal.update(
+    await journal.change(key, Change(Status.SUBMITTING, attempts=1))
+    await journal.change(key, Change(Status.SUBMITTED, task_id=f"task-{i:040x}"))
+    await journal.change(
         key,
-        status="succeeded",
-        output=f"ailab-face-swap/image_template=template/in/p{i:07d}.jpg",
-        run_status="succeeded",
-        succeeded_run=run_id,
-        finished_at=time.time(),
+        Change(
+            Status.SUCCEEDED,
+            output=f"ailab-face-swap/image_template=template/in/p{i:07d}.jpg",
+            run_status="succeeded",
+            succeeded_run=run_id,
+            billed_run=run_id,
+            polls=1,
+            finished=True,
+        ),
     )
 
 
