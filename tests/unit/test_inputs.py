@@ -450,3 +450,20 @@ def test_without_braces_matching_is_fnmatch_on_folded_names(
     ]
     got = sorted(p.name for p in iter_inputs(base, [pattern]) if p.parent == base)
     assert got == want
+
+
+def test_entry_rel_is_input_relpath_for_marker_like_names(tmp_path: Path) -> None:
+    make(tmp_path, "_up/a.jpg", "__abs/b.jpg", "x/_up/c.jpg", "shared/d.jpg")
+    base = tmp_path / "job"
+    base.mkdir()
+    entries = list(iter_input_entries(base, ["../**/*.jpg"]))
+    assert [e.rel for e in entries] == [input_relpath(base, e.path) for e in entries]
+    assert [e.rel for e in entries] == [
+        "_up/___abs/b.jpg",
+        "_up/__up/a.jpg",
+        "_up/shared/d.jpg",
+        "_up/x/__up/c.jpg",
+    ]
+    inside = list(iter_input_entries(tmp_path, ["**/*.jpg"]))
+    assert [e.rel for e in inside] == ["___abs/b.jpg", "__up/a.jpg", "shared/d.jpg", "x/__up/c.jpg"]
+    assert [e.rel for e in inside] == [input_relpath(tmp_path, e.path) for e in inside]
