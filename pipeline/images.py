@@ -608,9 +608,13 @@ def prepare_payload(path: Path, limits: ImageLimits, auto_fix: bool) -> Prepared
 def _read_bounded(path: Path, cap: int, why: str) -> bytes:
     """The bytes of ``path``, refusing (``INPUT_TOO_LARGE``) past ``cap`` even if the
     file grew after its ``stat``."""
-    with open_input(path, cap, why=why)[0] as fp:
+    handle, st = open_input(path, cap, why=why)
+    with handle as fp:
         try:
-            data = fp.read(cap + 1)
+            # Sized by the fstat (<= cap): read(cap + 1) would allocate the cap each time.
+            data = fp.read(st.st_size + 1)
+            if len(data) > st.st_size:  # it grew since: read on, up to just past the cap
+                data += fp.read(cap + 1 - len(data))
         except OSError as exc:
             raise problem_for_os_error(os.fspath(path), exc) from None
     if len(data) > cap:

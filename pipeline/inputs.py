@@ -86,6 +86,7 @@ __all__ = [
     "iter_input_entries",
     "iter_inputs",
     "open_input",
+    "pattern_problem",
     "problem_for_os_error",
     "stat_input",
     "too_large_problem",
@@ -573,6 +574,16 @@ def _compile(base_dir: str, patterns: Sequence[str]) -> list[_Pattern]:
     for text in patterns:
         out.extend(_compile_one(base_dir, t, text) for t in _expand_slashed(text, budget))
     return out
+
+
+def pattern_problem(text: str) -> str | None:
+    """Why the input pattern ``text`` can't be used, or ``None``: for a manifest
+    validator, so the error can name the manifest's line before anything runs."""
+    try:
+        _expand_slashed(text, [_MAX_EXPANSIONS])
+    except InputPatternError as exc:
+        return str(exc)
+    return None
 
 
 # ------------------------------------------------------------------------ walk

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from pipeline.operations import MB, OPERATIONS, ImageLimits
 BEAUTY = OPERATIONS["ailab/face-beauty-pro"].limits
 EMOTION = OPERATIONS["ailab/emotion-editor"].limits
 SMILE = OPERATIONS["perfectcorp/ai-smile"].limits
-HAS_HEIF_PLUGIN = importlib.util.find_spec("pillow_heif") is not None
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pipeline.inputs import (
     input_relpath,
     iter_input_entries,
     iter_inputs,
+    pattern_problem,
 )
 
 
@@ -326,6 +327,8 @@ def test_braces_that_expand_too_far_are_refused(tmp_path: Path) -> None:
         list(iter_input_entries(tmp_path, [pattern]))
     assert err.value.exit_code == 2
     assert "more than 256 patterns" in str(err.value)
+    assert pattern_problem(pattern) == str(err.value)
+    assert pattern_problem("{a/b,c/d}/**/*.{jpg,png}") is None
     # Within one segment braces are one regex, never expanded: 2**20 alternatives.
     make(tmp_path, "ab" * 10 + ".jpg")
     assert rel(tmp_path, iter_inputs(tmp_path, ["{a,b}" * 20 + ".{jpg,png}"])) == [
