@@ -52,6 +52,7 @@ __all__ = [
     "AddressRefused",
     "PinnedResolver",
     "Resolve",
+    "ResolveError",
     "Target",
     "UrlGuard",
     "address_refusal",
@@ -85,9 +86,14 @@ class AddressRefused(OSError):
     """Raised inside aiohttp's connector when asked for a host nobody checked."""
 
 
+class ResolveError(OSError):
+    """The guard could not resolve a host (DNS failure, no address): never connected."""
+
+
 def _embedded(ip: IPAddress) -> list[IPAddress]:
-    """``ip`` and every IPv4 address it carries (mapped, 6to4, Teredo, NAT64)."""
-    out: list[IPAddress] = [ip]
+    """Every IPv4 address ``ip`` carries (mapped, 6to4, Teredo, NAT64), then ``ip``:
+    the embedded address is the one a connection would reach, so it names the reason."""
+    out: list[IPAddress] = []
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             out.append(ip.ipv4_mapped)
@@ -97,6 +103,7 @@ def _embedded(ip: IPAddress) -> list[IPAddress]:
             out.extend(ip.teredo)
         if ip in _NAT64:
             out.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    out.append(ip)
     return out
 
 
@@ -208,8 +215,9 @@ class UrlGuard:
     async def check(self, url: str | URL) -> Target:
         """Check ``url`` (and resolve its host); raise ``RESULT_URL_REFUSED`` if unsafe.
 
-        Name-resolution failures and timeouts propagate as ``OSError`` /
-        ``TimeoutError`` (a transport problem, not a refusal).
+        Name-resolution failures raise :class:`ResolveError`, a resolution that takes
+        longer than ``connect_seconds`` ``TimeoutError`` (transport problems, not
+        refusals).
         """
         try:
             parsed = url if isinstance(url, URL) else URL(url, encoded=True)
@@ -237,10 +245,15 @@ class UrlGuard:
             if why is not None:
                 raise self.refused(host, f"it is {why}")
             return Target(parsed, host, port, ())
-        with anyio.fail_after(self._connect_seconds):
-            addresses = await self._resolve(host, port)
+        try:
+            with anyio.fail_after(self._connect_seconds):
+                addresses = await self._resolve(host, port)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise ResolveError(f"{host}: {type(exc).__name__}: {exc}") from exc
         if not addresses:
-            raise OSError(f"{host}: no address")
+            raise ResolveError(f"{host}: no address")
         for address in addresses:
             why = address_refusal(address.split("%", 1)[0], allowed=allowed)
             if why is not None:
