@@ -5,17 +5,36 @@ The dataclasses below are the contract the engine relies on; keep their fields
 with pydantic, operation params against :mod:`pipeline.operations`), and expands
 list-valued params into one :class:`Variant` per combination. Every problem raises
 :class:`~pipeline.errors.ManifestError` with one ``FILE:LINE: field: message`` line
-per problem, first problem first.
+per problem, first problem first; hostile files (binary, huge, alias bombs, deep
+nesting) end the same way (see :mod:`pipeline.yamlsrc`).
+
+Paths:
+
+* ``inputs`` are glob patterns relative to the manifest's folder. Absolute
+  patterns, ``~`` and ``..`` in the literal part before the first wildcard are
+  allowed (``../shared/**/*.jpg``, ``/data/shoots/**/*.jpg``): inputs are only ever
+  read, and photos rarely live beside the job file. A ``..`` after a wildcard
+  (``a/*/../b.jpg``) would match nothing and is refused.
+* ``output`` is the one folder the run writes to. It is refused when it resolves
+  (symlinks followed) inside ``/proc``, ``/sys`` or ``/dev``, when it or the
+  nearest existing folder above it is not a folder, and when that folder is not
+  writable (read-only mount, no permission).
+* ``image_template`` (face swap) must be a regular file (stat first: a FIFO is never
+  opened) that decodes as an image the operation accepts, within its limits, or
+  that ``auto_fix`` can convert/shrink.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +49,12 @@ from pydantic import (
     field_validator,
 )
 
-from pipeline.errors import ManifestError
-from pipeline.operations import OPERATIONS, OperationSpec, ParamSpec
+from pipeline.errors import ManifestError, PermanentError
+from pipeline.operations import MB, OPERATIONS, ImageLimits, OperationSpec, ParamSpec
 from pipeline.yamlsrc import (
     KeyPath,
     YamlDoc,
+    display_path,
     format_keypath,
     load_yaml_with_lines,
     render_problems,
@@ -42,9 +62,21 @@ from pipeline.yamlsrc import (
     validation_problems,
 )
 
-__all__ = ["Manifest", "Variant", "describe_plan", "load_manifest"]
+__all__ = [
+    "MAX_VARIANTS",
+    "Manifest",
+    "Variant",
+    "describe_plan",
+    "load_manifest",
+    "output_problem",
+]
 
 VENDORS: tuple[str, ...] = ("ailab", "perfectcorp")
+
+# Variants one operation may expand into. Each one multiplies the work items (and
+# the bill) by the number of inputs; six sliders with a list of 101 values each
+# would be 10^12 variants, built in memory before anything else could say no.
+MAX_VARIANTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -93,13 +125,36 @@ class Manifest:
     auto_fix: bool = False
     # Per-vendor spending cap in the vendor's unit (credits / units); absent = no cap.
     max_credits: Mapping[str, float] = field(default_factory=dict)
+    # Stop starting items once this share of finished items has failed (in (0, 1]),
+    # counted only after min_items_for_failure_ratio items finished; None: never.
+    max_failure_ratio: float | None = None
+    min_items_for_failure_ratio: int = 20
 
 
 # --------------------------------------------------------------------------- model
 
+_GLOB_MAGIC = frozenset("*?[{")
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    """Why an ``inputs`` pattern can never work, or ``None`` (see the module docstring)."""
+    if not pattern.strip():
+        return "a pattern is empty; remove it or write a glob"
+    if "\x00" in pattern or not pattern.isprintable():
+        return f"pattern {short_repr(pattern)} contains control characters"
+    seen_magic = False
+    for segment in pattern.split("/"):
+        if segment == ".." and seen_magic:
+            return (
+                f"pattern {short_repr(pattern)}: '..' after a wildcard matches nothing; put "
+                f"'..' only before the first wildcard (e.g. ../photos/**/*.jpg)"
+            )
+        seen_magic = seen_magic or any(ch in _GLOB_MAGIC for ch in segment)
+    return None
+
 
 class _OperationModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     op: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -114,7 +169,9 @@ class _OperationModel(BaseModel):
 class _ManifestModel(BaseModel):
     """The top level of a manifest file. Operation params are checked separately."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # No inf/nan: YAML's .inf is a float, and an infinite cap means "no cap", which
+    # is what leaving the key out already says.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str | None = None
     inputs: list[str]
@@ -125,12 +182,17 @@ class _ManifestModel(BaseModel):
     emulator: bool = False
     auto_fix: bool = False
     max_credits: dict[Literal["ailab", "perfectcorp"], NonNegativeFloat] | None = None
+    max_failure_ratio: float | None = Field(default=None, gt=0, le=1)
+    min_items_for_failure_ratio: int = Field(default=20, ge=1, le=1_000_000_000)
 
     @field_validator("name")
     @classmethod
     def _name_not_blank(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("must not be empty; omit it to use the file name")
+        if value is not None and (not value.isprintable() or len(value) > 200):
+            # It is printed in log and summary lines: one printable line.
+            raise ValueError("must be one line of at most 200 printable characters")
         return value
 
     @field_validator("inputs", mode="before")
@@ -144,8 +206,9 @@ class _ManifestModel(BaseModel):
         if not value:
             raise ValueError('give at least one glob pattern, e.g. ["photos/**/*.jpg"]')
         for pattern in value:
-            if not pattern.strip():
-                raise ValueError("a pattern is empty; remove it or write a glob")
+            problem = _pattern_problem(pattern)
+            if problem:
+                raise ValueError(problem)
         return value
 
     @field_validator("operations")
@@ -161,6 +224,8 @@ class _ManifestModel(BaseModel):
     def _output_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must name a folder, e.g. output: ../out/my-job")
+        if "\x00" in value or not value.isprintable():
+            raise ValueError(f"contains control characters ({short_repr(value)}); name a folder")
         return value
 
     @field_validator("max_credits", mode="before")
@@ -169,6 +234,8 @@ class _ManifestModel(BaseModel):
         if value is None or isinstance(value, dict):
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"must be a finite number >= 0 (got {short_repr(value)})")
             # A bare number caps each vendor at that amount in its own unit.
             return dict.fromkeys(VENDORS, value)
         raise ValueError(
@@ -291,24 +358,76 @@ def _parse_choice(spec: ParamSpec, raw: Any) -> int | str:
     return spec.choices[name]
 
 
-def _parse_path(spec: ParamSpec, raw: Any, base_dir: Path) -> Path:
+# A template bigger than this is refused before it is read, even with auto_fix (which
+# would otherwise read and decode it whole for every item).
+_MAX_TEMPLATE_BYTES = 64 * MB
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What checking a param value needs besides the value."""
+
+    base_dir: Path
+    limits: ImageLimits
+    auto_fix: bool
+
+
+def _parse_path(spec: ParamSpec, raw: Any, ctx: _Context) -> Path:
     if not isinstance(raw, str) or not raw.strip():
         raise _ParamProblem(f"expected a path to an image file, got {short_repr(raw)}")
-    resolved = Path(os.path.normpath(base_dir / os.path.expanduser(raw)))
-    if not resolved.exists():
+    if "\x00" in raw or not raw.isprintable():
+        raise _ParamProblem(f"{short_repr(raw)} contains control characters; give a file path")
+    resolved = Path(os.path.normpath(ctx.base_dir / os.path.expanduser(raw)))
+    shown = display_path(resolved)
+    try:
+        st = os.stat(resolved)  # never open before knowing it is a regular file
+    except FileNotFoundError:
         raise _ParamProblem(
-            f"file not found: {resolved} (paths are relative to the manifest's folder)"
-        )
-    if not resolved.is_file():
-        raise _ParamProblem(f"{resolved} is not a file; give the path of an image")
+            f"file not found: {shown} (paths are relative to the manifest's folder)"
+        ) from None
+    except OSError as exc:
+        raise _ParamProblem(f"{shown}: cannot read it ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise _ParamProblem(f"{shown} is a folder; give the path of an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise _ParamProblem(f"{shown} is not a regular file; give the path of an image file")
+    _check_template_image(resolved, st.st_size, ctx)
     return resolved
+
+
+def _check_template_image(path: Path, size: int, ctx: _Context) -> None:
+    """Refuse a template the run could never send: every item would fail on it."""
+    from pipeline.images import check_limits_fixable, inspect_image
+
+    shown = display_path(path)
+    limit = ctx.limits.max_bytes if not ctx.auto_fix else _MAX_TEMPLATE_BYTES
+    if size > max(limit, ctx.limits.max_bytes):
+        raise _ParamProblem(
+            f"{shown} is {size / MB:.1f} MB, over the {limit / MB:g} MB limit of "
+            f"{ctx.limits.label}" + ("" if ctx.auto_fix else "; set auto_fix: true to shrink it")
+        )
+    try:
+        info = inspect_image(path)
+    except PermanentError as exc:
+        raise _ParamProblem(exc.message) from None
+    problems = check_limits_fixable(info, ctx.limits)
+    blocking = [text for text, fixable in problems if not (fixable and ctx.auto_fix)]
+    if not info.decodable and info.format is not None:
+        blocking.append(info.error or f"{info.format} cannot be decoded here")
+    if blocking:
+        hint = ""
+        if not ctx.auto_fix and all(fixable for _, fixable in problems) and problems:
+            hint = "; set auto_fix: true to convert/shrink it, or fix the file"
+        elif info.format is None or info.damaged:
+            hint = "; use a JPEG or PNG photo of the face"
+        raise _ParamProblem(f"{shown}: {'; '.join(blocking)}{hint}")
 
 
 # A param value after parsing: a vendor code, or a file for path params.
 _Value = int | str | Path
 
 
-def _parse_value(spec: ParamSpec, raw: Any, base_dir: Path) -> _Value:
+def _parse_value(spec: ParamSpec, raw: Any, ctx: _Context) -> _Value:
     if raw is None:
         raise _ParamProblem("no value given")
     if spec.kind == "int":
@@ -317,7 +436,7 @@ def _parse_value(spec: ParamSpec, raw: Any, base_dir: Path) -> _Value:
         return _parse_enum(spec, raw)
     if spec.kind == "choice":
         return _parse_choice(spec, raw)
-    return _parse_path(spec, raw, base_dir)
+    return _parse_path(spec, raw, ctx)
 
 
 # ---------------------------------------------------------------------- expansion
@@ -401,21 +520,24 @@ def _expand_operation(
     entry: _OperationModel,
     base_dir: Path,
     problems: list[tuple[int, str]],
+    *,
+    auto_fix: bool = False,
 ) -> list[_Draft]:
     """Validate one ``operations[index]`` entry and expand its lists (cross product)."""
     at: KeyPath = ("operations", index)
     spec = OPERATIONS.get(entry.op)
     if spec is None:
-        close = difflib.get_close_matches(entry.op, list(OPERATIONS), n=1)
+        close = difflib.get_close_matches(entry.op[:100], list(OPERATIONS), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         problems.append(
             (
                 doc.line_of((*at, "op")),
-                f"{format_keypath((*at, 'op'))}: unknown operation {entry.op!r}; "
+                f"{format_keypath((*at, 'op'))}: unknown operation {short_repr(entry.op)}; "
                 f"{hint}known: {', '.join(OPERATIONS)}",
             )
         )
         return []
+    ctx = _Context(base_dir=base_dir, limits=spec.limits, auto_fix=auto_fix)
 
     axes: list[tuple[str, list[_Value]]] = []
     ok = True
@@ -424,7 +546,7 @@ def _expand_operation(
         pspec = spec.param(name)
         if pspec is None:
             known = ", ".join(p.name for p in spec.params)
-            close = difflib.get_close_matches(name, [p.name for p in spec.params], n=1)
+            close = difflib.get_close_matches(name[:100], [p.name for p in spec.params], n=1)
             hint = f"did you mean {close[0]}? " if close else ""
             problems.append(
                 (
@@ -453,7 +575,7 @@ def _expand_operation(
                     raise _ParamProblem(
                         "expected a single value or a list of values (lists don't nest)"
                     )
-                value = _parse_value(pspec, item, base_dir)
+                value = _parse_value(pspec, item, ctx)
             except _ParamProblem as exc:
                 problems.append((doc.line_of(item_at), f"{format_keypath(item_at)}: {exc}"))
                 ok = False
@@ -483,6 +605,17 @@ def _expand_operation(
     if not ok:
         return []
 
+    combos_count = math.prod(len(values) for _, values in axes)
+    if combos_count > MAX_VARIANTS:
+        problems.append(
+            (
+                doc.line_of((*at, "params")),
+                f"{format_keypath((*at, 'params'))}: the lists expand into {combos_count} "
+                f"variants (their cross product); at most {MAX_VARIANTS} per operation: "
+                f"split the job or shorten the lists",
+            )
+        )
+        return []
     names = [name for name, _ in axes]
     combos = itertools.product(*(values for _, values in axes))
     return [_Draft(spec, dict(zip(names, combo, strict=True))) for combo in combos]
@@ -518,17 +651,16 @@ def load_manifest(path: Path) -> Manifest:
     Relative paths (``inputs``, ``output``, path params) resolve against the
     manifest's folder. Raises :class:`ManifestError` naming file, line and field.
     """
-    if not path.exists():
-        raise ManifestError(f"{path}: manifest file not found")
-    if path.is_dir():
-        raise ManifestError(f"{path}: is a folder; give the manifest's .yaml file")
-    doc = load_yaml_with_lines(path, ManifestError)
+    shown = display_path(path)
+    doc = load_yaml_with_lines(path, ManifestError, what="manifest")
     if not isinstance(doc.data, dict):
         raise ManifestError(
-            f"{path}:1: a manifest is a mapping with at least inputs, operations and output"
+            f"{shown}:1: (top level): a manifest is a mapping with at least inputs, "
+            f"operations and output (got {_yaml_kind(doc.data)})"
         )
     abs_path = Path(os.path.abspath(path))
     base_dir = abs_path.parent
+    auto_fix = doc.data.get("auto_fix") is True
     try:
         model = _ManifestModel.model_validate(doc.data)
     except ValidationError as exc:
@@ -541,20 +673,19 @@ def load_manifest(path: Path) -> Manifest:
                 entry = _OperationModel.model_validate(raw)
             except ValidationError:
                 continue  # already reported by the top-level validation
-            _expand_operation(doc, i, entry, base_dir, problems)
+            _expand_operation(doc, i, entry, base_dir, problems, auto_fix=auto_fix)
         problems.sort(key=lambda p: p[0])
         raise ManifestError(render_problems(path, problems)) from None
 
     problems = []
     drafts: list[_Draft] = []
     for i, entry in enumerate(model.operations):
-        drafts.extend(_expand_operation(doc, i, entry, base_dir, problems))
+        drafts.extend(_expand_operation(doc, i, entry, base_dir, problems, auto_fix=model.auto_fix))
 
     output = Path(os.path.normpath(base_dir / os.path.expanduser(model.output)))
-    if output.exists() and not output.is_dir():
-        problems.append(
-            (doc.line_of(("output",)), f"output: {output} is a file; give a folder path")
-        )
+    problem = output_problem(output)
+    if problem:
+        problems.append((doc.line_of(("output",)), f"output: {problem}"))
     if problems:
         problems.sort(key=lambda p: p[0])
         raise ManifestError(render_problems(path, problems))
@@ -571,7 +702,73 @@ def load_manifest(path: Path) -> Manifest:
         emulator=model.emulator,
         auto_fix=model.auto_fix,
         max_credits={str(k): v for k, v in (model.max_credits or {}).items()},
+        max_failure_ratio=model.max_failure_ratio,
+        min_items_for_failure_ratio=model.min_items_for_failure_ratio,
     )
+
+
+def _yaml_kind(data: Any) -> str:
+    if data is None:
+        return "an empty file"
+    if isinstance(data, list):
+        return "a list"
+    return f"the single value {short_repr(data)}"
+
+
+# Kernel and device file systems: writing results there is never meant, and can do
+# harm (/proc/sys, /sys/class/..., /dev/sda).
+_SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
+
+
+def output_problem(output: Path) -> str | None:
+    """Why ``output`` cannot be the job's output folder, or ``None``.
+
+    Checked without creating anything: the folder resolved with symlinks followed
+    must not lie inside ``/proc``, ``/sys`` or ``/dev``; it must not be an existing
+    non-folder (or a link to nothing); the nearest existing folder above it must be
+    a folder, on a writable mount, writable by this user.
+    """
+    shown = display_path(output)
+    try:
+        real = os.path.realpath(output)
+    except (OSError, ValueError) as exc:
+        return f"{shown}: cannot resolve it ({exc}); name a folder"
+    for root in _SYSTEM_ROOTS:
+        if real == root or real.startswith(root + "/"):
+            extra = f" (it resolves to {display_path(real)})" if real != str(output) else ""
+            return (
+                f"{shown} is inside {root}, a system file system{extra}; choose a folder "
+                f"in your home or data area"
+            )
+    probe = output
+    try:
+        while True:
+            try:
+                st = os.stat(probe)
+                break
+            except (FileNotFoundError, NotADirectoryError):
+                # (NotADirectoryError: a file stands where a folder of the path
+                # should be; the walk up finds it and says so.)
+                if os.path.islink(probe):
+                    return f"{display_path(probe)} is a link to nothing; remove it or fix it"
+                if probe.parent == probe:
+                    return f"{shown}: no part of this path exists"
+                probe = probe.parent
+    except OSError as exc:
+        return f"{display_path(probe)}: cannot use it ({exc.strerror or exc}); name a folder"
+    if not stat.S_ISDIR(st.st_mode):
+        what = "a file" if stat.S_ISREG(st.st_mode) else "not a folder"
+        if probe == output:
+            return f"{shown} is {what}; give a folder path"
+        return f"{display_path(probe)} (above {shown}) is {what}; give a folder path"
+    readonly = False
+    with contextlib.suppress(OSError):  # no statvfs: os.access below still answers
+        readonly = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    if readonly or not os.access(probe, os.W_OK | os.X_OK):
+        why = "on a read-only file system" if readonly else "not writable by this user"
+        where = "" if probe == output else f" ({display_path(probe)}, where it would be made)"
+        return f"{shown} is {why}{where}; choose a folder you can write to"
+    return None
 
 
 def describe_plan(manifest: Manifest) -> list[str]:

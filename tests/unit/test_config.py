@@ -133,32 +133,32 @@ def test_unknown_key_names_line_and_lists_known(tmp_path: Path) -> None:
         """,
     )
     msg = error_of(path)
-    assert msg.startswith(f"{path}:4: field providers.ailab.api_key: unknown key")
+    assert msg.startswith(f"{path}:4: providers.ailab.api_key: unknown key")
     assert "api_key_env" in msg and "base_url" in msg
 
 
 def test_unknown_provider(tmp_path: Path) -> None:
     path = write(tmp_path, "providers:\n  openai:\n    base_url: x\n")
     msg = error_of(path)
-    assert f"{path}:2: field providers.openai: not an allowed key" in msg
+    assert f"{path}:2: providers.openai: not an allowed key" in msg
     assert "'ailab' or 'perfectcorp'" in msg
     assert len(msg.splitlines()) == 1  # no follow-up noise about the bad section
 
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     msg = error_of(write(tmp_path, "retry: {}\nconcurrency: 3\n"))
-    assert ":2: field concurrency: unknown key; known keys: " in msg
+    assert ":2: concurrency: unknown key; known keys: " in msg
     assert "providers" in msg and "timeouts" in msg
 
 
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ("timeouts: {connect_seconds: 0}", ":1: field timeouts.connect_seconds: input should be"),
+        ("timeouts: {connect_seconds: 0}", ":1: timeouts.connect_seconds: input should be"),
         ("timeouts: {connect_seconds: '5'}", "valid number (got '5')"),
         ("timeouts: {connect_seconds: true}", "valid number (got true)"),
         ("retry: {backoff_max_seconds: -2}", "greater than or equal to 0 (got -2)"),
-        ("retry: 5", ":1: field retry: expected a mapping"),
+        ("retry: 5", ":1: retry: expected a mapping"),
         ("providers: {ailab: {rate_limit: {requests: 0}}}", "providers.ailab.rate_limit.requests"),
         ("providers: {ailab: {poll_interval_seconds: fast}}", "valid number (got 'fast')"),
     ],
@@ -181,12 +181,12 @@ def test_several_problems_one_line_each_in_file_order(tmp_path: Path) -> None:
     )
     lines = error_of(path).splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith(f"{path}:2: field timeouts.request_seconds: ")
-    assert lines[1].startswith(f"{path}:4: field retry.backoff_initial_seconds: ")
+    assert lines[0].startswith(f"{path}:2: timeouts.request_seconds: ")
+    assert lines[1].startswith(f"{path}:4: retry.backoff_initial_seconds: ")
 
 
 def test_not_a_mapping(tmp_path: Path) -> None:
-    assert ":1: the config must be a mapping" in error_of(write(tmp_path, "- a\n"))
+    assert ":1: (top level): the config must be a mapping" in error_of(write(tmp_path, "- a\n"))
 
 
 def test_yaml_syntax_error(tmp_path: Path) -> None:
@@ -198,7 +198,7 @@ def test_yaml_syntax_error(tmp_path: Path) -> None:
 
 def test_duplicate_key(tmp_path: Path) -> None:
     path = write(tmp_path, "retry: {}\ntimeouts: {}\nretry: {}\n")
-    assert f"{path}:3: duplicate key 'retry' (first given on line 1)" in error_of(path)
+    assert f"{path}:3: retry: duplicate key (first given on line 1)" in error_of(path)
 
 
 def test_config_error_exits_2(tmp_path: Path) -> None:
@@ -312,6 +312,6 @@ def test_validation_error_message_format(tmp_path: Path) -> None:
         Outer.model_validate(doc.data)
     msg = validation_error_message(path, doc, info.value, model=Outer)
     assert msg.splitlines() == [
-        f"{path}:3: field items[1].n: input should be a valid integer (got 'two')",
-        f"{path}:4: field items[1].extra: unknown key; known keys: n",
+        f"{path}:3: items[1].n: input should be a valid integer (got 'two')",
+        f"{path}:4: items[1].extra: unknown key; known keys: n",
     ]

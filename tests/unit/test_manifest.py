@@ -11,6 +11,7 @@ import pytest
 from pipeline.errors import ManifestError, UsageError
 from pipeline.manifest import Manifest, Variant, describe_plan, load_manifest
 from pipeline.operations import OPERATIONS
+from tests.conftest import make_portrait
 
 
 def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
@@ -49,7 +50,7 @@ def ops_manifest(params: str, op: str = "ailab/face-beauty-pro") -> str:
 
 def test_demo_manifest_loads_with_defaults_and_variants(tmp_path: Path) -> None:
     (tmp_path / "samples").mkdir()
-    (tmp_path / "samples" / "template.jpg").write_bytes(b"x")
+    make_portrait(tmp_path / "samples" / "template.jpg", seed=1)
     m = load(
         tmp_path,
         """
@@ -383,7 +384,7 @@ def test_unknown_key_in_operation_entry(tmp_path: Path) -> None:
         ("emulator: 1", ":4: emulator: input should be a valid boolean"),
         ("auto_fix: 'yes'", ":4: auto_fix: input should be a valid boolean"),
         ("name: ''", ":4: name: must not be empty"),
-        ("max_credits: -1", ":4: max_credits.ailab: input should be greater than or equal to 0"),
+        ("max_credits: -1", ":4: max_credits: must be a finite number >= 0 (got -1)"),
         ("max_credits: {ailab: -5}", ":4: max_credits.ailab: input should be greater"),
         ("max_credits: {openai: 5}", ":4: max_credits.openai: not an allowed key"),
         ("max_credits: lots", ":4: max_credits: expected a number"),
@@ -424,8 +425,9 @@ def test_structure_errors(tmp_path: Path, text: str, needle: str) -> None:
 
 
 def test_not_a_mapping(tmp_path: Path) -> None:
-    assert "job.yaml:1: a manifest is a mapping" in error_of(tmp_path, "- a\n- b\n")
-    assert "job.yaml:1: a manifest is a mapping" in error_of(tmp_path, "")
+    assert "job.yaml:1: (top level): a manifest is a mapping" in error_of(tmp_path, "- a\n- b\n")
+    assert "(got a list)" in error_of(tmp_path, "- a\n- b\n")
+    assert "(got an empty file)" in error_of(tmp_path, "")
 
 
 def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
@@ -444,7 +446,9 @@ def test_duplicate_key_is_an_error(tmp_path: Path) -> None:
         output: out
         """,
     )
-    assert "job.yaml:4: duplicate key 'smoothing' (first given on line 4)" in msg
+    assert (
+        "job.yaml:4: operations[0].params.smoothing: duplicate key (first given on line 4)" in msg
+    )
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -579,8 +583,8 @@ def test_labels_are_unique_and_safe_within_an_operation(tmp_path: Path) -> None:
 def test_path_param_resolves_relative_to_manifest(tmp_path: Path) -> None:
     faces = tmp_path / "faces"
     faces.mkdir()
-    (faces / "anna.jpg").write_bytes(b"x")
-    (faces / "bob smith.png").write_bytes(b"x")
+    make_portrait(faces / "anna.jpg", seed=2)
+    make_portrait(faces / "bob smith.png", seed=3)
     m = load(
         tmp_path,
         ops_manifest("image_template: [faces/anna.jpg, 'faces/bob smith.png']", "ailab/face-swap"),
@@ -599,7 +603,7 @@ def test_path_param_resolves_relative_to_manifest(tmp_path: Path) -> None:
 def test_templates_sharing_a_stem_get_a_hash(tmp_path: Path) -> None:
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
-        (tmp_path / sub / "face.jpg").write_bytes(b"x")
+        make_portrait(tmp_path / sub / "face.jpg", seed=4)
     m = load(tmp_path, ops_manifest("image_template: [a/face.jpg, b/face.jpg]", "ailab/face-swap"))
     labels = [v.label for v in m.variants]
     assert len(set(labels)) == 2
@@ -607,7 +611,7 @@ def test_templates_sharing_a_stem_get_a_hash(tmp_path: Path) -> None:
 
 
 def test_same_template_twice_is_deduplicated(tmp_path: Path) -> None:
-    (tmp_path / "t.jpg").write_bytes(b"x")
+    make_portrait(tmp_path / "t.jpg", seed=5)
     m = load(tmp_path, ops_manifest("image_template: [t.jpg, ./t.jpg]", "ailab/face-swap"))
     assert len(m.variants) == 1
 
@@ -621,7 +625,8 @@ def test_missing_template(tmp_path: Path) -> None:
 def test_template_that_is_a_folder(tmp_path: Path) -> None:
     (tmp_path / "faces").mkdir()
     msg = error_of(tmp_path, ops_manifest("image_template: faces", "ailab/face-swap"))
-    assert "is not a file" in msg
+    assert ":5: operations[0].params.image_template: " in msg
+    assert "faces is a folder; give the path of an image file" in msg
 
 
 def test_template_must_be_a_string(tmp_path: Path) -> None:
@@ -667,8 +672,8 @@ def test_variant_canonical_is_stable_json(tmp_path: Path) -> None:
 
 def test_labels_that_sanitise_alike_are_disambiguated(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "a b.jpg").write_bytes(b"x")
-    (tmp_path / "a_b.jpg").write_bytes(b"x")
+    make_portrait(tmp_path / "x" / "a b.jpg", seed=6)
+    make_portrait(tmp_path / "a_b.jpg", seed=7)
     m = load(tmp_path, ops_manifest("image_template: ['x/a b.jpg', a_b.jpg]", "ailab/face-swap"))
     labels = [v.label for v in m.variants]
     assert len(set(labels)) == 2
@@ -677,7 +682,7 @@ def test_labels_that_sanitise_alike_are_disambiguated(tmp_path: Path) -> None:
 
 def test_long_labels_are_capped(tmp_path: Path) -> None:
     name = "portrait-" + "x" * 200 + ".jpg"
-    (tmp_path / name).write_bytes(b"x")
+    make_portrait(tmp_path / name, seed=8)
     m = load(tmp_path, ops_manifest(f"image_template: {name}", "ailab/face-swap"))
     assert len(m.variants[0].label) <= 120
     assert m.variants[0].label.startswith("image_template=portrait-xxx")
