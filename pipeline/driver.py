@@ -139,6 +139,7 @@ class ItemDriver:
                 attempts=KEEP if cp.attempts is None else cp.attempts,
                 unknown_sends=KEEP if cp.unknown_sends is None else cp.unknown_sends,
                 changes=json.dumps(self.held.changes) if self.held.changes else KEEP,
+                spool=self.held.result if cp.spool and self.held.result is not None else KEEP,
             ),
         )
         self._written = cp

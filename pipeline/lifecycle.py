@@ -500,6 +500,7 @@ class Checkpoint:
     task_id: str | None = None
     attempts: int | None = None
     unknown_sends: int | None = None
+    spool: bool = False  # keep the result bytes held in memory in the journal
 
 
 def checkpoint(state: State) -> Checkpoint | None:
@@ -513,12 +514,19 @@ def checkpoint(state: State) -> Checkpoint | None:
             unknown_sends=state.tally.unknown_sends,
         )
     if isinstance(state, Retry):
-        return Checkpoint(Status.PENDING, attempts=state.tally.attempts)
+        # Unknown-outcome sends are counted across runs: durable before the wait.
+        return Checkpoint(
+            Status.PENDING, attempts=state.tally.attempts, unknown_sends=state.tally.unknown_sends
+        )
     if isinstance(state, Poll):
         status = Status.READY if state.billed else Status.SUBMITTED
         return Checkpoint(status, task_id=state.task_id)
     if isinstance(state, Fetch):
         return Checkpoint(Status.READY, task_id=state.task_id)
+    if isinstance(state, Store) and state.source == "memory":
+        # A paid result held only in memory is spooled to the journal before it is
+        # written out: a kill while writing it can't make a rerun pay again.
+        return Checkpoint(Status.READY, task_id=state.task_id, spool=True)
     return None
 
 
