@@ -267,8 +267,8 @@ class NetworkConfig(_Frozen):
     # A vendor that answers nothing (refused connections, DNS or TLS failure, transport
     # 5xx) for this many requests in a row, or this long, stops the run:
     # VENDOR_UNREACHABLE, exit 3. Rate-limit answers and task failures never count.
-    unreachable_after_requests: int = Field(default=20, ge=1)
-    unreachable_after_seconds: float = Field(default=120.0, gt=0)
+    unreachable_after_requests: int = Field(default=20, ge=1, le=1_000_000)
+    unreachable_after_seconds: Seconds = 120.0
 
     @field_validator("allow_result_hosts", mode="before")
     @classmethod

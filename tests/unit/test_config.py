@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
 import pydantic
 import pytest
 
-from pipeline.config import Config, api_key, load_config
+from pipeline.config import Config, ProviderConfig, api_key, load_config
 from pipeline.errors import ConfigError, UsageError
 from pipeline.yamlsrc import load_yaml_with_lines, validation_error_message
 
@@ -315,3 +316,170 @@ def test_validation_error_message_format(tmp_path: Path) -> None:
         f"{path}:3: items[1].n: input should be a valid integer (got 'two')",
         f"{path}:4: items[1].extra: unknown key; known keys: n",
     ]
+
+
+# --------------------------------------------------------------- config.example.yaml
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
+
+
+def test_example_config_is_exactly_the_builtin_defaults() -> None:
+    # Its header promises "every value below IS the built-in default".
+    example = load_config(EXAMPLE)
+    assert example.source == str(EXAMPLE)
+    assert example.model_dump(exclude={"source"}) == Config().model_dump(exclude={"source"})
+
+
+def _settings(model: type[pydantic.BaseModel], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        if name == "source":
+            continue
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, pydantic.BaseModel):
+            out.extend(_settings(kind, f"{prefix}{name}."))
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def test_example_config_documents_every_setting() -> None:
+    import yaml
+
+    data = yaml.safe_load(EXAMPLE.read_text())
+
+    def has(path: str, node: object) -> bool:
+        for step in path.split("."):
+            if not isinstance(node, dict) or step not in node:
+                return False
+            node = node[step]
+        return True
+
+    top = [s for s in _settings(Config) if s != "providers"]
+    provider_keys = [
+        f"providers.{vendor}.{key}"
+        for vendor in ("ailab", "perfectcorp")
+        for key in _settings(ProviderConfig)
+    ]
+    missing = [s for s in [*top, *provider_keys] if not has(s, data)]
+    assert missing == []
+
+
+# ------------------------------------------------------------------- newer settings
+
+
+def test_allow_result_hosts_from_a_yaml_list(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            """
+            network:
+              allow_result_hosts: ["Storage.Internal:9000", "127.0.0.1:8080", "[::1]:443"]
+            """,
+        )
+    )
+    assert config.network.allow_result_hosts == (
+        "storage.internal:9000",
+        "127.0.0.1:8080",
+        "[::1]:443",
+    )
+    assert load_config(write(tmp_path, "network: {allow_result_hosts: null}\n")).network == (
+        Config().network
+    )
+
+
+def test_reporting_section(tmp_path: Path) -> None:
+    assert (Config().reporting.reports_keep, Config().reporting.progress_interval_seconds) == (
+        30,
+        10.0,
+    )
+    config = load_config(write(tmp_path, "reporting: {reports_keep: 3}\n"))
+    assert (config.reporting.reports_keep, config.reporting.progress_interval_seconds) == (3, 10.0)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8765",
+        "https://www.ailabapi.com/",
+        "https://gateway.example.com:8443/ailab",
+        "HTTPS://EXAMPLE.COM",
+    ],
+)
+def test_base_urls_that_are_fine(tmp_path: Path, url: str) -> None:
+    config = load_config(write(tmp_path, f"providers: {{ailab: {{base_url: '{url}'}}}}\n"))
+    assert config.provider("ailab").base_url == url
+
+
+@pytest.mark.parametrize("name", ["AILAB_API_KEY", "_KEY", "K2", "MY_AILAB_KEY_2"])
+def test_env_names_that_are_fine(tmp_path: Path, name: str) -> None:
+    config = load_config(write(tmp_path, f"providers: {{ailab: {{api_key_env: {name}}}}}\n"))
+    assert config.provider("ailab").api_key_env == name
+
+
+def test_source_is_the_resolved_path(tmp_path: Path) -> None:
+    real = write(tmp_path, "retry: {}\n", name="real.yaml")
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "sub" / "cfg.yaml"
+    link.symlink_to(real)
+    assert load_config(tmp_path / "sub" / ".." / "sub" / "cfg.yaml").source == str(real)
+    assert Config().source == "built-in defaults"
+
+
+def test_missing_key_names_the_config_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "providers:\n  ailab:\n    api_key_env: MY_AILAB\n")
+    monkeypatch.delenv("MY_AILAB", raising=False)
+    monkeypatch.delenv("PERFECTCORP_API_KEY", raising=False)
+    config = load_config(path)
+    with pytest.raises(ConfigError) as info:
+        api_key(config, "ailab")
+    assert str(info.value).startswith(
+        f"{path}:3: providers.ailab.api_key_env: environment variable MY_AILAB is not set;"
+    )
+    with pytest.raises(ConfigError) as info:
+        api_key(config, "perfectcorp")
+    assert str(info.value).startswith(f"{path}: providers.perfectcorp.api_key_env (default): ")
+    with pytest.raises(ConfigError) as info:
+        api_key(Config(), "perfectcorp")
+    assert str(info.value).startswith("providers.perfectcorp.api_key_env (built-in default): ")
+
+
+@pytest.mark.parametrize("kind", ["folder", "broken-link", "fifo"])
+def test_a_default_config_that_is_not_a_file_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    target = tmp_path / "config.yaml"
+    if kind == "folder":
+        target.mkdir()
+    elif kind == "broken-link":
+        target.symlink_to(tmp_path / "gone.yaml")
+    else:
+        os.mkfifo(target)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(None)
+    expected = {
+        "folder": "is a folder",
+        "broken-link": "config is a link to nothing",
+        "fifo": "is not a regular file (a FIFO)",
+    }[kind]
+    assert expected in str(info.value)
+
+
+def test_rate_limit_empty_mapping_keeps_the_published_limit(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "providers: {perfectcorp: {rate_limit: {}}}\n"))
+    assert config.provider("perfectcorp").rate_limit == Config().provider("perfectcorp").rate_limit
+
+
+def test_link_local_may_be_built_in_code_but_not_loaded(tmp_path: Path) -> None:
+    # The fetcher refuses it anyway (tests build such configs to prove that); a file
+    # listing it is told at once.
+    from pipeline.config import NetworkConfig
+
+    assert NetworkConfig(allow_result_hosts=("169.254.169.254:80",)).allow_result_hosts == (
+        "169.254.169.254:80",
+    )
+    path = write(tmp_path, "network:\n  allow_result_hosts:\n    - '169.254.169.254:80'\n")
+    assert f"{path}:3: network.allow_result_hosts[0]: '169.254.169.254:80': link-local" in (
+        error_of(path)
+    )

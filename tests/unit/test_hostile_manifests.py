@@ -603,6 +603,12 @@ CONFIG_CASES: list[tuple[str, str, int | None, str]] = [
     ("max-pixels-negative", "network: {max_result_pixels: -1}", 1, "network.max_result_pixels"),
     ("reports-keep-zero", "reporting: {reports_keep: 0}", 1, "reporting.reports_keep"),
     (
+        "unreachable-after-zero",
+        "network: {unreachable_after_requests: 0}",
+        1,
+        "network.unreachable_after_requests",
+    ),
+    (
         "progress-interval-zero",
         "reporting: {progress_interval_seconds: 0}",
         1,

@@ -686,3 +686,73 @@ def test_long_labels_are_capped(tmp_path: Path) -> None:
     m = load(tmp_path, ops_manifest(f"image_template: {name}", "ailab/face-swap"))
     assert len(m.variants[0].label) <= 120
     assert m.variants[0].label.startswith("image_template=portrait-xxx")
+
+
+# ------------------------------------------------------------- issue 8/11 settings
+
+
+def test_failure_ratio_settings(tmp_path: Path) -> None:
+    base = textwrap.dedent(ops_manifest("smoothing: 1")).lstrip("\n")
+    m = load(tmp_path, base)
+    assert (m.max_failure_ratio, m.min_items_for_failure_ratio) == (None, 20)
+    m = load(tmp_path, base + "max_failure_ratio: 0.25\nmin_items_for_failure_ratio: 50\n")
+    assert (m.max_failure_ratio, m.min_items_for_failure_ratio) == (0.25, 50)
+    assert load(tmp_path, base + "max_failure_ratio: 1\n").max_failure_ratio == 1.0
+
+
+def test_absolute_and_parent_input_patterns_are_allowed(tmp_path: Path) -> None:
+    m = load(
+        tmp_path,
+        """
+        inputs: ["../shared/**/*.jpg", "/data/shoots/*.png", "~/photos/*.jpg"]
+        operations: [{op: ailab/face-beauty-pro}]
+        output: out
+        """,
+    )
+    assert m.inputs == ("../shared/**/*.jpg", "/data/shoots/*.png", "~/photos/*.jpg")
+
+
+def test_cross_product_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "MAX_VARIANTS", 4)
+    assert len(load(tmp_path, ops_manifest("{smoothing: [1, 2], whitening: [1, 2]}")).variants) == 4
+    msg = error_of(tmp_path, ops_manifest("{smoothing: [1, 2, 3], whitening: [1, 2]}"))
+    assert ":4: operations[0].params: the lists expand into 6 variants" in msg
+
+
+def test_template_of_another_format_passes_with_auto_fix(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (120, 160), (10, 20, 30)).save(tmp_path / "face.webp", format="WEBP")
+    text = textwrap.dedent(ops_manifest("image_template: face.webp", "ailab/face-swap"))
+    assert "WEBP is not accepted by ailab/face-swap" in error_of(tmp_path, text)
+    m = load(tmp_path, text + "auto_fix: true\n")
+    assert m.variants[0].files == {"image_template": tmp_path / "face.webp"}
+
+
+def test_oversized_template_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    big = tmp_path / "big.jpg"
+    with big.open("wb") as fp:
+        fp.truncate(6 * 1024 * 1024)  # sparse: 6 MB of zeros, over face swap's 5 MB
+    msg = error_of(tmp_path, ops_manifest("image_template: big.jpg", "ailab/face-swap"))
+    assert "big.jpg is 6.0 MB, over the 5 MB limit of ailab/face-swap" in msg
+
+
+def test_output_problems(tmp_path: Path) -> None:
+    from pipeline.manifest import output_problem
+
+    assert output_problem(tmp_path / "new" / "deeper") is None
+    (tmp_path / "f").write_text("x")
+    assert output_problem(tmp_path / "f") == f"{tmp_path / 'f'} is a file; give a folder path"
+    assert output_problem(tmp_path / "f" / "x") == (
+        f"{tmp_path / 'f'} (above {tmp_path / 'f' / 'x'}) is a file; give a folder path"
+    )
+    (tmp_path / "sys-link").symlink_to("/sys/kernel")
+    problem = output_problem(tmp_path / "sys-link" / "out")
+    assert problem is not None and "is inside /sys" in problem
+    assert "(it resolves to /sys/kernel/out)" in problem
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert output_problem(tmp_path / "dangling") == (
+        f"{tmp_path / 'dangling'} is a link to nothing; remove it or fix it"
+    )
