@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -239,7 +240,10 @@ async def _run(
         "max_credits": dict(manifest.max_credits),
     }
     with anyio.CancelScope(shield=True):
-        report = await _finish(journal, run_id, manifest, run_stats, fatal, interrupted, options)
+        report = await _finish(
+            journal, run_id, manifest, run_stats, fatal, interrupted, options,
+            config.reporting.reports_keep, list(keys.values()),
+        )  # fmt: skip
     result = RunResult(exit_code=report["exit_code"], report=report)
     if fatal is not None:
         result.message = f"run stopped: {fatal}"
@@ -256,8 +260,12 @@ async def _finish(
     fatal: FatalError | None,
     interrupted: bool,
     options: RunOptions,
+    reports_keep: int = 30,
+    secrets: list[str] | None = None,
 ) -> dict[str, Any]:
     from pipeline.report import build_reports
+
+    secrets = secrets or []
 
     def exit_code_for(counts: Mapping[str, int]) -> int:
         if interrupted:
@@ -274,7 +282,21 @@ async def _finish(
     report = await anyio.to_thread.run_sync(build_reports, manifest.output, exit_code_for)
     await journal.finish_run(run_id, report["exit_code"], run_stats)
     await journal.flush()
+    await anyio.to_thread.run_sync(_write_html, manifest.output, report, reports_keep, secrets)
     return report
+
+
+def _write_html(output: Path, report: dict[str, Any], keep: int, secrets: list[str]) -> None:
+    """``report.html`` and ``reports/``: a page that can't be written never fails the run."""
+    from pipeline.htmlreport import iter_results, write_html_report
+
+    try:
+        write_html_report(
+            output, report, iter_results(output / "results.jsonl"),
+            reports_keep=keep, secrets=secrets,
+        )  # fmt: skip
+    except OSError as exc:
+        log.warning("could not write %s/report.html: %s", output, exc.strerror or exc)
 
 
 class _SignalWatch:
