@@ -106,12 +106,15 @@ MAX_COMPONENT_BYTES = 200
 class FileWriteError(OSError):
     """A file in the output folder could not be written. ``errno`` is the system's.
 
-    ``str()`` is one line naming the file and what to do; ``filename`` is the path.
+    ``str()`` and ``strerror`` are both one line naming the file and what to do (not
+    the bare system text, so whichever a caller shows reads well); ``filename`` is
+    the path.
     """
 
     def __init__(self, err: int, path: Path | str, message: str | None = None) -> None:
-        super().__init__(err, os.strerror(err), str(path))
-        self.message = message or _describe(err, str(path))
+        text = message or _describe(err, str(path))
+        super().__init__(err, text, str(path))
+        self.message = text
 
     def __str__(self) -> str:
         return self.message

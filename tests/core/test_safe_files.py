@@ -113,6 +113,7 @@ def test_a_symlinked_output_folder_is_refused(world: tuple[Path, Path], depth: i
         atomic_write_bytes(out / rel, b"result", root=out)
     assert caught.value.errno == errno.ELOOP
     assert "symbolic link" in str(caught.value) and "\n" not in str(caught.value)
+    assert caught.value.strerror == str(caught.value)
     assert str(real / parts[depth - 1]) in str(caught.value)
     # resolve_inside, which the engine calls first, refuses it too.
     with pytest.raises(UnsafePathError) as early:
