@@ -93,7 +93,10 @@ async def test_out_of_credits_stops_the_run_and_a_topped_up_rerun_finishes_the_r
     rich: RunningEmulator = await emulator_factory()
     code, report, lines = await _run(manifest, rich)
     assert code == 0, report["errors_by_code"]
-    assert report["counts"] == {"total": 5, "succeeded": 3, "skipped": 2, "failed": 0}
+    assert report["counts"] == {
+        "total": 5, "succeeded": 3, "skipped": 2, "failed": 0, "failed_earlier": 0,
+        "interrupted": 0,
+    }  # fmt: skip
     assert report["aborted"] is None
     by_input = {x["input"]: x for x in lines}
     for line in done:

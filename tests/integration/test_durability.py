@@ -355,7 +355,9 @@ def _check_final_state(
         "total": n_items,
         "succeeded": tally["succeeded"],
         "failed": 0,
+        "failed_earlier": 0,
         "skipped": tally["skipped"],
+        "interrupted": 0,
     }
     assert report["exit_code"] == 0
     # Never lose a result: every billed task of an item became its output.
@@ -549,12 +551,17 @@ async def test_ailab_result_expired_is_result_lost_never_resubmitted(
     assert line["error"]["code"] == "RESULT_LOST"
     assert line["error"]["kind"] == "permanent"
     assert "paid for" in line["error"]["message"]
-    # A rerun without --retry-failed leaves it alone.
+    # A rerun without --retry-failed leaves it alone: carried over, not failed in this
+    # run, so exit 0 (issue 11 point 4), and still reported as paid for and lost.
     code, report, lines = await _run_in_process(manifest, config)
-    assert code == 1
+    assert code == 0
     assert emu.stats()["ailab"]["submits_by_input"] == {_sha(source): 1}
-    assert lines[0]["error"]["code"] == "RESULT_LOST"
-    assert report["counts"] == {"total": 1, "succeeded": 0, "failed": 1, "skipped": 0}
+    assert lines[0]["error"]["code"] == "RESULT_LOST" and lines[0]["carried_over"] is True
+    assert report["counts"] == {
+        "total": 1, "succeeded": 0, "failed": 0, "failed_earlier": 1, "skipped": 0,
+        "interrupted": 0,
+    }  # fmt: skip
+    assert (report["paid_lost"], report["paid_lost_total"]) == (0, 1)
 
 
 async def test_a_rerun_never_resubmits_a_task_the_vendor_said_had_succeeded(
@@ -647,7 +654,12 @@ async def test_renamed_inputs_are_not_redone_and_only_new_inputs_are_sent(
 
     code, report, lines = await _run_in_process(moved, config)
     assert code == 0
-    assert report["counts"] == {"total": 12, "succeeded": 4, "failed": 0, "skipped": 8}
+    # The copy has lines of its own, as skipped duplicates (issue 8 point 5).
+    assert report["counts"] == {
+        "total": 14, "succeeded": 4, "failed": 0, "failed_earlier": 0, "skipped": 10,
+        "interrupted": 0,
+    }  # fmt: skip
+    assert report["duplicates"] == 2
     new_digests = {_sha(p) for p in new}
     for vendor in VENDORS:
         # Old inputs (renamed, moved, copied) were sent once, in the first run; new ones once.

@@ -34,7 +34,10 @@ async def test_all_four_operations_succeed(
     portraits(4)
     code, report, lines = await _run(write_manifest(), emulator)
     assert code == 0
-    assert report["counts"] == {"total": 16, "succeeded": 16, "failed": 0, "skipped": 0}
+    assert report["counts"] == {
+        "total": 16, "succeeded": 16, "failed": 0, "failed_earlier": 0, "skipped": 0,
+        "interrupted": 0,
+    }  # fmt: skip
     assert set(report["by_operation"]) == {
         "ailab/emotion-editor", "ailab/face-beauty-pro", "ailab/face-swap", "perfectcorp/ai-smile",
     }  # fmt: skip
@@ -66,7 +69,10 @@ async def test_rerun_skips_everything_and_sends_nothing(
     before = emulator.stats()
     code, report, _ = await _run(manifest, emulator)
     assert code == 0
-    assert report["counts"] == {"total": 12, "succeeded": 0, "failed": 0, "skipped": 12}
+    assert report["counts"] == {
+        "total": 12, "succeeded": 0, "failed": 0, "failed_earlier": 0, "skipped": 12,
+        "interrupted": 0,
+    }  # fmt: skip
     after = emulator.stats()
     assert after["ailab"]["submits"] == before["ailab"]["submits"]
     assert after["perfectcorp"]["submits"] == before["perfectcorp"]["submits"]
@@ -110,7 +116,9 @@ async def test_permanent_errors_fail_items_and_the_run_goes_on(
     # A rerun does not send them again unless asked to.
     stats = emu.stats()
     code, report, _ = await _run(write_manifest(), emu)
-    assert code == 1 and emu.stats()["ailab"]["requests"] == stats["ailab"]["requests"]
+    # Carried over, not failed in this run: exit 0 (issue 11 point 4).
+    assert code == 0 and emu.stats()["ailab"]["requests"] == stats["ailab"]["requests"]
+    assert (report["counts"]["failed"], report["counts"]["failed_earlier"]) == (0, 12)
     code, report, _ = await _run(write_manifest(), emu, retry_failed=True)
     assert emu.stats()["ailab"]["requests"] > stats["ailab"]["requests"]
 
@@ -137,7 +145,8 @@ async def test_fatal_errors_stop_the_run_with_exit_3(
     assert report["aborted"]["code"] == expected_code
     assert report["aborted"]["kind"] == "fatal"
     assert emu.stats()["ailab"]["charged"] + emu.stats()["perfectcorp"]["charged"] < 24
-    assert all(x["status"] in {"succeeded", "failed"} for x in lines)
+    # Items the stopped run did not finish are interrupted, not failed (issue 8 point 11).
+    assert all(x["status"] in {"succeeded", "failed", "interrupted"} for x in lines)
 
 
 async def test_faults_every_item_still_succeeds_with_exact_counts(
@@ -149,7 +158,10 @@ async def test_faults_every_item_still_succeeds_with_exact_counts(
     portraits(12)
     code, report, lines = await _run(write_manifest(max_attempts=10), emu)
     assert code == 0, report["errors_by_code"]
-    assert report["counts"] == {"total": 48, "succeeded": 48, "failed": 0, "skipped": 0}
+    assert report["counts"] == {
+        "total": 48, "succeeded": 48, "failed": 0, "failed_earlier": 0, "skipped": 0,
+        "interrupted": 0,
+    }  # fmt: skip
     assert len(lines) == 48 and all(Path(x["output"]).is_file() for x in lines)
     stats = emu.stats()
     assert stats["ailab"]["rejected"] > 0  # faults really happened
