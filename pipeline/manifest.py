@@ -12,7 +12,7 @@ Paths:
 
 * ``inputs`` are glob patterns relative to the manifest's folder. Absolute
   patterns, ``~`` and ``..`` in the literal part before the first wildcard are
-  allowed (``../shared/**/*.jpg``, ``/data/shoots/**/*.jpg``): inputs are only ever
+  allowed (``../photos/**/*.jpg``, ``/data/shoots/**/*.jpg``): inputs are only ever
   read, and photos rarely live beside the job file. A ``..`` after a wildcard
   (``a/*/../b.jpg``) would match nothing and is refused.
 * ``output`` is the one folder the run writes to. It is refused when it resolves
@@ -300,8 +300,9 @@ def _enum_hint(spec: ParamSpec, near: str | None) -> str:
 
 
 def _legacy_message(spec: ParamSpec, code: int | str) -> str:
-    # vendor-protocols.md §1.2 and Q7: 0-3 are the V1.0 service_choice codes; V1.1
-    # replaced them and whether they still work live is unknown, so we never send them.
+    # 0-3 are the V1.0 service_choice codes; V1.1 replaced them and whether they still
+    # work live is unknown, so we never send them (docs/vendors.md, "AILabTools
+    # emotion editor").
     int_codes = [c for c in spec.choices.values() if isinstance(c, int)]
     current = _code_phrase(int_codes) if int_codes else "or"
     return (

@@ -704,12 +704,12 @@ def test_absolute_and_parent_input_patterns_are_allowed(tmp_path: Path) -> None:
     m = load(
         tmp_path,
         """
-        inputs: ["../shared/**/*.jpg", "/data/shoots/*.png", "~/photos/*.jpg"]
+        inputs: ["../photos/**/*.jpg", "/data/shoots/*.png", "~/photos/*.jpg"]
         operations: [{op: ailab/face-beauty-pro}]
         output: out
         """,
     )
-    assert m.inputs == ("../shared/**/*.jpg", "/data/shoots/*.png", "~/photos/*.jpg")
+    assert m.inputs == ("../photos/**/*.jpg", "/data/shoots/*.png", "~/photos/*.jpg")
 
 
 def test_cross_product_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
