@@ -102,7 +102,9 @@ _EXAMPLES = 3  # example inputs kept per error code
 _LOST_EXAMPLES = 20
 _FIXED_CACHE_MAX = 4096
 _WRITE_BATCH = 512
-_COMPACT = (",", ":")  # results.jsonl is for machines: 6% smaller than json's default
+# results.jsonl is for machines: compact separators make it 6% smaller. One encoder
+# for the whole build: json.dumps with options builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 # -- readable params --------------------------------------------------------------------
@@ -217,7 +219,7 @@ LINE_FIELDS = FIXED_FIELDS + ITEM_FIELDS
 class _Lines:
     """Turns journal rows into ``results.jsonl`` lines and tallies them.
 
-    A line is ``fixed + json.dumps(rest)[1:]`` where ``fixed`` is the cached
+    A line is ``fixed + "," + encode(rest)[1:]`` where ``fixed`` is the cached
     serialisation of the fixed fields without its closing brace: one ``json.dumps``
     of twelve fields per line instead of twenty with two nested objects. The line is
     the same JSON object either way (tests parse every line).
@@ -245,7 +247,7 @@ class _Lines:
             if len(self.fixed) >= _FIXED_CACHE_MAX:
                 self.fixed.clear()  # bounded, whatever the journal holds
             pv = _params_view(op, row.params)
-            fixed = json.dumps(
+            fixed = _encode(
                 {
                     "operation": row.operation,
                     "variant": row.variant,
@@ -255,8 +257,7 @@ class _Lines:
                     "status": _LINE_STATUS[count],
                     "carried_over": count == "failed_earlier",
                     "duplicate_of": duplicate_of,
-                },
-                separators=_COMPACT,
+                }
             )[:-1]
             self.fixed[cache_key] = fixed
         return fixed
@@ -290,7 +291,7 @@ class _Lines:
         changes = json.loads(row.changes) if row.changes else []
         if changes:
             tally.auto_fixed += 1
-        rest = json.dumps(
+        rest = _encode(
             {
                 "key": row.key,
                 "input": row.input_path,
@@ -304,8 +305,7 @@ class _Lines:
                 "billed": bool(row.billed),
                 "possibly_billed": row.unknown_sends > 0,
                 "changes": changes,
-            },
-            separators=_COMPACT,
+            }
         )
         return self._fixed(op, row, count) + "," + rest[1:]
 
@@ -333,9 +333,8 @@ class _Lines:
         if carrier is None:
             # Its carrier never got a row (the run stopped first): still a line.
             self.tally.counts[("", "skipped")] += 1
-            fixed = json.dumps(
-                {**dict.fromkeys(FIXED_FIELDS), "status": "skipped", "carried_over": False},
-                separators=_COMPACT,
+            fixed = _encode(
+                {**dict.fromkeys(FIXED_FIELDS), "status": "skipped", "carried_over": False}
             )[:-1]
         else:
             self.tally.counts[(carrier.operation, "skipped")] += 1
@@ -343,7 +342,7 @@ class _Lines:
                 output = carrier.output
             op = self._op(carrier.operation)
             fixed = self._fixed(op, carrier, "skipped", carrier.input_path)
-        rest = json.dumps(
+        rest = _encode(
             {
                 "key": dup.key,
                 "input": dup.input_path,
@@ -357,8 +356,7 @@ class _Lines:
                 "billed": False,
                 "possibly_billed": False,
                 "changes": [],
-            },
-            separators=_COMPACT,
+            }
         )
         return fixed + "," + rest[1:]
 
