@@ -24,6 +24,20 @@ add up to it. Spend is counted as the vendor bills: an item costs its price in t
 run in which the vendor billed it (``items.billed_run``), whether or not its result
 was kept; ``paid_lost`` says how many billed results were lost.
 
+``report.json`` beyond ``counts`` and ``by_operation``: ``errors_by_code`` /
+``errors_by_kind`` (this run's failures) and ``errors_earlier_by_code`` /
+``errors_earlier_by_kind`` (carried over), ``error_examples`` (a few inputs per code);
+``credits_spent`` (this run, as billed), ``credits_spent_total`` (the folder, to date),
+``max_credits``; ``paid_lost`` (billed results lost in this run) with
+``paid_lost_items`` (the first few), ``paid_lost_total`` (the folder),
+``paid_not_stored`` (billed, kept for the rerun to store); ``possibly_billed`` (items
+this run sent whose send had an unknown outcome) and ``possibly_billed_total``;
+``poll_lag_seconds`` ``{mean, p95, tasks}`` and ``polls_per_task`` per operation
+``{tasks, mean, max, p95}`` over the async tasks this run finished; ``folder_totals``
+(every item in the journal by status); ``duplicates``; ``auto_fixed``; the engine's
+``requests``, ``rate_budget``, ``first_poll_seconds``, ``aborted``, ``interrupted``;
+``wall_time_seconds`` and ``report_seconds``.
+
 The build streams: one query over the run's items, one ``json.dumps`` per line, and
 per-line work kept to lookups (readable params are worked out once per distinct
 params string), so a nightly rerun of 10^6 done items writes both files in seconds.
@@ -447,7 +461,8 @@ def _report(
         "aborted": stats.get("aborted"),
         "interrupted": bool(stats.get("interrupted", False)),
         "duplicates": tally.duplicates,
-        "duplicates_skipped": stats.get("duplicates", tally.duplicates),
+        # Journals of the previous release counted duplicates in the run's stats only.
+        "duplicates_skipped": tally.duplicates or stats.get("duplicates", 0),
         "folder_totals": {"total": folder.total, **folder.by_status},
         "credits_spent_total": _folder_spend(folder.billed),
     }
