@@ -790,3 +790,24 @@ def test_many_lines_stream_in_batches(tmp_path: Path, n: int) -> None:
     assert [x["key"] for x in built.lines] == [x.key for x in items]
     text = (tmp_path / "results.jsonl").read_text()
     assert text.count("\n") == n and (n == 0 or text.endswith("}\n"))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=30),
+        min_size=1,
+        max_size=5,
+        unique=True,
+    )
+)
+def test_hostile_names_each_stay_one_json_line(names: list[str]) -> None:
+    # Quotes, backslashes, newlines, NUL, RTL marks, emoji: one line per item, intact.
+    items = [Item(name, "succeeded", billed_run=2) for name in names]
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(dir=shm) as tmp:
+        built = _make(Path(tmp), items)
+    assert sorted(x["key"] for x in built.lines) == sorted(names)
+    for line in built.lines:
+        assert line["input_rel"] == f"in/{line['key']}.jpg"
+        assert line["output_rel"].endswith(line["input_rel"])
