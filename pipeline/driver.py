@@ -32,7 +32,7 @@ from pipeline.errors import (
 )
 from pipeline.images import prepare_payload, sniff_image_format
 from pipeline.journal import KEEP, Change, Journal, Keep
-from pipeline.outputs import atomic_write_bytes, resolve_inside
+from pipeline.outputs import write_result
 
 if TYPE_CHECKING:
     from pipeline.engine import Engine, WorkItem
@@ -172,7 +172,7 @@ class ItemDriver:
         if isinstance(state, lc.Prepare):
             return await self._prepare()
         if isinstance(state, lc.Send):
-            return await self._send()
+            return await self._send(state)
         if isinstance(state, lc.Retry):
             await _sleep_until(state.until)
             return lc.Stopping(_not_sent(self.engine)) if self.engine.stopping else lc.Timer()
@@ -205,7 +205,7 @@ class ItemDriver:
         self.held.changes = list(prepared.changes)
         return lc.InputReady()
 
-    async def _send(self) -> lc.Event:
+    async def _send(self, state: lc.Send) -> lc.Event:
         engine = self.engine
         if engine.stopping:
             return lc.Stopping(_not_sent(engine))
@@ -222,7 +222,7 @@ class ItemDriver:
             )
         except VendorError as exc:
             engine.reachability(self.op.vendor, exc)
-            return self._send_failed(exc)
+            return self._send_failed(exc, state.tally)
         engine.reachability(self.op.vendor, None)
         engine.rejections.reset()
         if submitted.task_id:
@@ -234,12 +234,12 @@ class ItemDriver:
         error = lc.ErrorInfo("NO_TASK_ID", "the vendor answered without a task id", "retryable")
         return lc.SendFailed(error, maybe_sent=True)
 
-    def _send_failed(self, exc: VendorError) -> lc.Event:
+    def _send_failed(self, exc: VendorError, tally: lc.Tally) -> lc.Event:
         info = error_info(exc)
         if isinstance(exc, ResultNotImageError):
             return lc.SendFailed(info, billed=True)
         if isinstance(exc, RateLimitedError):
-            self.engine.rate_limited(self.op.vendor, exc)
+            self.engine.rate_limited(self.op.vendor, exc, tally.rate_limited + 1)
             return lc.SendFailed(info, rate_limited=True, retry_after=exc.retry_after)
         if isinstance(exc, TransportError):
             return lc.SendFailed(info, maybe_sent=exc.maybe_sent)
@@ -253,7 +253,7 @@ class ItemDriver:
         except VendorError as exc:
             self.engine.reachability(self.op.vendor, exc)
             if isinstance(exc, RateLimitedError):
-                self.engine.rate_limited(self.op.vendor, exc)
+                self.engine.rate_limited(self.op.vendor, exc, state.tally.rate_limited + 1)
                 return lc.PollError(error_info(exc), rate_limited=True, retry_after=exc.retry_after)
             if isinstance(exc, RetryableError):
                 return lc.PollError(error_info(exc), retry_after=None)
@@ -299,8 +299,7 @@ class ItemDriver:
         ext = sniff_image_format(data) or "jpg"
         rel = self.engine.output_rel(self, ext)
         try:
-            target = resolve_inside(self.engine.output_dir, rel)
-            await anyio.to_thread.run_sync(atomic_write_bytes, target, data)
+            await anyio.to_thread.run_sync(write_result, self.engine.output_dir, rel, data)
         except (OSError, ValueError) as exc:
             return _store_failed(rel, exc)
         return lc.Stored(rel)

@@ -32,7 +32,7 @@ from pipeline.budget import RateBudget
 from pipeline.config import Config
 from pipeline.credits import CreditGuard, RejectionStreak
 from pipeline.driver import DurationEstimate, ItemDriver, terminal_change
-from pipeline.errors import FatalError, PermanentError, RateLimitedError, VendorError
+from pipeline.errors import FatalError, PermanentError, RateLimitedError, UsageError, VendorError
 from pipeline.journal import ItemRecord, Journal
 from pipeline.manifest import Manifest
 from pipeline.operations import OperationSpec
@@ -103,11 +103,13 @@ class Engine:
     finished: int = 0
     failed: int = 0
     _inflight: set[str] = field(default_factory=set)
+    _queued: set[str] = field(default_factory=set)  # sent to the workers, not finished
     _estimates: dict[str, DurationEstimate] = field(default_factory=dict)
     _reach: dict[str, _Reach] = field(default_factory=dict)
     _task_slots: dict[str, anyio.CapacityLimiter] = field(default_factory=dict)
     _uncollected: int = 0
     _scope: anyio.CancelScope | None = None
+    usage_error: UsageError | None = None
 
     def __post_init__(self) -> None:
         self.output_dir = self.manifest.output
@@ -138,13 +140,78 @@ class Engine:
             for _ in range(self.manifest.concurrency):
                 tg.start_soon(self._work, receive.clone())
             receive.close()
+        if self.usage_error is not None:
+            raise self.usage_error
 
     async def _produce(self, source: InputSource, send: MemoryObjectSendStream[WorkItem]) -> None:
+        try:
+            await self._feed(source, send)
+        except UsageError as exc:  # no input matched, a template unreadable: exit 2
+            self.usage_error = exc
+
+    async def _feed(self, source: InputSource, send: MemoryObjectSendStream[WorkItem]) -> None:
         async with send:
-            async for item in source.items():
-                if self.stopping and self._uncollected <= 0:
-                    return  # nothing left that is paid for or running at a vendor
-                await send.send(item)
+            async for batch in source.batches():
+                for item in await self._settle_done(batch):
+                    if self.stopping and self._uncollected <= 0:
+                        return  # nothing left that is paid for or running at a vendor
+                    self._queued.add(item.key)
+                    await send.send(item)
+
+    async def _settle_done(self, batch: list[WorkItem]) -> list[WorkItem]:
+        """Settle in bulk what needs no worker: items done (output on disk) or failed for
+        good in earlier runs, and content duplicates; return the rest.
+
+        One stat per output (in a thread) and one journal write per batch, so a rerun
+        over a million done items costs seconds, not hours.
+        """
+        candidates = [
+            i for i in batch
+            if i.record is not None and i.record.seen_run != self.run_id and i.key not in self._queued
+        ]  # fmt: skip
+        on_disk = await anyio.to_thread.run_sync(self._outputs_on_disk, candidates)
+        settled: list[tuple[WorkItem, str]] = []
+        duplicates: list[WorkItem] = []
+        rest: list[WorkItem] = []
+        met: set[str] = set()
+        for item in batch:
+            rec = item.record
+            if item.key in met or item.key in self._queued or (rec and rec.seen_run == self.run_id):
+                duplicates.append(item)
+            elif rec is not None and item.key not in self._queued:
+                state = lc.resume(
+                    rec.snapshot(), self.policies[item.variant.operation.vendor], 0.0,
+                    retry_failed=self.options.retry_failed, output_exists=item.key in on_disk,
+                )  # fmt: skip
+                if isinstance(state, lc.Skipped | lc.CarriedOver):
+                    settled.append(
+                        (item, "skipped" if isinstance(state, lc.Skipped) else "failed_earlier")
+                    )
+                else:
+                    rest.append(item)
+            else:
+                rest.append(item)
+            met.add(item.key)
+        await self.journal.settle_many(
+            [(i.key, str(i.input_path), i.input_rel, how) for i, how in settled], self.run_id
+        )
+        for _, how in settled:
+            if how == "skipped":
+                self.progress.skipped()
+            else:
+                self.progress.failed()
+        for item in duplicates:
+            await self._duplicate(item)
+        return rest
+
+    def _outputs_on_disk(self, items: list[WorkItem]) -> set[str]:
+        found = set()
+        for item in items:
+            rec = item.record
+            done = rec is not None and rec.status == "succeeded" and rec.output
+            if done and rec is not None and (self.output_dir / str(rec.output)).is_file():
+                found.add(item.key)
+        return found
 
     async def _work(self, receive: MemoryObjectReceiveStream[WorkItem]) -> None:
         async with receive:
@@ -177,40 +244,44 @@ class Engine:
     # -- one item -----------------------------------------------------------------------
 
     async def _process(self, item: WorkItem) -> None:
-        if item.key in self._inflight:
-            await self._duplicate(item)
-            return
-        self._inflight.add(item.key)
         try:
-            rec = item.record if item.looked_up else await self.journal.lookup(item.key)
-            if rec is not None and rec.seen_run == self.run_id:
+            if item.key in self._inflight:
                 await self._duplicate(item)
                 return
-            snap = None
-            if rec is not None:
-                snap = rec.snapshot(
-                    has_spool=rec.status == "ready" and await self.journal.has_spool(item.key)
-                )
-                if lc.collectable(
-                    snap.status, snap.task_id, snap.error.kind if snap.error else None
-                ):
-                    self._uncollected -= 1
-            state = lc.resume(
-                snap,
-                self.policies[item.variant.operation.vendor],
-                time.monotonic(),
-                retry_failed=self.options.retry_failed,
-                output_exists=bool(rec and rec.output and (self.output_dir / rec.output).is_file()),
-            )
-            if self.stopping and isinstance(state, lc.Prepare):
-                return  # not started: a rerun picks it up (created tasks are still collected)
-            await self._see(item)
-            if isinstance(state, lc.Skipped | lc.CarriedOver):
-                await self._carry(item, state)
-                return
-            await self._drive(item, rec, state)
+            self._inflight.add(item.key)
+            try:
+                await self._start(item)
+            finally:
+                self._inflight.discard(item.key)
         finally:
-            self._inflight.discard(item.key)
+            self._queued.discard(item.key)
+
+    async def _start(self, item: WorkItem) -> None:
+        # A fresh read: the batch's record may predate another input of the same content.
+        rec = await self.journal.lookup(item.key)
+        if rec is not None and rec.seen_run == self.run_id:
+            await self._duplicate(item)
+            return
+        snap = None
+        if rec is not None:
+            spooled = rec.status == "ready" and await self.journal.has_spool(item.key)
+            snap = rec.snapshot(has_spool=spooled)
+            if lc.collectable(snap.status, snap.task_id, snap.error.kind if snap.error else None):
+                self._uncollected -= 1
+        state = lc.resume(
+            snap,
+            self.policies[item.variant.operation.vendor],
+            time.monotonic(),
+            retry_failed=self.options.retry_failed,
+            output_exists=bool(rec and rec.output and (self.output_dir / rec.output).is_file()),
+        )
+        if self.stopping and isinstance(state, lc.Prepare):
+            return  # not started: a rerun picks it up (created tasks are still collected)
+        await self._see(item)
+        if isinstance(state, lc.Skipped | lc.CarriedOver):
+            await self._carry(item, state)
+            return
+        await self._drive(item, rec, state)
 
     async def _see(self, item: WorkItem) -> None:
         await self.journal.see(
@@ -310,11 +381,12 @@ class Engine:
             self.credits.hold(key, op.vendor, op.price)
         return refusal
 
-    def rate_limited(self, vendor: str, exc: RateLimitedError) -> None:
-        """Pause every request to the vendor (at least ``Retry-After``, capped) and lower
-        its rate (AIMD): the retry queues at the budget again."""
+    def rate_limited(self, vendor: str, exc: RateLimitedError, count: int = 1) -> None:
+        """Pause every request to the vendor (at least ``Retry-After``, capped; longer
+        for an item refused ``count`` times) and lower its rate (AIMD): the retry
+        queues at the budget again."""
         policy = self.policies[vendor]
-        wait = policy.backoff(1, hint=exc.retry_after)
+        wait = policy.backoff(min(count, 8), hint=exc.retry_after)
         retry_after = (
             None if exc.retry_after is None else min(exc.retry_after, policy.retry_after_max)
         )

@@ -45,6 +45,7 @@ import anyio.to_thread
 
 from pipeline.errors import DiskFullError, JournalError
 from pipeline.lifecycle import COLLECTABLE_STATUSES, ErrorInfo, Snapshot, Status, check_move
+from pipeline.outputs import check_no_symlink
 
 _KINDS = ("retryable", "permanent", "fatal")
 
@@ -264,11 +265,11 @@ class Journal:
     @staticmethod
     def open_sync(path: Path, *, create: bool) -> sqlite3.Connection:
         """Open (or create) a journal file and check it is ours and intact."""
-        if path.is_symlink():
-            raise JournalError(
-                f"{path}: the journal is a symbolic link; refusing to follow it. Remove the "
-                "link (a journal is always a plain file inside the output folder)"
-            )
+        try:
+            # SQLite would follow a planted link (or its -wal/-shm sidecars).
+            check_no_symlink(path, sqlite=True)
+        except OSError as exc:
+            raise JournalError(str(exc)) from None
         existed = path.exists()
         if not existed and not create:
             raise JournalError(f"{path}: no journal here; run `pipeline run` on a manifest first")
@@ -563,7 +564,7 @@ class Journal:
             " ON CONFLICT(key) DO UPDATE SET input_path = excluded.input_path,"
             " input_rel = excluded.input_rel, seen_run = excluded.seen_run, run_status = NULL,"
             " updated_at = excluded.updated_at",
-            (key, operation, variant, params, input_path, input_rel, run_id, now),
+            (key, operation, variant, params, db_text(input_path), db_text(input_rel), run_id, now),
         )
 
     async def skip_many(self, keys: Sequence[str], run_id: int, run_status: str) -> None:
@@ -580,6 +581,23 @@ class Journal:
         ]
         await self._write_many(ops)
 
+    async def settle_many(self, rows: Sequence[tuple[str, str, str, str]], run_id: int) -> None:
+        """Items met by this run and left as they were: ``(key, input_path, input_rel,
+        run_status)`` with run_status ``skipped`` or ``failed_earlier``; one commit."""
+        if not rows:
+            return
+        now = time.time()
+        await self._write_many(
+            [
+                (
+                    "UPDATE items SET seen_run = ?, run_status = ?, input_path = ?, input_rel = ?,"
+                    " updated_at = ? WHERE key = ?",
+                    (run_id, how, db_text(path), db_text(rel), now, key),
+                )
+                for key, path, rel, how in rows
+            ]
+        )
+
     async def record_duplicate(
         self, run_id: int, input_rel: str, input_path: str, key: str
     ) -> None:
@@ -587,7 +605,7 @@ class Journal:
         await self._write(
             "INSERT OR IGNORE INTO duplicates (run_id, input_rel, input_path, key)"
             " VALUES (?, ?, ?, ?)",
-            (run_id, input_rel, input_path, key),
+            (run_id, db_text(input_rel), db_text(input_path), key),
         )
 
     async def change(self, key: str, change: Change) -> None:
@@ -616,12 +634,12 @@ class Journal:
 
     # -- the stat cache -------------------------------------------------------------------
 
-    async def cached_hashes(self, paths: Sequence[str]) -> dict[str, tuple[int, ...]]:
-        """``path -> (size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash)`` rows
-        for the paths the cache knows (hash last, as a str in a tuple of ints)."""
+    async def cached_hashes(self, paths: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+        """``db_text(path) -> (size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash)``
+        for the paths the stat cache knows."""
         out: dict[str, tuple[Any, ...]] = {}
         for start in range(0, len(paths), 500):
-            chunk = list(paths[start : start + 500])
+            chunk = [db_text(p) for p in paths[start : start + 500]]
             rows = await self._read(
                 "SELECT path, size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash FROM files"
                 f" WHERE path IN ({', '.join('?' * len(chunk))})",
@@ -646,6 +664,16 @@ class Journal:
             "UPDATE items SET polls = polls + ?, updated_at = ? WHERE key = ?",
             (n, time.time(), key),
         )
+
+
+def db_text(text: str) -> str:
+    """``text`` as SQLite can store it: a file name that is not valid UTF-8 carries
+    lone surrogates (``surrogateescape``); those bytes are kept as ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
 
 
 def _disk_full(error: BaseException) -> bool:

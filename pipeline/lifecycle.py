@@ -627,8 +627,9 @@ def _send_failed(state: Send, tally: Tally, event: SendFailed, now: float, polic
         tally = replace(state.tally, rate_limited=state.tally.rate_limited + 1, last_error=error)
         if tally.rate_limited > policy.max_rate_limited:
             return Failed(error, tally=tally)
-        wait = policy.backoff(min(tally.rate_limited, 8), hint=event.retry_after)
-        return Retry(tally, until=now + wait)
+        # No wait here: the driver pauses the vendor's whole rate budget (at least
+        # Retry-After, capped), so the retry simply queues there again.
+        return Retry(tally, until=now)
     if error.kind != "retryable":
         return Failed(error, tally=tally)
     if event.maybe_sent:
@@ -711,8 +712,8 @@ def _poll_error(state: Poll, event: PollError, now: float, policy: Policy) -> St
             return Failed(
                 event.error, state.checkpoint_status(), state.task_id, state.billed, tally=tally
             )
-        wait = policy.backoff(min(tally.rate_limited, 8), hint=event.retry_after)
-        return replace(state, tally=tally, due=now + min(wait, policy.poll.max_gap))
+        # The vendor's budget is paused by the driver; the poll queues there.
+        return replace(state, tally=tally, due=now)
     errors = state.poll_errors + 1
     if errors >= policy.max_poll_errors or now >= state.deadline:
         return Failed(

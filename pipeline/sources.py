@@ -4,7 +4,7 @@ Each batch of matched entries costs one journal read for the stat cache, one for
 the items and one write for what the batch learned, so a rerun over a million
 unchanged inputs re-reads none of them: a file whose (size, mtime, ctime, inode,
 device) match the cache, and whose mtime is safely older than the cache entry (git's
-"racily clean" rule, :func:`pipeline.identity.signature_trustworthy`), keeps its
+"racily clean" rule, :func:`pipeline.identity.cached_hash_usable`), keeps its
 content hash without being opened.
 """
 
@@ -19,9 +19,16 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from pipeline.errors import InputProblem, PipelineError
-from pipeline.identity import FileSignature, hash_file, item_key, signature_trustworthy
+from pipeline.identity import (
+    FileSignature,
+    cached_hash_usable,
+    hash_file,
+    hash_file_checked,
+    item_key,
+)
+from pipeline.images import max_input_bytes
 from pipeline.inputs import InputEntry, iter_input_entries
-from pipeline.journal import ItemRecord, Journal
+from pipeline.journal import ItemRecord, Journal, db_text
 from pipeline.manifest import Manifest, Variant
 
 if TYPE_CHECKING:
@@ -45,8 +52,7 @@ class WorkItem:
     input_rel: str
     variant: Variant
     problem: InputProblem | None = None
-    record: ItemRecord | None = None
-    looked_up: bool = False
+    record: ItemRecord | None = None  # as the journal had it when the batch was read
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,12 @@ class InputSource:
         self.journal = journal
         self.progress = progress
         self._file_hashes: dict[Path, str] = {}
+        # Inputs larger than any operation of the job will read are not even hashed.
+        self._max_bytes = max(max_input_bytes(v.operation.limits) for v in manifest.variants)
 
-    async def items(self) -> AsyncIterator[WorkItem]:
+    async def batches(self) -> AsyncIterator[list[WorkItem]]:
+        """The work items, a batch at a time, each with the journal record it had when
+        the batch was read."""
         await self._hash_variant_files()
         entries = iter_input_entries(
             self.manifest.base_dir, self.manifest.inputs, self.manifest.output
@@ -78,11 +88,10 @@ class InputSource:
             items = [item for h in hashed for item in self._expand(h)]
             records = await self.journal.lookup_many([i.key for i in items])
             self.progress.discovered(len(items))
-            for item in items:
-                yield WorkItem(
-                    item.key, item.input_path, item.input_rel, item.variant, item.problem,
-                    records.get(item.key), looked_up=True,
-                )  # fmt: skip
+            yield [
+                WorkItem(i.key, i.input_path, i.input_rel, i.variant, i.problem, records.get(i.key))
+                for i in items
+            ]
 
     async def _hash_variant_files(self) -> None:
         for variant in self.manifest.variants:
@@ -100,7 +109,7 @@ class InputSource:
     async def _hash(self, batch: Sequence[InputEntry]) -> list[_Hashed]:
         paths = [str(e.path) for e in batch if e.stat is not None]
         cached = await self.journal.cached_hashes(paths)
-        out, fresh = await anyio.to_thread.run_sync(_hash_batch, batch, cached)
+        out, fresh = await anyio.to_thread.run_sync(_hash_batch, batch, cached, self._max_bytes)
         await self.journal.cache_hashes(fresh)
         return out
 
@@ -123,7 +132,7 @@ def _take(entries: Iterator[InputEntry], n: int) -> list[InputEntry]:
 
 
 def _hash_batch(
-    batch: Sequence[InputEntry], cached: dict[str, tuple[Any, ...]]
+    batch: Sequence[InputEntry], cached: dict[str, tuple[Any, ...]], max_bytes: int
 ) -> tuple[list[_Hashed], list[tuple[Any, ...]]]:
     """Content hashes for a batch (runs in a worker thread), and the new cache rows."""
     out: list[_Hashed] = []
@@ -132,37 +141,26 @@ def _hash_batch(
         if entry.stat is None:
             out.append(_Hashed(entry, None, entry.problem))
             continue
-        sig = FileSignature.of(entry.stat)
-        row = cached.get(str(entry.path))
+        name = db_text(str(entry.path))
+        row = cached.get(name)
         if row is not None:
-            size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, digest = row
-            if (size, mtime_ns, ctime_ns, inode, dev) == (
-                sig.size, sig.mtime_ns, sig.ctime_ns, sig.inode, sig.dev,
-            ) and signature_trustworthy(sig, cached_at_ns):  # fmt: skip
+            *sig_row, cached_at_ns, digest = row
+            usable = cached_hash_usable(
+                FileSignature.from_row(tuple(sig_row)),
+                cached_at_ns,
+                FileSignature.of(entry.stat),
+            )
+            if usable:
                 out.append(_Hashed(entry, str(digest), None))
                 continue
+        # The cache entry's time is taken before the read: an edit made while the file
+        # is being hashed is then never trusted (git's "racily clean" rule).
+        cached_at = time.time_ns()
         try:
-            digest = hash_file(entry.path)
-        except OSError as exc:
-            problem = InputProblem(
-                f"{entry.path}: cannot read the input file ({exc.strerror}); check it exists "
-                "and is readable",
-                code="INPUT_UNREADABLE",
-            )
+            hashed = hash_file_checked(entry.path, max_bytes, why="for the operations of this job")
+        except InputProblem as problem:
             out.append(_Hashed(entry, None, problem))
             continue
-        now_ns = time.time_ns()
-        fresh.append(
-            (
-                str(entry.path),
-                sig.size,
-                sig.mtime_ns,
-                sig.ctime_ns,
-                sig.inode,
-                sig.dev,
-                digest,
-                now_ns,
-            )
-        )
-        out.append(_Hashed(entry, digest, None))
+        fresh.append((name, *hashed.signature.as_row(), hashed.digest, cached_at))
+        out.append(_Hashed(entry, hashed.digest, None))
     return out, fresh

@@ -85,7 +85,12 @@ def _scan(out: Path) -> tuple[list[Path], list[Path]]:
     finals: list[Path] = []
     parts: list[Path] = []
     try:
-        tops = [entry for entry in os.scandir(out) if entry.is_dir()]
+        # Results live in one folder per operation; .thumbs/ and reports/ (issue 11:
+        # report.html) are the pipeline's own.
+        tops = [
+            entry for entry in os.scandir(out)
+            if entry.is_dir() and not entry.name.startswith(".") and entry.name != "reports"
+        ]  # fmt: skip
     except FileNotFoundError:
         return finals, parts
     for top in tops:
