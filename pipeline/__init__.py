@@ -1,12 +1,73 @@
-"""portrait-pipeline: bulk portrait editing through AILabTools and Perfect Corp APIs."""
+"""portrait-pipeline: bulk portrait editing through AILabTools and Perfect Corp APIs.
+
+The library surface, for code that runs jobs without the CLI::
+
+    import anyio
+    from pipeline import RunOptions, load_config, load_manifest, run_job
+
+    result = anyio.run(run_job, load_manifest(path), load_config(None), RunOptions())
+    result.exit_code, result.report["counts"]
+
+Errors raised on purpose are :class:`PipelineError` subclasses; ``exit_code`` and
+``kind`` say what they mean for a run (the tree is drawn in :mod:`pipeline.errors`).
+"""
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+
+from pipeline.config import Config, load_config
+from pipeline.errors import (
+    ConfigError,
+    DiskFullError,
+    FatalError,
+    InputProblem,
+    JournalError,
+    LockHeldError,
+    ManifestError,
+    PermanentError,
+    PipelineError,
+    RateLimitedError,
+    ResultLostError,
+    ResultNotImageError,
+    RetryableError,
+    StoreError,
+    TransportError,
+    UsageError,
+    VendorError,
+)
+from pipeline.manifest import Manifest, load_manifest
+from pipeline.runner import RunOptions, RunResult, run_job
 
 try:
     __version__ = version("portrait-pipeline")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DiskFullError",
+    "FatalError",
+    "InputProblem",
+    "JournalError",
+    "LockHeldError",
+    "Manifest",
+    "ManifestError",
+    "PermanentError",
+    "PipelineError",
+    "RateLimitedError",
+    "ResultLostError",
+    "ResultNotImageError",
+    "RetryableError",
+    "RunOptions",
+    "RunResult",
+    "StoreError",
+    "TransportError",
+    "UsageError",
+    "VendorError",
+    "__version__",
+    "load_config",
+    "load_manifest",
+    "run_job",
+]
