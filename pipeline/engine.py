@@ -101,6 +101,7 @@ class Engine:
     stopping: bool = False
     duplicates: int = 0
     finished: int = 0
+    started_new: int = 0  # items this run started from nothing (for --limit)
     failed: int = 0
     _inflight: set[str] = field(default_factory=set)
     _queued: set[str] = field(default_factory=set)  # sent to the workers, not finished
@@ -277,6 +278,10 @@ class Engine:
         )
         if self.stopping and isinstance(state, lc.Prepare):
             return  # not started: a rerun picks it up (created tasks are still collected)
+        if isinstance(state, lc.Prepare) and self.options.limit is not None:
+            if self.started_new >= self.options.limit:
+                return  # --limit: left for a later run, not met by this one
+            self.started_new += 1
         await self._see(item)
         if isinstance(state, lc.Skipped | lc.CarriedOver):
             await self._carry(item, state)

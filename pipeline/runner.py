@@ -61,6 +61,7 @@ class RunOptions:
     quiet: bool = False
     emulate: bool = False
     strict: bool = False  # failures carried over from earlier runs count for the exit code
+    limit: int | None = None  # start at most this many new items (a trial run)
     # Tests and benchmarks: override waiting (poll interval, task deadline) for every vendor.
     poll_interval_override: float | None = None
     task_deadline_seconds: float | None = None
