@@ -38,7 +38,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import IO, Final
+from typing import IO, Final, cast
 
 import anyio
 import anyio.to_thread
@@ -102,8 +102,10 @@ class _Source:
             self.size = self._fp.tell()
 
     def fp(self) -> IO[bytes]:
+        """The data from its start, for Pillow, which may close what it is given
+        (``verify()`` does): a wrapper whose ``close`` leaves the source open."""
         self._fp.seek(0)
-        return self._fp
+        return cast(IO[bytes], _KeepOpen(self._fp))
 
     def read_at(self, offset: int, n: int) -> bytes:
         self._fp.seek(offset)
@@ -112,6 +114,23 @@ class _Source:
     def close(self) -> None:
         if self._owned is not None:
             self._owned.close()
+
+
+class _KeepOpen:
+    def __init__(self, fp: IO[bytes]) -> None:
+        self._fp = fp
+
+    def read(self, size: int = -1) -> bytes:
+        return self._fp.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._fp.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fp.tell()
+
+    def close(self) -> None:
+        return None
 
 
 # --------------------------------------------------------------- what it is instead

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -27,7 +26,6 @@ from typing import IO
 
 import aiohttp
 import anyio
-import anyio.to_thread
 
 from pipeline.config import NetworkConfig, ProviderConfig, TimeoutConfig
 from pipeline.errors import (
@@ -39,6 +37,7 @@ from pipeline.errors import (
 )
 from pipeline.netguard import UrlGuard
 from pipeline.providers.base import (
+    BEFORE_BILLABLE_SEND,
     AcquireSlot,
     CreditBalance,
     RequestStats,
@@ -52,9 +51,9 @@ from pipeline.providers.http import (
     HttpRequest,
     HttpResponse,
     ResponseTooLarge,
+    Spool,
     api_timeout,
     contains_secret,
-    download,
     download_to,
     join_url,
     redact_error,
@@ -252,6 +251,12 @@ class VendorClient:
         that is not an acceptable image is ``ResultNotImageError`` (billed).
         """
         await self._acquire("submit")
+        # The caller's checkpoint ("submitting", see pipeline.lifecycle) is made durable
+        # here: after the budget wait, right before the billable request goes out.
+        hook = BEFORE_BILLABLE_SEND.get()
+        if hook is not None:
+            with anyio.CancelScope(shield=True):
+                await hook()
         self._stats.count(self.vendor, "submit")
         with anyio.CancelScope(shield=True), self._scrubbed():
             async with BodyScope() as scope:
@@ -309,19 +314,30 @@ class VendorClient:
 
     async def download(self, url: str) -> bytes:
         """The result at ``url``, checked (``ResultNotImageError`` if it is not an
-        acceptable image). Holds the whole body in memory: prefer :meth:`download_to`."""
+        acceptable image) while it is still in a temporary file, then read into
+        memory. The caller holds the bytes: prefer :meth:`download_to`."""
+        where = f"download {safe_url(url)}"
         with self._scrubbed():
-            data = await download(
-                None,
-                url,
-                vendor=self.vendor,
-                timeouts=self._timeouts,
-                stats=self._stats,
-                guard=self._guard,
-                max_bytes=self._network.max_download_bytes,
-            )
-            await self._check_image(data, f"download {safe_url(url)}")
-            return data
+            spool = Spool(where, self.vendor)
+            try:
+                await self._stream(url, spool)
+                await self._check_image(spool.file(), where)
+                async with BodyScope() as scope:
+                    await scope.hold()
+                    return await spool.getvalue()
+            finally:
+                spool.close()
+
+    async def _stream(self, url: str, sink: ResultSink) -> int:
+        return await download_to(
+            url,
+            sink,
+            vendor=self.vendor,
+            timeouts=self._timeouts,
+            stats=self._stats,
+            guard=self._guard,
+            max_bytes=self._network.max_download_bytes,
+        )
 
     async def download_to(
         self, url: str, sink: ResultSink, *, check_path: str | None = None
@@ -333,39 +349,23 @@ class VendorClient:
         ``sink.flush()``, if it has one); without it, the stream is also spooled to a
         private temporary file for the check. Raises ``ResultNotImageError`` when the
         result is not an acceptable image (the caller discards the sink), the
-        network's ``TransportError``, and the classified HTTP errors of a download.
+        network's ``TransportError``, the classified HTTP errors of a download, and
+        whatever ``sink.write`` raises, unchanged.
         """
         where = f"download {safe_url(url)}"
         with self._scrubbed():
             if check_path is not None:
-                await download_to(
-                    url,
-                    sink,
-                    vendor=self.vendor,
-                    timeouts=self._timeouts,
-                    stats=self._stats,
-                    guard=self._guard,
-                    max_bytes=self._network.max_download_bytes,
-                )
+                await self._stream(url, sink)
                 flush = getattr(sink, "flush", None)
                 if callable(flush):
                     flushed = flush()
                     if inspect.isawaitable(flushed):
                         await flushed
                 return await self._check_image(os.fspath(check_path), where)
-            spool = await anyio.to_thread.run_sync(tempfile.TemporaryFile)
+            spool = Spool(where, self.vendor)
             try:
-                tee = _Tee(sink, spool)
-                await download_to(
-                    url,
-                    tee,
-                    vendor=self.vendor,
-                    timeouts=self._timeouts,
-                    stats=self._stats,
-                    guard=self._guard,
-                    max_bytes=self._network.max_download_bytes,
-                )
-                return await self._check_image(spool, where)
+                await self._stream(url, _Tee(sink, spool))
+                return await self._check_image(spool.file(), where)
             finally:
                 spool.close()
 
@@ -377,7 +377,7 @@ class VendorClient:
 class _Tee:
     """Writes every chunk to the caller's sink and to the check spool."""
 
-    def __init__(self, sink: ResultSink, spool: IO[bytes]) -> None:
+    def __init__(self, sink: ResultSink, spool: Spool) -> None:
         self._sink = sink
         self._spool = spool
 

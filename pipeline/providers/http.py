@@ -19,10 +19,13 @@ failures mapped to :class:`~pipeline.errors.TransportError`), :func:`download` a
 Memory: no body is read unbounded. An API answer may weigh ``max_response_bytes``, a
 download ``max_download_bytes``; bytes are counted after decompression (aiohttp
 inflates ``gzip``/``deflate``/``br`` in bounded steps), so a gzip bomb stops at the
-cap. A reader buffers :data:`FREE_BODY_BYTES` freely; beyond that it must hold one of
-:data:`LARGE_BODY_SLOTS` process-wide slots (:class:`BodyScope`), so at any
-concurrency at most that many large bodies are in memory at once. Downloads given a
-sink (:func:`download_to`) stream to it and never hold more than a chunk.
+cap. A reader keeps :data:`FREE_BODY_BYTES` in memory; the rest of a body goes to an
+anonymous temporary file (:class:`Spool`) while it arrives, and a large body is
+brought into memory only once complete and within its cap, holding one of
+:data:`LARGE_BODY_SLOTS` process-wide slots (:class:`BodyScope`) until the caller is
+done with it. So at any concurrency at most that many large bodies are in memory at
+once, and a hostile body (200 MB, a gzip bomb) never is. Downloads given a sink
+(:func:`download_to`) stream to it and never hold more than a chunk.
 
 API keys never enter an :class:`HttpRequest`: the vendor classes add their auth header
 at the moment they send to their own base URL, so a request value can be logged.
@@ -34,16 +37,18 @@ import asyncio
 import base64
 import binascii
 import email.utils
+import errno
 import inspect
 import io
 import json
 import re
+import tempfile
 import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final
+from typing import IO, Any, Final
 from urllib.parse import quote, quote_plus, urlsplit, urlunsplit
 
 import aiohttp
@@ -53,15 +58,17 @@ from yarl import URL
 
 from pipeline.config import TimeoutConfig
 from pipeline.errors import (
+    DiskFullError,
     FatalError,
     PermanentError,
     RateLimitedError,
     ResultNotImageError,
     RetryableError,
+    StoreError,
     TransportError,
     VendorError,
 )
-from pipeline.netguard import AddressRefused, UrlGuard, guarded_get
+from pipeline.netguard import AddressRefused, ResolveError, UrlGuard, guarded_get
 from pipeline.providers.base import ImagePayload, RequestStats, ResultSink
 
 __all__ = [
@@ -76,6 +83,7 @@ __all__ = [
     "HttpRequest",
     "HttpResponse",
     "ResponseTooLarge",
+    "Spool",
     "TextPart",
     "api_timeout",
     "as_float",
@@ -99,6 +107,7 @@ __all__ = [
     "scrub",
     "send",
     "sniff_image_type",
+    "spool_error",
     "transport_error",
 ]
 
@@ -118,7 +127,7 @@ RESPONSE_TOO_LARGE: Final = "RESPONSE_TOO_LARGE"
 
 # Body memory bounds (module doc). A JSON answer without an inline image is a few
 # KiB; sync results (base64 images) are the bodies that need a slot.
-FREE_BODY_BYTES: Final = 256 * 1024
+FREE_BODY_BYTES: Final = 64 * 1024
 LARGE_BODY_SLOTS: Final = 2
 CHUNK_BYTES: Final = 64 * 1024
 # What we read of a non-2xx download body for the error message.
@@ -262,12 +271,19 @@ def decode_base64_image(text: str) -> bytes | None:
     """Decode a base64 image, tolerating a ``data:…;base64,`` prefix, line breaks,
     missing padding and the URL-safe alphabet. ``None`` if it is not base64 at all.
 
-    Works on one ASCII copy of the text (results can be tens of MB: every extra copy
-    counts against the memory bound), not on successive ``str`` rewrites.
+    Results can be tens of MB and every copy counts against the memory bound: plain
+    standard base64 (what vendors send) is decoded straight from the ``str``, without
+    an intermediate copy; only the tolerant path makes one ASCII copy to clean.
     """
-    prefix = _DATA_URL_PREFIX.match(text)
+    stripped = text.strip()
+    if _DATA_URL_PREFIX.match(stripped) is None:
+        try:
+            return binascii.a2b_base64(stripped, strict_mode=True) or None
+        except (binascii.Error, ValueError):
+            pass  # not plain strict base64: try the tolerant path
+    prefix = _DATA_URL_PREFIX.match(stripped)
     try:
-        raw = text.encode("ascii")
+        raw = stripped.encode("ascii")
     except UnicodeEncodeError:
         return None
     if prefix is not None:
@@ -464,7 +480,7 @@ def transport_error(exc: BaseException, what: str, vendor: str) -> TransportErro
         return TransportError(
             f"{what}: connect timed out", code=CONNECT_FAILED, vendor=vendor, maybe_sent=False
         )
-    if isinstance(exc, aiohttp.ClientConnectorError | AddressRefused):
+    if isinstance(exc, aiohttp.ClientConnectorError | AddressRefused | ResolveError):
         detail = clip(redact(str(exc), None)) or name
         return TransportError(
             f"{what}: could not connect: {name}: {detail}",
@@ -498,8 +514,8 @@ def _large_body_slots() -> anyio.Semaphore:
 
 
 class BodyScope:
-    """Holds at most one large-body slot, from the moment a body outgrows
-    :data:`FREE_BODY_BYTES` until the scope exits.
+    """Holds at most one large-body slot, from the moment a large body is brought into
+    memory until the scope exits.
 
     Wrap a call *and* what is done with its body (parse, base64 decode, image check)
     in one scope, so the memory a large body costs is counted until it is gone::
@@ -534,11 +550,96 @@ class BodyScope:
         self.release()
 
 
+def spool_error(exc: OSError, what: str, vendor: str) -> VendorError:
+    """A local write failure while spooling a body: a full disk stops the run
+    (``DISK_FULL``); anything else is our side, retryable (``StoreError``)."""
+    if exc.errno == errno.ENOSPC:
+        return DiskFullError(
+            f"{what}: the disk is full (temporary file for the answer): free space and rerun",
+            vendor=vendor,
+        )
+    return StoreError(
+        f"{what}: could not write a temporary file: {exc.strerror or type(exc).__name__}",
+        code="LOCAL_WRITE_FAILED",
+        vendor=vendor,
+    )
+
+
+class Spool:
+    """A body being received: the first :data:`FREE_BODY_BYTES` in memory, the rest
+    in an anonymous temporary file (``tempfile.TemporaryFile``: gone when closed, or
+    when the process dies). So a body the caps will refuse, or one not yet complete,
+    costs no memory past the free part, however many arrive at once.
+
+    Writes are plain blocking writes of one chunk (64 KiB into the page cache); the
+    read-back of a whole body runs in a worker thread. A local write failure raises
+    :func:`spool_error`'s error (``DISK_FULL`` or ``StoreError``), naming ``what``.
+    """
+
+    def __init__(self, what: str = "answer", vendor: str = "") -> None:
+        self._mem: list[bytes] = []
+        self._file: IO[bytes] | None = None
+        self.size = 0
+        self._what = what
+        self._vendor = vendor
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None
+
+    def _spill(self) -> IO[bytes]:
+        fh = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
+        for part in self._mem:
+            fh.write(part)
+        self._mem.clear()
+        return fh
+
+    def write(self, chunk: bytes) -> int:
+        try:
+            if self._file is None and self.size + len(chunk) > FREE_BODY_BYTES:
+                self._file = self._spill()
+            if self._file is None:
+                self._mem.append(chunk)
+            else:
+                self._file.write(chunk)
+        except OSError as exc:
+            raise spool_error(exc, self._what, self._vendor) from None
+        self.size += len(chunk)
+        return len(chunk)
+
+    def file(self) -> IO[bytes]:
+        """The whole body as a readable file (spilling a small one first)."""
+        try:
+            if self._file is None:
+                self._file = self._spill()
+            self._file.flush()
+        except OSError as exc:
+            raise spool_error(exc, self._what, self._vendor) from None
+        self._file.seek(0)
+        return self._file
+
+    async def getvalue(self) -> bytes:
+        if self._file is None:
+            return b"".join(self._mem)
+        fh = self.file()
+        return await anyio.to_thread.run_sync(fh.read)
+
+    def close(self) -> None:
+        self._mem.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 async def read_capped(
     resp: aiohttp.ClientResponse, *, limit: int, scope: BodyScope, what: str, vendor: str
 ) -> bytes:
     """The whole (decompressed) body, or :class:`ResponseTooLarge` past ``limit``
-    bytes (also when ``Content-Length`` announces more: nothing is read then)."""
+    bytes (also when ``Content-Length`` announces more: nothing is read then).
+
+    A body over :data:`FREE_BODY_BYTES` is received into a :class:`Spool` and brought
+    into memory only once complete and within the cap, holding ``scope``'s slot.
+    """
     headers = CIMultiDict(resp.headers)
 
     def too_large() -> ResponseTooLarge:
@@ -553,19 +654,17 @@ async def read_capped(
     announced = resp.content_length
     if announced is not None and announced > limit:
         raise too_large()
-    if announced is not None and announced > FREE_BODY_BYTES:
-        await scope.hold()
-    buf = io.BytesIO()
-    size = 0
-    async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-        size += len(chunk)
-        if size > limit:
-            raise too_large()
-        if size > FREE_BODY_BYTES:
+    spool = Spool(what, vendor)
+    try:
+        async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+            if spool.size + len(chunk) > limit:
+                raise too_large()
+            spool.write(chunk)
+        if spool.spilled:
             await scope.hold()
-        buf.write(chunk)
-    # getvalue() hands over the buffer without a copy when nothing else refers to it.
-    return buf.getvalue()
+        return await spool.getvalue()
+    finally:
+        spool.close()
 
 
 # ------------------------------------------------------------------------------- I/O
@@ -663,19 +762,25 @@ async def _write(sink: ResultSink, chunk: bytes) -> None:
         await result
 
 
-async def _fetch(
-    guard: UrlGuard,
+async def download_to(
     url: str,
+    sink: ResultSink,
     *,
     vendor: str,
     timeouts: TimeoutConfig,
     stats: RequestStats,
+    guard: UrlGuard,
     max_bytes: int,
-    sink: ResultSink | None,
-) -> bytes | None:
-    """One download through :func:`pipeline.netguard.guarded_get`: the body into
-    ``sink`` (returns ``None``) or, without a sink, returned (large-body slot held
-    while it is read). Over ``max_bytes`` → ``ResultNotImageError``."""
+) -> int:
+    """GET a result URL from the vendor's storage into ``sink`` (``write(bytes)``,
+    sync or async); returns the byte count. No API key, no rate budget.
+
+    Goes through ``guard`` (:mod:`pipeline.netguard`: http(s) only, every redirect
+    hop checked, connections pinned to checked addresses). Memory stays at one chunk;
+    more than ``max_bytes`` (announced or received, after decompression) →
+    ``ResultNotImageError`` ("result larger than N bytes"). The content is not
+    checked here. A failure of ``sink.write`` propagates unchanged.
+    """
     where = f"download {safe_url(url)}"
 
     def count(hop: int) -> None:
@@ -699,33 +804,16 @@ async def _fetch(
             announced = resp.content_length
             if announced is not None and announced > max_bytes:
                 raise too_large()
-            if sink is not None:
-                size = 0
-                async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise too_large()
-                    await _write(sink, chunk)
-                return None
-            async with BodyScope() as scope:
-                try:
-                    return await read_capped(
-                        resp, limit=max_bytes, scope=scope, what=where, vendor=vendor
-                    )
-                except ResponseTooLarge:
-                    raise too_large() from None
-    except VendorError:
-        raise
-    except (TimeoutError, aiohttp.ClientError, AddressRefused) as exc:
+            size = 0
+            async for chunk in resp.content.iter_chunked(CHUNK_BYTES):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise too_large()
+                await _write(sink, chunk)
+            return size
+    except (TimeoutError, aiohttp.ClientError, AddressRefused, ResolveError) as exc:
+        # Only network errors: a sink's own failure (ENOSPC...) propagates unchanged.
         raise transport_error(exc, where, vendor) from exc
-    except OSError as exc:
-        # The guard's own name resolution failed (socket.gaierror): never connected.
-        raise TransportError(
-            f"{where}: could not resolve the host: {type(exc).__name__}",
-            code=CONNECT_FAILED,
-            vendor=vendor,
-            maybe_sent=False,
-        ) from exc
 
 
 async def download(
@@ -738,40 +826,25 @@ async def download(
     guard: UrlGuard | None = None,
     max_bytes: int = 64 * 1024 * 1024,
 ) -> bytes:
-    """GET a result URL from the vendor's storage: no API key, no rate budget.
-
-    Goes through ``guard`` (:mod:`pipeline.netguard`: http(s) only, every redirect
-    hop checked, connections pinned to checked addresses); without one, only public
-    hosts are allowed. ``session`` is unused (kept for callers): each download uses
-    a private, pinned session. Returns the body, at most ``max_bytes``; the content
-    is not checked here (see ``VendorClient.download``).
-    """
+    """:func:`download_to` into a :class:`Spool`, then the bytes (a large-body slot
+    held while they are read back). ``session`` is unused (kept for callers): each
+    download uses a private, pinned session; without ``guard`` only public hosts
+    are allowed. The content is not checked here (see ``VendorClient.download``)."""
     del session
-    data = await _fetch(
-        guard or UrlGuard("", vendor=vendor, connect_seconds=timeouts.connect_seconds),
-        url,
-        vendor=vendor,
-        timeouts=timeouts,
-        stats=stats,
-        max_bytes=max_bytes,
-        sink=None,
-    )
-    assert data is not None
-    return data
-
-
-async def download_to(
-    url: str,
-    sink: ResultSink,
-    *,
-    vendor: str,
-    timeouts: TimeoutConfig,
-    stats: RequestStats,
-    guard: UrlGuard,
-    max_bytes: int,
-) -> None:
-    """Stream a result URL into ``sink`` (``write(bytes)``, sync or async), at most
-    ``max_bytes``; memory stays at one chunk. The content is not checked here."""
-    await _fetch(
-        guard, url, vendor=vendor, timeouts=timeouts, stats=stats, max_bytes=max_bytes, sink=sink
-    )
+    spool = Spool(f"download {safe_url(url)}", vendor)
+    try:
+        await download_to(
+            url,
+            spool,
+            vendor=vendor,
+            timeouts=timeouts,
+            stats=stats,
+            guard=guard or UrlGuard("", vendor=vendor, connect_seconds=timeouts.connect_seconds),
+            max_bytes=max_bytes,
+        )
+        async with BodyScope() as scope:
+            if spool.spilled:
+                await scope.hold()
+            return await spool.getvalue()
+    finally:
+        spool.close()

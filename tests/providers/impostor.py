@@ -161,6 +161,7 @@ SYNC_KINDS = (
     "retry_after_negative",
     "retry_after_garbage",
     "huge_error_body",
+    "near_cap_valid",
 )
 
 # Result URLs handed out by a succeeded AILab poll (and Perfect Corp's results.url).
@@ -439,6 +440,15 @@ async def raw_bytes(
 
 
 @cache
+def big_jpeg() -> bytes:
+    """A real JPEG of ~20 MB (noise does not compress): its base64 is near the 32 MiB
+    API answer cap, so a sync answer carrying it is legit but as heavy as allowed."""
+    buf = io.BytesIO()
+    Image.effect_noise((3600, 3000), 90).convert("RGB").save(buf, "JPEG", quality=100)
+    return buf.getvalue()
+
+
+@cache
 def _truncated_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.effect_noise((256, 256), 64).convert("RGB").save(buf, "JPEG", quality=90)
@@ -530,6 +540,10 @@ async def sync_answer(imp: Impostor, request: web.Request, kind: str) -> web.Str
     if kind in retry_after:
         body = ailab_fail(429, "ERROR_RATE_LIMIT_EXCEEDED", "slow down")
         return web.json_response(body, status=429, headers={"Retry-After": retry_after[kind]})
+    if kind == "near_cap_valid":
+        prefix = json.dumps(ailab_ok()).encode()[:-1] + b', "data": {"image": "'
+        body = prefix + b64(big_jpeg()).encode() + b'"}}'
+        return web.Response(body=body, content_type="application/json")
     if kind == "huge_error_body":
         return await stream_body(request, 200 * MiB, b"E", "text/html", status=503)
     return web.json_response(ailab_fail(500, "UNKNOWN_KIND", kind), status=500)

@@ -37,7 +37,7 @@ from pipeline.providers.base import ImagePayload, RequestStats
 from pipeline.providers.perfectcorp import PerfectCorpProvider
 
 from . import impostor as imp_mod
-from .impostor import KEY, Impostor, jpeg, png, start_impostor, webp
+from .impostor import KEY, Impostor, big_jpeg, jpeg, png, start_impostor, webp
 
 SECRETS = (KEY, quote(KEY, safe=""), quote_plus(KEY), "SIGSECRET")
 
@@ -206,6 +206,8 @@ SYNC: dict[str, Expect] = {
     "retry_after_date_far": Expect(RateLimitedError, retry_after=math.inf),
     "retry_after_negative": Expect(RateLimitedError, retry_after=0.0),
     "retry_after_garbage": Expect(RateLimitedError, retry_after=None),
+    # As large as the cap allows and legit: taken.
+    "near_cap_valid": OK,
 }
 
 
@@ -222,7 +224,9 @@ async def test_sync_submit(imp: Impostor, session: aiohttp.ClientSession, kind: 
     params = {"service_choice": 10}
     if want.error is None:
         out = await p.submit("ailab/emotion-editor", portrait(), params, {})
-        expected = {"legit_png": png(), "legit_webp": webp()}.get(kind, jpeg())
+        expected = {"legit_png": png(), "legit_webp": webp(), "near_cap_valid": big_jpeg()}.get(
+            kind, jpeg()
+        )
         assert out.image == expected
         if kind == "key_in_request_id":
             assert out.request_id == "rid-***"
