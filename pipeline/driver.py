@@ -33,6 +33,7 @@ from pipeline.errors import (
 from pipeline.images import prepare_payload, sniff_image_format
 from pipeline.journal import KEEP, Change, Journal, Keep
 from pipeline.outputs import write_result
+from pipeline.providers.base import BEFORE_BILLABLE_SEND
 
 if TYPE_CHECKING:
     from pipeline.engine import Engine, WorkItem
@@ -104,6 +105,7 @@ class ItemDriver:
         self.held = _Held()
         self._written: lc.Checkpoint | None = None
         self.recorded_output: str | None = None  # a path an earlier run recorded keeps
+        self._pending_send: lc.Checkpoint | None = None
         self.billed_before = False
 
     async def run(self, state: lc.State, *, polls_before: int = 0) -> lc.State:
@@ -131,6 +133,14 @@ class ItemDriver:
         cp = lc.checkpoint(state)
         if cp is None or cp == self._written:
             return
+        if cp.status is lc.Status.SUBMITTING:
+            # Written by the provider right before the billable request leaves (after
+            # the budget wait): see BEFORE_BILLABLE_SEND and _send.
+            self._pending_send = cp
+            return
+        await self._write_checkpoint(cp)
+
+    async def _write_checkpoint(self, cp: lc.Checkpoint) -> None:
         await self.journal.change(
             self.item.key,
             Change(
@@ -214,6 +224,7 @@ class ItemDriver:
             engine.stop_starting(refusal)
             return lc.SendFailed(error_info(refusal))
         assert self.held.payload is not None
+        token = BEFORE_BILLABLE_SEND.set(self._send_checkpoint)
         try:
             # The billable request itself is shielded by the provider once it is on
             # the wire (VendorClient._call); the budget wait before it is not.
@@ -223,6 +234,8 @@ class ItemDriver:
         except VendorError as exc:
             engine.reachability(self.op.vendor, exc)
             return self._send_failed(exc, state.tally)
+        finally:
+            BEFORE_BILLABLE_SEND.reset(token)
         engine.reachability(self.op.vendor, None)
         engine.rejections.reset()
         if submitted.task_id:
@@ -233,6 +246,11 @@ class ItemDriver:
         # Answered "ok" without a task id or a result: it may have been billed.
         error = lc.ErrorInfo("NO_TASK_ID", "the vendor answered without a task id", "retryable")
         return lc.SendFailed(error, maybe_sent=True)
+
+    async def _send_checkpoint(self) -> None:
+        cp, self._pending_send = self._pending_send, None
+        if cp is not None:
+            await self._write_checkpoint(cp)
 
     def _send_failed(self, exc: VendorError, tally: lc.Tally) -> lc.Event:
         info = error_info(exc)

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from pipeline.errors import VendorError
 
 __all__ = [
+    "BEFORE_BILLABLE_SEND",
     "CreditBalance",
     "ImagePayload",
     "Provider",
@@ -108,6 +110,14 @@ class ResultSink(Protocol):
 
     def write(self, data: bytes, /) -> object: ...
 
+
+# Awaited by a provider right before it sends a billable request (after the rate
+# budget let it go): the engine's driver sets it per item to make the lifecycle's
+# "submitting" checkpoint durable as late as possible, so an item stopped while it
+# waits for the budget is not counted as a send with an unknown outcome.
+BEFORE_BILLABLE_SEND: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar(
+    "before_billable_send", default=None
+)
 
 # A rate-budget gate, awaited with the request kind ("submit", "poll", "upload", ...)
 # before every call to the vendor's API host.
