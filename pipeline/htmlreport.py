@@ -1454,6 +1454,7 @@ def write_html_report(
             atomic_write_text(
                 reports_dir / f"gallery-{n}.html",
                 _render_gallery_page(t, report, chunk, n, pages),
+                root=output_dir,
             )
     _remove_stale_gallery_pages(reports_dir, pages if pages > 1 else 0)
 
@@ -1462,11 +1463,12 @@ def write_html_report(
         atomic_write_text(
             reports_dir / f"run-{run_id}.json",
             json.dumps(report, indent=2, sort_keys=True, default=str) + "\n",
+            root=output_dir,
         )
         archived = _render_main(
             t, report, got, gallery, prefix="../", page_size=page_size, pages_prefix=None
         )
-        atomic_write_text(reports_dir / f"run-{run_id}.html", archived)
+        atomic_write_text(reports_dir / f"run-{run_id}.html", archived, root=output_dir)
         prune_reports(reports_dir, reports_keep, keep_id=run_id)
     return target
 

@@ -108,12 +108,16 @@ def build_provider(
     if vendor == "ailab":
         from pipeline.providers.ailab import AILabProvider
 
-        return AILabProvider(session, provider_config, key, config.timeouts, stats, budget.acquire)
+        return AILabProvider(
+            session, provider_config, key, config.timeouts, stats, budget.acquire,
+            network=config.network,
+        )  # fmt: skip
     from pipeline.providers.perfectcorp import PerfectCorpProvider
 
     return PerfectCorpProvider(
-        session, provider_config, key, config.timeouts, stats, budget.acquire
-    )
+        session, provider_config, key, config.timeouts, stats, budget.acquire,
+        network=config.network,
+    )  # fmt: skip
 
 
 def resolve_keys(manifest: Manifest, config: Config, emulate: bool) -> dict[str, str]:

@@ -223,7 +223,7 @@ class ThumbnailCache:
                 return key, None
             rel = self.relpath(key)
             try:
-                atomic_write_bytes(self.output_dir / rel, data)
+                atomic_write_bytes(self.output_dir / rel, data, root=self.output_dir)
             except OSError:
                 return key, None
             return key, rel
