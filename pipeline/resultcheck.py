@@ -76,6 +76,7 @@ _LOOP_LIMITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.Capac
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 def _refuse(reason: str, vendor: str) -> ResultNotImageError:
@@ -293,6 +294,12 @@ def _verify_png(src: _Source, max_pixels: int, vendor: str) -> None:
         im.verify()  # every chunk's CRC, up to IEND: a cut file fails
     finally:
         im.close()
+    # verify() stops at IEND's header without reading its CRC: a file cut inside
+    # those last bytes passes it. The complete IEND chunk must be there (trailing
+    # bytes after it are tolerated, as decoders do).
+    tail_start = max(0, src.size - 4096)
+    if _PNG_IEND not in src.read_at(tail_start, src.size - tail_start):
+        raise _refuse("truncated PNG: no complete IEND chunk at the end", vendor)
 
 
 def _verify_webp(src: _Source, max_pixels: int, vendor: str) -> None:

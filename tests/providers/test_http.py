@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import errno
+import math
+import os
+from urllib.parse import quote, quote_plus
 
+import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.errors import (
+    DiskFullError,
     PermanentError,
     RateLimitedError,
     RetryableError,
+    StoreError,
     VendorError,
 )
+from pipeline.netguard import AddressRefused, ResolveError
 from pipeline.providers import http
 
 from ._server import JPEG, PNG
@@ -129,7 +139,9 @@ URL = "https://ailab-outputs.oss-accelerate.aliyuncs.com/r/x.jpg?Expires=1&Signa
 @pytest.mark.parametrize("status", [200, 203, 206])
 def test_download_2xx_goes_on(status: int) -> None:
     # The content is judged by pipeline.resultcheck, not by the status or its type.
-    assert http.parse_download(status, {"Content-Type": "text/html"}, b"", url=URL, vendor="a") is None
+    assert (
+        http.parse_download(status, {"Content-Type": "text/html"}, b"", url=URL, vendor="a") is None
+    )
 
 
 @pytest.mark.parametrize("status", [403, 404, 410])
@@ -159,3 +171,131 @@ def test_download_other_4xx_is_permanent() -> None:
     with pytest.raises(PermanentError) as info:
         http.parse_download(400, {}, b"bad", url=URL, vendor="ailab")
     assert info.value.code == "HTTP_400"
+
+
+# ------------------------------------------------------------ hostile inputs
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("999999999", 999999999.0),  # returned raw: the engine caps it
+        ("1e308", 1e308),
+        ("1e999", None),  # inf
+        ("-1e999", None),
+        ("NaN", None),
+        ("-5", 0.0),
+        ("", None),
+        ("9" * 100, None),  # absurdly long
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 253402300799.0 - 1_700_000_000.0),
+        ("Mon, 01 Jan 1900 00:00:00 GMT", 0.0),  # in the past
+        ("Mon, 32 Foo 99999 99:99:99 XYZ", None),
+        ("\x00\xff", None),
+    ],
+)
+def test_retry_after_absurd_values(value: str, expected: float | None) -> None:
+    got = http.parse_retry_after({"Retry-After": value}, now=1_700_000_000.0)
+    assert got == (pytest.approx(expected) if expected else expected)
+
+
+@given(st.text(max_size=80))
+@settings(max_examples=500)
+def test_retry_after_never_raises(value: str) -> None:
+    got = http.parse_retry_after({"Retry-After": value})
+    assert got is None or (got >= 0 and math.isfinite(got))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 200_000 + b"]" * 200_000,
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+        b'{"n": 1' + b"0" * 5000 + b"}",  # over the int digit limit
+    ],
+)
+def test_parse_json_object_survives_bombs(body: bytes) -> None:
+    assert http.parse_json_object(body) is None
+
+
+KEY = "sk-live-SECRET/0123+456=="
+KEY_FORMS = [
+    KEY,
+    quote(KEY, safe=""),
+    quote_plus(KEY),
+    base64.b64encode(KEY.encode()).decode().rstrip("="),
+]
+
+
+@pytest.mark.parametrize("form", KEY_FORMS)
+def test_scrub_removes_every_key_form(form: str) -> None:
+    text = f"request rid-{form}-x failed\nsee https://h/p?Signature=SIG&x=1"
+    out = http.scrub(text, KEY)
+    assert form not in out and "SIG" not in out and "\n" not in out
+    assert "***" in out
+
+
+@given(st.text(max_size=200), st.text(max_size=200), st.sampled_from(KEY_FORMS))
+@settings(max_examples=300)
+def test_scrub_property(before: str, after: str, form: str) -> None:
+    out = http.scrub(before + form + after, KEY, limit=120)
+    assert not any(f in out for f in KEY_FORMS)
+    assert len(out) <= 120
+    assert "\n" not in out and "\r" not in out
+
+
+def test_redact_error_scrubs_request_id_and_clips() -> None:
+    err = VendorError("m " * 400, code="C" * 500, vendor="v", request_id=f"rid-{KEY}" + "x" * 500)
+    http.redact_error(err, KEY)
+    assert err.request_id is not None and KEY not in err.request_id
+    assert len(err.request_id) <= 128 and len(err.code) <= 80 and len(err.message) <= 300
+    assert http.contains_secret(f"x{quote_plus(KEY)}y", KEY)
+    assert not http.contains_secret("nothing here", KEY)
+
+
+@given(st.binary(min_size=1, max_size=300), st.sampled_from(["plain", "url", "lines", "nopad"]))
+@settings(max_examples=300)
+def test_decode_base64_round_trip(data: bytes, style: str) -> None:
+    text = base64.b64encode(data).decode()
+    if style == "url":
+        text = base64.urlsafe_b64encode(data).decode()
+    elif style == "lines":
+        text = base64.encodebytes(data).decode()
+    elif style == "nopad":
+        text = text.rstrip("=")
+    assert http.decode_base64_image(text) == data
+    assert http.decode_base64_image("data:image/jpeg;base64," + text) == data
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "maybe_sent"),
+    [
+        (aiohttp.ConnectionTimeoutError(), "CONNECT_FAILED", False),
+        (AddressRefused("x: not checked"), "CONNECT_FAILED", False),
+        (ResolveError("x: no address"), "CONNECT_FAILED", False),
+        (aiohttp.SocketTimeoutError(), "TIMEOUT", True),
+        (TimeoutError(), "TIMEOUT", True),
+        (aiohttp.ServerDisconnectedError(), "NETWORK_ERROR", True),
+        (aiohttp.ClientPayloadError("Response payload is not completed"), "NETWORK_ERROR", True),
+        (aiohttp.ClientOSError(104, "Connection reset by peer"), "NETWORK_ERROR", True),
+    ],
+)
+def test_transport_error_mapping(exc: BaseException, code: str, maybe_sent: bool) -> None:
+    err = http.transport_error(exc, "POST https://api.example/x", "ailab")
+    assert (err.code, err.maybe_sent, err.kind) == (code, maybe_sent, "retryable")
+
+
+def test_spool_spills_past_the_free_part() -> None:
+    spool = http.Spool("answer", "ailab")
+    spool.write(b"a" * http.FREE_BODY_BYTES)
+    assert not spool.spilled
+    spool.write(b"b")
+    assert spool.spilled and spool.size == http.FREE_BODY_BYTES + 1
+    assert spool.file().read() == b"a" * http.FREE_BODY_BYTES + b"b"
+    spool.close()
+
+
+@pytest.mark.parametrize(("err", "cls"), [(errno.ENOSPC, DiskFullError), (errno.EIO, StoreError)])
+def test_spool_error(err: int, cls: type[VendorError]) -> None:
+    out = http.spool_error(OSError(err, os.strerror(err)), "download https://h/x", "ailab")
+    assert type(out) is cls
+    assert out.code == ("DISK_FULL" if cls is DiskFullError else "LOCAL_WRITE_FAILED")

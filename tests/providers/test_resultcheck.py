@@ -1,0 +1,270 @@
+"""check_result_image: what counts as a result, from bytes, a path or a file."""
+
+from __future__ import annotations
+
+import io
+import resource
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pipeline.errors import ResultNotImageError
+from pipeline.resultcheck import (
+    FULL_DECODE_PIXELS,
+    check_result_image,
+    check_result_image_async,
+    describe_non_image,
+)
+
+MAX_BYTES = 64 * 1024 * 1024
+MAX_PIXELS = 50_000_000
+
+
+def encode(fmt: str, size: tuple[int, int] = (120, 90), **kw: object) -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise(size, 60).convert("RGB").save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_of_size(w: int, h: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (1 + 3 * min(w, 64)), 9)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", rows)
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def webp_vp8x_header(w: int, h: int) -> bytes:
+    """A WebP whose VP8X header claims w x h (the canvas Pillow would allocate)."""
+    payload = b"\x00\x00\x00\x00" + (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little")
+    chunk = b"VP8X" + len(payload).to_bytes(4, "little") + payload
+    body = b"WEBP" + chunk
+    return b"RIFF" + len(body).to_bytes(4, "little") + body
+
+
+def check(data: bytes, **kw: int) -> str:
+    return check_result_image(
+        data, max_bytes=kw.get("max_bytes", MAX_BYTES), max_pixels=kw.get("max_pixels", MAX_PIXELS)
+    )
+
+
+def reason(data: bytes, **kw: int) -> str:
+    with pytest.raises(ResultNotImageError) as info:
+        check(data, **kw)
+    err = info.value
+    assert err.code == "RESULT_NOT_IMAGE" and err.kind == "permanent"
+    assert "\n" not in err.message
+    return err.message
+
+
+GOOD = {
+    "jpg": encode("JPEG"),
+    "progressive": encode("JPEG", progressive=True),
+    "cmyk": (lambda: (b := io.BytesIO(), Image.new("CMYK", (40, 30)).save(b, "JPEG"), b)[2])(),
+    "tiny_jpeg": encode("JPEG", (3, 2)),
+    "png": encode("PNG"),
+    "png_rgba": (lambda: (b := io.BytesIO(), Image.new("RGBA", (40, 30)).save(b, "PNG"), b)[2])(),
+    "webp": encode("WEBP"),
+    "webp_lossless": encode("WEBP", lossless=True),
+    "webp_alpha": (
+        lambda: (b := io.BytesIO(), Image.new("RGBA", (40, 30)).save(b, "WEBP"), b)[2]
+    )(),
+}
+GOOD = {k: (v.getvalue() if isinstance(v, io.BytesIO) else v) for k, v in GOOD.items()}
+FORMAT = {"jpg": "jpg", "progressive": "jpg", "cmyk": "jpg", "tiny_jpeg": "jpg"}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_good_images(name: str, tmp_path: Path) -> None:
+    data = GOOD[name]
+    fmt = FORMAT.get(name, name.split("_")[0])
+    assert check(data) == fmt
+    path = tmp_path / "r.bin"
+    path.write_bytes(data)
+    assert check_result_image(path, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS) == fmt
+    assert check_result_image(str(path), max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS) == fmt
+    with path.open("rb") as fh:
+        assert check_result_image(fh, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS) == fmt
+        assert not fh.closed  # Pillow may close what it gets; the caller's file stays open
+
+
+def test_trailing_bytes_after_a_complete_jpeg_are_accepted() -> None:
+    assert check(GOOD["jpg"] + b"\x00" * 100) == "jpg"
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"", "empty"),
+        (b"<!DOCTYPE html><html><body>x</body></html>", "HTML page"),
+        (b"  <html lang=en>", "HTML page"),
+        (b"<script>alert(1)</script>", "script"),
+        (b'{"error": "x"}', "JSON"),
+        (b"[1, 2, 3]", "JSON"),
+        (b"<?xml version='1.0'?><Error/>", "XML"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "XML/SVG"),
+        (b"just words here", "plain text"),
+        (b"aGVsbG8gd29ybGQ=", "plain text"),  # base64 that was never decoded
+        ("caf\u00e9 cr\u00e8me".encode(), "plain text"),
+        (b"GIF89a\x01\x00\x01\x00", "GIF"),
+        (b"\x00\x00\x00\x18ftypheic" + b"\x00" * 16, "HEIF"),
+        (b"BM" + b"\x00" * 60, "BMP"),
+        (b"II*\x00" + b"\x00" * 60, "TIFF"),
+        (b"%PDF-1.7\n", "PDF"),
+        (b"PK\x03\x04" + b"\x00" * 30, "ZIP"),
+        (b"\x1f\x8b\x08\x00" + b"\x00" * 30, "gzip"),
+        (bytes(range(256)), "unknown binary"),
+    ],
+)
+def test_not_images(data: bytes, words: str) -> None:
+    assert words in reason(data)
+
+
+@pytest.mark.parametrize("name", ["jpg", "progressive", "png", "webp", "webp_lossless"])
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])
+def test_truncated(name: str, keep: float) -> None:
+    data = GOOD[name]
+    words = reason(data[: int(len(data) * keep)])
+    assert "truncated" in words or "corrupt" in words
+
+
+@given(st.sampled_from(sorted(GOOD)), st.floats(min_value=0.0, max_value=1.0))
+@settings(max_examples=300, deadline=None)
+def test_cut_anywhere_is_refused(name: str, where: float) -> None:
+    data = GOOD[name]
+    cut = min(len(data) - 1, max(1, int(len(data) * where)))
+    with pytest.raises(ResultNotImageError) as info:
+        check(data[:cut])
+    assert info.value.code == "RESULT_NOT_IMAGE"
+
+
+def test_truncated_jpeg_even_when_pillow_is_told_to_accept_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    data = GOOD["jpg"]
+    assert "truncated" in reason(data[: len(data) // 2])
+
+
+def test_corrupt_png_crc() -> None:
+    data = bytearray(GOOD["png"])
+    data[40] ^= 0xFF  # inside a chunk: its CRC no longer matches
+    assert "corrupt" in reason(bytes(data)) or "truncated" in reason(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("data", "size"),
+    [
+        (png_of_size(20000, 20000), "20000x20000"),
+        (png_of_size(1_000_000, 100), "1000000x100"),
+        (webp_vp8x_header(16384, 16384), "16384x16384"),
+    ],
+)
+def test_bombs_refused_from_the_header(data: bytes, size: str) -> None:
+    words = reason(data)
+    assert size in words and "exceeds the limit of 50000000 pixels" in words
+
+
+def test_long_thin_png_within_the_cap_is_judged_on_its_chunks() -> None:
+    assert check(png_of_size(100_000, 1)) == "png"
+
+
+def test_jpeg_bomb_refused_before_decoding() -> None:
+    # A real 8000x8000 JPEG (64 Mpx) is refused from its header under a 50 Mpx cap,
+    # and accepted (decoded at 1/8 scale, in bounded memory) under a larger one.
+    buf = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(buf, "JPEG", quality=10)
+    data = buf.getvalue()
+    assert "8000x8000" in reason(data)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert check(data, max_pixels=100_000_000) == "jpg"
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 40  # a full decode would take 64 MB
+
+
+def test_pillow_bomb_limit_never_warns() -> None:
+    # Above Pillow's own MAX_IMAGE_PIXELS (89 Mpx) it would warn, and the test suite
+    # turns warnings into errors: our check passes it without a warning.
+    assert check(png_of_size(12000, 8000), max_pixels=200_000_000) == "png"
+
+
+def test_big_progressive_jpeg_is_checked_by_structure() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 3200), (10, 20, 30)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    assert FULL_DECODE_PIXELS < 4000 * 3200
+    assert check(data) == "jpg"
+    assert "truncated" in reason(data[: len(data) // 2])
+
+
+def test_byte_cap() -> None:
+    data = GOOD["png"]
+    assert f"larger than {len(data) - 1} bytes" in reason(data, max_bytes=len(data) - 1)
+    assert check(data, max_bytes=len(data)) == "png"
+
+
+@given(st.binary(max_size=2048))
+@settings(max_examples=300, deadline=None)
+def test_any_bytes_give_a_format_or_a_one_line_reason(data: bytes) -> None:
+    try:
+        fmt = check(data)
+    except ResultNotImageError as exc:
+        assert exc.message.startswith("the result is not an acceptable image: ")
+        assert "\n" not in exc.message and len(exc.message) < 300
+    else:
+        assert fmt in ("jpg", "png", "webp")
+
+
+@given(st.sampled_from(sorted(GOOD)), st.integers(min_value=0), st.integers(0, 255))
+@settings(max_examples=200, deadline=None)
+def test_damaged_good_images_never_crash(name: str, pos: int, value: int) -> None:
+    # One byte changed anywhere: a format or RESULT_NOT_IMAGE, never another error.
+    data = bytearray(GOOD[name])
+    data[pos % len(data)] = value
+    try:
+        fmt = check(bytes(data))
+    except ResultNotImageError as exc:
+        assert exc.code == "RESULT_NOT_IMAGE"
+    else:
+        assert fmt in ("jpg", "png", "webp")
+
+
+def test_describe_non_image_cut_utf8() -> None:
+    text = ("\u00e9" * 40).encode()[:63]  # a two-byte character cut in half at the end
+    assert describe_non_image(text) == "plain text"
+
+
+async def test_async_variant_and_concurrency() -> None:
+    assert await check_result_image_async(GOOD["jpg"], max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(5):
+                check(GOOD["webp"])
+                with pytest.raises(ResultNotImageError):
+                    check(png_of_size(20000, 20000))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
