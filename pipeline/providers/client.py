@@ -150,10 +150,10 @@ class VendorClient:
         (any form) or is absurdly long; ids are never altered (polls need them)."""
         if value is None:
             return None
-        if contains_secret(value, self._api_key) or len(value) > _MAX_ID:
+        if contains_secret(value, self._api_key) or len(value) > _MAX_ID or not value.isprintable():
             raise PermanentError(
-                f"the vendor's {what} is unusable (it echoes the API key or is over "
-                f"{_MAX_ID} characters); it is not stored. The task may have been created "
+                f"the vendor's {what} is unusable (it echoes the API key, holds control "
+                f"characters or is over {_MAX_ID} characters); it is not stored. The task may have been created "
                 "and billed: check the vendor's console before resubmitting",
                 code=UNSAFE_ID,
                 vendor=self.vendor,

@@ -486,9 +486,9 @@ async def sync_answer(imp: Impostor, request: web.Request, kind: str) -> web.Str
         return await stream_body(request, 200 * MiB, b"A", "application/json", prefix=prefix)
     if kind == "gzip_bomb":
         prefix = json.dumps(ailab_ok()).encode()[:-1] + b', "data": {"image": "'
-        body = gzip_bomb(512, b"A", prefix)
+        bomb = gzip_bomb(512, b"A", prefix)
         return web.Response(
-            body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+            body=bomb, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
         )
     if kind == "json_nesting_bomb":
         return web.Response(body=b"[" * 200_000 + b"]" * 200_000, content_type="application/json")
@@ -542,8 +542,8 @@ async def sync_answer(imp: Impostor, request: web.Request, kind: str) -> web.Str
         return web.json_response(body, status=429, headers={"Retry-After": retry_after[kind]})
     if kind == "near_cap_valid":
         prefix = json.dumps(ailab_ok()).encode()[:-1] + b', "data": {"image": "'
-        body = prefix + b64(big_jpeg()).encode() + b'"}}'
-        return web.Response(body=body, content_type="application/json")
+        heavy = prefix + b64(big_jpeg()).encode() + b'"}}'
+        return web.Response(body=heavy, content_type="application/json")
     if kind == "huge_error_body":
         return await stream_body(request, 200 * MiB, b"E", "text/html", status=503)
     return web.json_response(ailab_fail(500, "UNKNOWN_KIND", kind), status=500)

@@ -70,20 +70,23 @@ def reason(data: bytes, **kw: int) -> str:
     return err.message
 
 
-GOOD = {
+def save(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+GOOD: dict[str, bytes] = {
     "jpg": encode("JPEG"),
     "progressive": encode("JPEG", progressive=True),
-    "cmyk": (lambda: (b := io.BytesIO(), Image.new("CMYK", (40, 30)).save(b, "JPEG"), b)[2])(),
+    "cmyk": save(Image.new("CMYK", (40, 30)), "JPEG"),
     "tiny_jpeg": encode("JPEG", (3, 2)),
     "png": encode("PNG"),
-    "png_rgba": (lambda: (b := io.BytesIO(), Image.new("RGBA", (40, 30)).save(b, "PNG"), b)[2])(),
+    "png_rgba": save(Image.new("RGBA", (40, 30)), "PNG"),
     "webp": encode("WEBP"),
     "webp_lossless": encode("WEBP", lossless=True),
-    "webp_alpha": (
-        lambda: (b := io.BytesIO(), Image.new("RGBA", (40, 30)).save(b, "WEBP"), b)[2]
-    )(),
+    "webp_alpha": save(Image.new("RGBA", (40, 30)), "WEBP"),
 }
-GOOD = {k: (v.getvalue() if isinstance(v, io.BytesIO) else v) for k, v in GOOD.items()}
 FORMAT = {"jpg": "jpg", "progressive": "jpg", "cmyk": "jpg", "tiny_jpeg": "jpg"}
 
 
