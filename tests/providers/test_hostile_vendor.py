@@ -579,3 +579,51 @@ async def test_perfectcorp_upload_unreachable_is_not_sent(session: aiohttp.Clien
             "perfectcorp/ai-smile", portrait(), {"expression_type": "closed_mouth_smile"}, {}
         )
     assert info.value.code == "CONNECT_FAILED" and info.value.maybe_sent is False
+
+
+# ------------------------------------------------------------------- pinning
+
+
+def _guard_with_dns(imp: Impostor, table: dict[str, list[str]], allow: tuple[str, ...]) -> UrlGuard:
+    async def resolve(host: str, port: int) -> list[str]:
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown")
+        return table[host]
+
+    return UrlGuard(imp.base_url("x"), allow, vendor="ailab", resolve=resolve)
+
+
+async def test_connection_uses_the_checked_address(
+    imp: Impostor, session: aiohttp.ClientSession
+) -> None:
+    # "rebind.test" exists only in the guard's resolver: the download can reach the
+    # impostor only through the address the guard checked and pinned, never through
+    # a second lookup (which is what DNS rebinding would exploit).
+    p = ailab(imp, session, "legit")
+    p._guard = _guard_with_dns(imp, {"rebind.test": ["127.0.0.1"]}, (f"rebind.test:{imp.port}",))
+    url = f"http://rebind.test:{imp.port}/r/legit/result.jpg?X-Amz-Signature=SIGSECRET"
+    assert await p.download(url) == jpeg()
+    assert imp.seen[-1].header("Host") == f"rebind.test:{imp.port}"
+
+
+async def test_a_name_resolving_to_loopback_is_refused_unless_allowed(
+    imp: Impostor, session: aiohttp.ClientSession
+) -> None:
+    p = ailab(imp, session, "legit")
+    p._guard = _guard_with_dns(imp, {"rebind.test": ["93.184.216.34", "127.0.0.1"]}, ())
+    with pytest.raises(PermanentError) as info:
+        await p.download(f"http://rebind.test:{imp.port}/r/legit/result.jpg")
+    assert info.value.code == "RESULT_URL_REFUSED"
+    assert "rebind.test" in info.value.message and "127.0.0.1" in info.value.message
+    assert imp.seen == []
+
+
+async def test_unresolvable_result_host_is_a_connect_failure(
+    imp: Impostor, session: aiohttp.ClientSession
+) -> None:
+    p = ailab(imp, session, "legit")
+    p._guard = _guard_with_dns(imp, {}, ())
+    with pytest.raises(TransportError) as info:
+        await p.download("https://nowhere.test/r.jpg?X-Amz-Signature=SIGSECRET")
+    assert info.value.code == "CONNECT_FAILED" and info.value.maybe_sent is False
+    assert_clean(info.value)
