@@ -312,6 +312,12 @@ def _journaled(kill: Kill) -> dict[tuple[str, str], str]:
     }
 
 
+def _twice_in_submitting(kills: list[Kill]) -> set[str]:
+    """Items a kill caught in `submitting` twice or more: sends of unknown outcome."""
+    seen = Counter(r.key for k in kills for r in k.rows if r.status == "submitting")
+    return {key for key, n in seen.items() if n >= 2}
+
+
 def _check_final_state(
     out: Path,
     inputs: list[Path],
@@ -346,9 +352,15 @@ def _check_final_state(
     assert not _all_part_files(out)
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert len(lines) == n_items
+    gave_up = {
+        x["key"] for x in lines
+        if x["status"] == "failed" and x["error"]["code"] == "OUTCOME_UNKNOWN"
+    }  # fmt: skip
+    assert gave_up <= _twice_in_submitting(kills), gave_up
+    lines = [x for x in lines if x["key"] not in gave_up]
     assert {x["status"] for x in lines} <= {"succeeded", "skipped"}
     outputs = {Path(x["output"]).resolve() for x in lines}
-    assert len(outputs) == n_items
+    assert len(outputs) == n_items - len(gave_up)
     finals, _ = _scan(out)
     assert {p.resolve() for p in finals} == outputs, "results.jsonl and the disk disagree"
     broken = [p for p in finals if not _decodes(p)]
@@ -356,15 +368,18 @@ def _check_final_state(
     # report.json agrees with results.jsonl.
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
     tally = Counter(x["status"] for x in lines)
-    assert report["counts"] == {
+    counts = report["counts"]
+    assert counts["failed"] + counts["failed_earlier"] == len(gave_up)
+    assert counts == {
         "total": n_items,
         "succeeded": tally["succeeded"],
-        "failed": 0,
-        "failed_earlier": 0,
+        "failed": counts["failed"],
+        "failed_earlier": counts["failed_earlier"],
         "skipped": tally["skipped"],
         "interrupted": 0,
     }
-    assert report["exit_code"] == 0
+    assert report["exit_code"] == (1 if counts["failed"] else 0)
+    assert report["possibly_billed"] >= len(gave_up)
     # Never lose a result: every billed task of an item became its output.
     stats = emu.stats()
     assert sum(stats[v]["charged"] for v in VENDORS) == n_items + extra
@@ -450,7 +465,9 @@ async def test_repeated_kill_9_cycles_then_a_full_run(
             assert any(r.status in {"submitted", "ready"} and r.task_id for r in kill.rows)
 
     done = await _cli_run(manifest, cfg)
-    assert done.returncode == 0, done.stderr.decode()
+    # Issue 8 point 3: an item caught mid-send by two kills had two sends of unknown
+    # outcome and ends OUTCOME_UNKNOWN (failed in the run that finds it: exit 1).
+    assert done.returncode in ((0, 1) if _twice_in_submitting(kills) else (0,)), done.stderr
     report = _check_final_state(out, inputs, emu, kills)
     assert report["counts"]["succeeded"] > 0
     # A last rerun sends nothing at all.
