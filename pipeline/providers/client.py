@@ -371,7 +371,13 @@ class VendorClient:
 
     async def credits(self) -> CreditBalance:
         with self._scrubbed():
-            return self._parse_credits(await self._call("credits", self._build_credits()))
+            balance = self._parse_credits(await self._call("credits", self._build_credits()))
+        # Pool names come from the vendor and reach the report: scrubbed like the rest.
+        pools: dict[str, float] = {}
+        for name, amount in balance.pools.items():
+            key = scrub(name, self._api_key, 80)
+            pools[key] = pools.get(key, 0.0) + amount
+        return replace(balance, pools=pools)
 
 
 class _Tee:

@@ -313,7 +313,8 @@ class Impostor:
                 return await stream_body(request, 200 * MiB, b"A", "application/json")
             return web.json_response(ailab_ok(task_status=2, result_url=self.poll_url(kind)))
         if tail == "/api/common/query-credits":
-            return web.json_response(ailab_ok(data=[{"unique_sign": "common", "balance": 5}]))
+            sign = KEY if kind == "pool_with_key" else "common"
+            return web.json_response(ailab_ok(data=[{"unique_sign": sign, "balance": 5}]))
         if tail in ("/s2s/v2.0/file/ai-smile", "/s2s/v2.0/file"):
             put_url = {
                 "upload_to_metadata": "http://169.254.169.254/latest/api/token",

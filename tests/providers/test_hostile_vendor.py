@@ -518,6 +518,13 @@ async def test_task_id_echoing_the_key_is_refused(
     assert_clean(info.value)
 
 
+async def test_credit_pool_names_are_scrubbed(
+    imp: Impostor, session: aiohttp.ClientSession
+) -> None:
+    balance = await ailab(imp, session, "pool_with_key").credits()
+    assert balance.pools == {"***": 5.0} and balance.balance == 5.0
+
+
 # ---------------------------------------------------------------- Perfect Corp
 
 
