@@ -39,7 +39,7 @@ from pipeline.errors import (
     TransportError,
     VendorError,
 )
-from pipeline.netguard import RESULT_URL_REFUSED, guarded_session
+from pipeline.netguard import RESULT_URL_REFUSED, ResolveError, guarded_session
 from pipeline.providers.base import (
     AcquireSlot,
     CreditBalance,
@@ -550,7 +550,7 @@ class PerfectCorpProvider(VendorClient):
                 code=_PUT_REFUSED,
                 vendor=VENDOR,
             ) from None
-        except (OSError, TimeoutError) as exc:
+        except (ResolveError, TimeoutError) as exc:
             raise transport_error(exc, f"PUT {safe_url(target.url)}", VENDOR) from exc
         self._stats.count(VENDOR, "put")
         async with guarded_session(api_timeout(self._timeouts)) as (session, resolver):

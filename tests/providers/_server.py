@@ -24,7 +24,6 @@ from pipeline.providers.base import ImagePayload, RequestStats
 KEY = "sk-live-SECRET-0123456789abcdef"
 
 
-
 def _image(fmt: str, size: tuple[int, int] = (48, 40)) -> bytes:
     # Real, decodable images: results are decode-checked before they count.
     buf = io.BytesIO()
