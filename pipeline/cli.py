@@ -1,38 +1,92 @@
-"""The ``pipeline`` command: argument parsing and exit codes, no logic.
+"""The ``pipeline`` command: argument parsing, log set-up and exit codes; no logic.
 
-Exit codes: 0 every item succeeded or was already done; 1 the run finished and some
-items failed; 2 usage, config or manifest error (nothing was sent); 3 aborted by a
-fatal condition (bad key, no credits, retired endpoint, lock held); 130 interrupted.
+Exit codes (README "Exit codes"):
+
+- ``0``: nothing failed in this run. Permanent failures carried over from earlier runs
+  are reported, not counted, unless ``--strict``. Also ``run --skip-if-locked`` when
+  another run holds the output folder.
+- ``1``: the run finished and items failed in it (with ``--strict``: or carried-over
+  failures remain).
+- ``2``: usage, config, manifest or journal error, or no input matched (nothing sent).
+- ``3``: aborted by a fatal condition (bad key, no credits, retired endpoint, vendor
+  unreachable, ``max_credits``, another run holds the lock, an OS error during a run),
+  or an internal error (a bug: the line says so; ``-v`` adds the traceback).
+- ``130``: interrupted; the journal has every finished step and a rerun resumes.
+
+Every error is one line on stderr (``pipeline: error: ...``, or a JSON line with
+``--log-json``), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
-from pipeline import __version__
-from pipeline.errors import PipelineError, UsageError
+from pipeline import __version__, logs
+from pipeline.errors import LockHeldError, PipelineError, UsageError
+
+if TYPE_CHECKING:
+    from pipeline.manifest import Manifest
 
 __all__ = ["main"]
 
-log = logging.getLogger("pipeline")
+EXIT_INTERNAL = 3
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least 1")
+    return value
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every command takes, before or after its name (``pipeline -v run`` and
+    ``pipeline run -v``). SUPPRESS: a subcommand that doesn't see one keeps the top
+    level's value."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS,
+        help="log every retry, task id and poll (-vv: debug)",
+    )  # fmt: skip
+    common.add_argument(
+        "--log-json", action="store_true", default=argparse.SUPPRESS,
+        help="log lines as JSON objects (ts, level, event, message, fields)",
+    )  # fmt: skip
+    return common
 
 
 def _parser() -> argparse.ArgumentParser:
+    common = _common()
     parser = argparse.ArgumentParser(
         prog="pipeline",
         description="Push folders of portraits through AILabTools and Perfect Corp APIs in bulk.",
+        epilog="Exit codes: 0 nothing failed in this run; 1 items failed in this run; "
+        "2 usage, config or manifest error (nothing sent); 3 aborted (fatal vendor error, "
+        "lock held, internal error); 130 interrupted (rerun to resume).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every retry and poll")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log every retry and poll"
+    )
+    parser.add_argument("--log-json", action="store_true", default=False, help="JSON log lines")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a job (resumes from the journal in the output folder)")
+    run = sub.add_parser(
+        "run", parents=[common], help="run a job (resumes from the journal in the output folder)"
+    )
     run.add_argument("manifest", type=Path, metavar="MANIFEST")
     run.add_argument(
         "--config", type=Path, metavar="PATH", help="config file (default ./config.yaml)"
@@ -44,28 +98,69 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--retry-failed", action="store_true", help="retry items that failed permanently"
     )
-    run.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    run.add_argument(
+        "--quiet", action="store_true", help="only the summary line and errors; no bar"
+    )
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 also when permanent failures carried over from earlier runs remain",
+    )
+    run.add_argument(
+        "--skip-if-locked",
+        action="store_true",
+        help="exit 0 with one line when another run holds the output folder (cron overlap)",
+    )
+    run.add_argument(
+        "--limit",
+        type=_positive,
+        metavar="N",
+        help="process at most N new items (a trial run); a rerun continues",
+    )
 
-    validate = sub.add_parser("validate", help="check manifest, config and inputs; sends nothing")
+    validate = sub.add_parser(
+        "validate", parents=[common], help="check manifest, config and inputs; sends nothing"
+    )
     validate.add_argument("manifest", type=Path, metavar="MANIFEST")
     validate.add_argument("--config", type=Path, metavar="PATH")
 
-    emulate = sub.add_parser("emulate", help="serve both vendors' APIs until SIGINT/SIGTERM")
+    emulate = sub.add_parser(
+        "emulate", parents=[common], help="serve both vendors' APIs until SIGINT/SIGTERM"
+    )
     emulate.add_argument("--host", default="127.0.0.1")
     emulate.add_argument("--port", type=int, default=8765)
     emulate.add_argument(
         "--scenario", type=Path, metavar="PATH", help="scenario YAML (faults, limits)"
     )
 
-    report = sub.add_parser("report", help="rebuild report.json and results.jsonl from the journal")
+    report = sub.add_parser(
+        "report",
+        parents=[common],
+        help="rebuild report.json, results.jsonl and report.html from the journal",
+    )
     report.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
-    _add_export_parser(sub)
+    report.add_argument("--config", type=Path, metavar="PATH", help="for reporting.reports_keep")
+
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="counts, spend to date, failures by code with examples, what to run next",
+    )
+    status.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
+
+    sub.add_parser(
+        "ops", parents=[common], help="every operation, its params, ranges, enum names and price"
+    )
+    _add_export_parser(sub, common)
     return parser
 
 
-def _add_export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_export_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     export = sub.add_parser(
         "export",
+        parents=[common],
         help="the results, with their inputs and readable labels, as a dataset",
         description="Export the done items of OUTPUT_DIR (read from its results.jsonl) as "
         "a dataset: 'imagefolder' loads with datasets.load_dataset('imagefolder', "
@@ -92,19 +187,11 @@ def _add_export_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
 
 
-def _setup_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.INFO if verbose else logging.WARNING
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("pipeline: %(message)s"))
-    root = logging.getLogger("pipeline")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.ERROR if quiet and not verbose else level)
-    root.propagate = False
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose, getattr(args, "quiet", False))
+    logs.configure(
+        verbosity=args.verbose, quiet=getattr(args, "quiet", False), json_lines=args.log_json
+    )
     try:
         if args.command == "run":
             return _cmd_run(args)
@@ -114,13 +201,64 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_emulate(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "status":
+            return _cmd_status(args)
+        if args.command == "ops":
+            return _cmd_ops()
         return _cmd_report(args)
-    except PipelineError as exc:
-        print(f"pipeline: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("pipeline: interrupted", file=sys.stderr)
+    except BaseException as exc:
+        return _fail(exc, args)
+
+
+def _fail(exc: BaseException, args: argparse.Namespace) -> int:
+    """Print the one line an error ends a command with; return its exit code."""
+    if isinstance(exc, SystemExit | GeneratorExit):
+        raise exc
+    if isinstance(exc, KeyboardInterrupt):
+        logs.error("interrupted; every finished step is journaled: rerun to resume")
         return 130
+    if isinstance(exc, PipelineError):
+        logs.error(str(exc), exit_code=exc.exit_code)
+        return exc.exit_code
+    if isinstance(exc, BrokenPipeError) and args.command != "run":
+        # `pipeline ops | head`: the reader has gone; not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        what = exc.strerror or str(exc) or type(exc).__name__
+        # A run stopped by the OS is aborted (its journal keeps what was done); any
+        # other command could not read or write what it was given.
+        code = 3 if args.command == "run" else 2
+        logs.error(f"{where}{what}; check the path, its permissions and free space", exit_code=code)
+        return code
+    if not isinstance(exc, Exception):
+        raise exc
+    text = " ".join(str(exc).split())[:300]
+    logs.error(
+        f"internal error ({type(exc).__name__}: {text}); this is a bug, please report it "
+        "with the output of the same command run with -v",
+        exit_code=EXIT_INTERNAL,
+    )
+    if args.verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _lock_holder(output: Path) -> LockHeldError | None:
+    """Whether another run holds ``output`` now (for ``--skip-if-locked``: checked before
+    the start line, so a skipped run prints its one line and nothing else)."""
+    from pipeline.lock import OutputLock
+
+    if not output.is_dir():
+        return None
+    try:
+        with OutputLock(output):
+            return None
+    except LockHeldError as exc:
+        return exc
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -130,23 +268,51 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     manifest = load_manifest(args.manifest)
     config = load_config(args.config)
-    options = RunOptions(retry_failed=args.retry_failed, quiet=args.quiet, emulate=args.emulate)
+    logs.set_progress_interval(config.reporting.progress_interval_seconds)
+    options = RunOptions(
+        retry_failed=args.retry_failed, quiet=args.quiet, emulate=args.emulate,
+        strict=args.strict, limit=args.limit,
+    )  # fmt: skip
     if args.dry_run:
         from pipeline.plan import print_plan
 
         return print_plan(manifest, config, options)
-    result = anyio.run(run_job, manifest, config, options)
-    report = result.report
-    counts = report.get("counts", {})
+    if args.skip_if_locked:
+        held = _lock_holder(manifest.output)
+        if held is not None:
+            return _skipped(manifest, held)
+    logs.run_started(
+        manifest, config, emulate=args.emulate or manifest.emulator,
+        retry_failed=args.retry_failed, strict=args.strict, limit=args.limit,
+    )  # fmt: skip
+    started = time.monotonic()
+    try:
+        result = anyio.run(run_job, manifest, config, options)
+    except LockHeldError as exc:
+        if args.skip_if_locked:  # taken between the check and the run
+            return _skipped(manifest, exc)
+        code = _fail(exc, args)
+        logs.run_ended(manifest, None, code, time.monotonic() - started, str(exc))
+        return code
+    except BaseException as exc:
+        code = _fail(exc, args)
+        logs.run_ended(manifest, None, code, time.monotonic() - started)
+        return code
     if result.message:
-        print(f"pipeline: {result.message}", file=sys.stderr)
-    if not args.quiet or result.exit_code:
-        print(
-            f"{manifest.name}: {counts.get('succeeded', 0)} succeeded, {counts.get('failed', 0)} failed, "
-            f"{counts.get('skipped', 0)} skipped of {counts.get('total', 0)} "
-            f"(exit {result.exit_code}); report: {manifest.output / 'report.json'}"
-        )
+        logs.emit("stopped", result.message, level=logging.ERROR, exit_code=result.exit_code)
+    print(
+        logs.summary_line(manifest.name, result.report, result.exit_code, manifest.output),
+        flush=True,  # before the end line when both go to one log file
+    )
+    logs.run_ended(
+        manifest, result.report, result.exit_code, time.monotonic() - started, result.message
+    )
     return result.exit_code
+
+
+def _skipped(manifest: Manifest, held: LockHeldError) -> int:
+    print(f"{manifest.name}: not run (--skip-if-locked): {held}", flush=True)
+    return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -173,17 +339,38 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.htmlreport import build_html_for
     from pipeline.report import build_reports
 
     output_dir: Path = args.output_dir
     if not output_dir.is_dir():
         raise UsageError(f"{output_dir}: no such output folder")
+    config = load_config(args.config)
     report = build_reports(output_dir)
+    html = build_html_for(output_dir, reports_keep=config.reporting.reports_keep)
     counts = report["counts"]
     print(
         f"{output_dir}: {counts['succeeded']} succeeded, {counts['failed']} failed, "
-        f"{counts['skipped']} skipped of {counts['total']}; wrote report.json and results.jsonl"
+        f"{counts['skipped']} skipped of {counts['total']}; wrote report.json, results.jsonl "
+        f"and {html}"
     )
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.status import status_lines
+
+    for line in status_lines(args.output_dir):
+        print(line)
+    return 0
+
+
+def _cmd_ops() -> int:
+    from pipeline.status import ops_lines
+
+    for line in ops_lines():
+        print(line)
     return 0
 
 

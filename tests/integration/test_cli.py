@@ -280,3 +280,24 @@ async def test_sigint_does_not_wait_out_the_rate_budget(
     # Issue 8 point 3: "submitting" is journaled only once the budget lets a send go,
     # so the three that never left are plain pending (not sends of unknown outcome).
     assert sorted(_journal_statuses(out)) == ["pending"] * 3 + ["succeeded"]
+
+
+async def test_limit_sends_at_most_n_items_and_a_rerun_continues(
+    tmp_path: Path,
+    emulator: RunningEmulator,
+    portraits: Callable[..., list[Path]],
+    write_manifest: Callable[..., Path],
+) -> None:
+    portraits(5)
+    cfg = config_yaml(emulator.base_url, tmp_path / "config.yaml")
+    manifest = write_manifest([{"op": "ailab/face-beauty-pro", "params": {"smoothing": 70}}])
+    done = await _cli("run", str(manifest), "--config", str(cfg), "--quiet", "--limit", "2")
+    assert done.returncode == 0, done.stderr
+    assert emulator.stats()["ailab"]["submits"] == 2
+    assert done.stdout.decode().startswith("test: 2 succeeded, 0 failed, 0 skipped of 2 (exit 0)")
+    done = await _cli("run", str(manifest), "--config", str(cfg), "--quiet")
+    assert done.returncode == 0
+    assert emulator.stats()["ailab"]["submits"] == 5
+    assert done.stdout.decode().startswith("test: 3 succeeded, 0 failed, 2 skipped of 5 (exit 0)")
+    done = await _cli("run", str(manifest), "--limit", "0")
+    assert done.returncode == 2 and b"--limit" in done.stderr
