@@ -27,7 +27,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import anyio
 
@@ -42,6 +42,13 @@ __all__ = ["main"]
 EXIT_INTERNAL = 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2) like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"pipeline: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -52,11 +59,11 @@ def _positive(text: str) -> int:
     return value
 
 
-def _common() -> argparse.ArgumentParser:
+def _common() -> _Parser:
     """Options every command takes, before or after its name (``pipeline -v run`` and
     ``pipeline run -v``). SUPPRESS: a subcommand that doesn't see one keeps the top
     level's value."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS,
         help="log every retry, task id and poll (-vv: debug)",
@@ -68,9 +75,9 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> _Parser:
     common = _common()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pipeline",
         description="Push folders of portraits through AILabTools and Perfect Corp APIs in bulk.",
         epilog="Exit codes: 0 nothing failed in this run; 1 items failed in this run; "
@@ -155,9 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_export_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
-) -> None:
+def _add_export_parser(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
     export = sub.add_parser(
         "export",
         parents=[common],

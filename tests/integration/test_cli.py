@@ -300,4 +300,7 @@ async def test_limit_sends_at_most_n_items_and_a_rerun_continues(
     assert emulator.stats()["ailab"]["submits"] == 5
     assert done.stdout.decode().startswith("test: 3 succeeded, 0 failed, 2 skipped of 5 (exit 0)")
     done = await _cli("run", str(manifest), "--limit", "0")
-    assert done.returncode == 2 and b"--limit" in done.stderr
+    assert (done.returncode, done.stdout) == (2, b"")
+    assert done.stderr.decode() == (
+        "pipeline: error: argument --limit: '0': give at least 1 (see `pipeline run --help`)\n"
+    )
