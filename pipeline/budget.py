@@ -1,8 +1,9 @@
 """One rate budget per vendor account, shared by every call to its API host.
 
 Perfect Corp publishes 250 requests per 300 s and 5 QPS per key, counting every call
-(vendor-protocols.md §2.6, Q13); AILab publishes nothing and answers 429
-``EXCEEDING_LIMITS`` or 503 ``AI_SERVICE_FLOW_RESTRICTION`` (§1.7). The budget is a
+(docs/vendors.md, "Perfect Corp: rate limits"); AILab publishes nothing and answers 429
+``EXCEEDING_LIMITS`` or 503 ``AI_SERVICE_FLOW_RESTRICTION`` (docs/vendors.md, "AILab:
+rate limits"). The budget is a
 pair of sliding windows (the sustained limit and the per-second limit) plus a pause
 that a rate-limit answer imposes on every caller. Result downloads from storage hosts
 never pass through it.
@@ -81,8 +82,9 @@ DEFAULT_PRIORITY = 2
 MIN_RATE = 0.05  # requests/s: never slower than one request per 20 s
 RATE_SAMPLE_SECONDS = 2.0  # the send rate at a 429 is measured over this span
 # A lone 429 among many successes is noise (AILab also answers 429 for momentary
-# overloads, §1.8), not a sign that our rate is too high: cut only when at least this
-# many answers, and this share of what was sent, were refusals in the sample span.
+# overloads, docs/vendors.md "AILab: error codes"), not a sign that our rate is too
+# high: cut only when at least this many answers, and this share of what was sent,
+# were refusals in the sample span.
 MIN_REFUSALS = 2
 CONGESTION_SHARE = 0.1
 
@@ -246,7 +248,8 @@ class RateBudget:
 
         Polls (and credit queries) go before everything else that is waiting, then
         task creates, then uploads: a finished task's result should not wait behind
-        new submits (vendor-protocols.md §2.6 [R] "Serve polls before new submits").
+        new submits (docs/vendors.md, "Perfect Corp: rate limits": polls are served
+        before new submits).
         Within a priority, arrival order.
         """
         ticket = _Ticket(PRIORITY.get(kind, DEFAULT_PRIORITY), next(self._seq))

@@ -146,14 +146,15 @@ class ProviderConfig(_Frozen):
     poll_interval_seconds: Seconds = 5.0
     rate_limit: RateLimit | None = None
     # Perfect Corp: the upload path; the feature path is the documented one
-    # (docs/vendors.md, "Perfect Corp upload").
+    # (docs/vendors.md, "Perfect Corp: upload path").
     upload_path: str | None = None
     # A task still running this long after its submit fails as TASK_DEADLINE, task id
-    # kept, so a rerun resumes polling it (docs/vendors.md, "Task lifetimes").
+    # kept, so a rerun resumes polling it (docs/vendors.md, "Both vendors: task lifetimes
+    # and deadlines").
     task_deadline_seconds: LongSeconds = 900.0
     # Longest gap allowed between two polls of a running task; None: no window.
     # Perfect Corp expires a task not polled in time and still charges it
-    # (docs/vendors.md, "Perfect Corp polling window"); its docs give no number.
+    # (docs/vendors.md, "Perfect Corp: polling window"); its docs give no number.
     polling_window_seconds: Seconds | None = None
 
     @field_validator("base_url")
@@ -195,8 +196,8 @@ class RetryConfig(_Frozen):
     backoff_initial_seconds: SecondsOrZero = 1.0
     backoff_max_seconds: SecondsOrZero = 60.0
     # N items in a row rejected with the same 400/415 code is a client bug, not bad
-    # inputs: stop the run (exit 3). 0 turns it off (docs/vendors.md, "AILabTools
-    # error codes").
+    # inputs: stop the run (exit 3). 0 turns it off (docs/vendors.md, "AILab:
+    # retries and backoff").
     stop_after_identical_rejections: int = Field(default=10, ge=0, le=1_000_000)
     # A vendor's Retry-After is honoured up to this many seconds, never longer.
     retry_after_max_seconds: SecondsOrZero = 300.0
@@ -215,7 +216,7 @@ class TimeoutConfig(_Frozen):
     connect_seconds: Seconds = 10.0
     request_seconds: Seconds = 120.0
     # AILab's result storage sometimes stalls: 20 s per try (docs/vendors.md,
-    # "AILabTools downloads").
+    # "AILab: downloads").
     download_seconds: Seconds = 20.0
 
 
@@ -305,7 +306,7 @@ def _default_providers() -> dict[VendorName, ProviderConfig]:
             api_key_env="PERFECTCORP_API_KEY",
             poll_interval_seconds=5.0,
             # 250 requests / 300 s and 5 QPS per key (docs/vendors.md,
-            # "Perfect Corp rate limits").
+            # "Perfect Corp: rate limits").
             rate_limit=RateLimit(requests=250, per_seconds=300, qps=5),
             polling_window_seconds=10.0,
             task_deadline_seconds=600.0,

@@ -2,9 +2,8 @@
 
 Both are plain bookkeeping the engine consults before it sends a submit; neither
 does I/O. Prices are the vendors' documented per-success prices (operations.py);
-vendors charge only successful tasks (vendor-protocols.md §1.8 "failures are not
-billed", §2.5), so a submit *reserves* its price until the item ends and only a
-success *spends* it.
+vendors charge only successful tasks (docs/vendors.md, "Both vendors: billing"), so a
+submit *reserves* its price until the item ends and only a success *spends* it.
 """
 
 from __future__ import annotations
@@ -84,8 +83,9 @@ class CreditGuard:
 class RejectionStreak:
     """Counts consecutive vendor rejections with the same 400/415 code.
 
-    vendor-protocols.md §1.8 [R]: "Stop the run if N consecutive items fail with the
-    same 400 or 415 code: that's a client bug." Any other outcome resets the streak.
+    Many items in a row failing with the same 400 or 415 code point at a client bug,
+    so the run stops (docs/vendors.md, "AILab: retries and backoff"). Any other
+    outcome resets the streak.
     ``limit`` 0 turns the brake off.
     """
 

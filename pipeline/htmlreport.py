@@ -241,8 +241,8 @@ _PIPELINE_CODES: dict[str, CodeHelp] = {
         "The vendor reported a task status outside the documented ones.", _RERUN
     ),
     "UPLOAD_PUT_FAILED": CodeHelp(
-        "Uploading the photo to the vendor's storage failed (docs/vendors.md, "
-        '"Perfect Corp upload").',
+        "Uploading the photo to the vendor's storage failed "
+        '(docs/vendors.md, "Perfect Corp: upload").',
         _RERUN,
     ),
     "UPLOAD_SIZE_MISMATCH": CodeHelp(
@@ -265,7 +265,7 @@ _PIPELINE_CODES: dict[str, CodeHelp] = {
 }
 
 # AILabTools codes seen with these operations, in the vendor's words where it has
-# them (docs/vendors.md, "AILabTools error codes"). Other codes fall back to their class.
+# them (docs/vendors.md, "AILab: error codes"). Other codes fall back to their class.
 _AILAB_CODES: dict[str, CodeHelp] = {
     "ERROR_NO_FACE_IN_FILE": CodeHelp(
         "No face was detected in the photo.",
@@ -338,8 +338,8 @@ _AILAB_CODES: dict[str, CodeHelp] = {
         "An account quota was exceeded.", "Check the account's quotas, then rerun."
     ),
     "EXCEEDING_LIMITS": CodeHelp(
-        "Request or concurrency limits exceeded (a rate limit; docs/vendors.md, "
-        '"AILabTools rate limits").',
+        "Request or concurrency limits exceeded "
+        '(a rate limit; docs/vendors.md, "AILab: rate limits").',
         _RERUN + " Lower the manifest's concurrency if it keeps happening.",
     ),
     "ERROR_BATCH_TASK_LIMIT_EXCEEDED": CodeHelp(
@@ -365,7 +365,8 @@ _AILAB_CODES: dict[str, CodeHelp] = {
 }
 
 # Perfect Corp request-level and engine codes, lower case (docs/vendors.md,
-# "Perfect Corp error codes"; engine codes compare case-insensitively).
+# "Perfect Corp: error codes" and "Perfect Corp: engine error codes"; codes compare
+# case-insensitively).
 _PERFECTCORP_CODES: dict[str, CodeHelp] = {
     "invalidparameters": CodeHelp(
         "Invalid parameter value.", "Check the params in the manifest (pipeline ops)."

@@ -3,7 +3,8 @@
 Sending an image the vendor will refuse costs a request, a rate-budget slot and a
 round of retries for nothing, so each input is checked here first against the
 operation's :class:`~pipeline.operations.ImageLimits` (format, bytes, pixel
-dimensions; transcribed from vendor-protocols.md §1.2-§1.4 and §2.5).
+dimensions; transcribed from docs/vendors.md "AILab: image limits" and "Perfect Corp:
+image limits").
 
 * Every input is checked by ``stat`` before it is opened
   (:func:`pipeline.inputs.open_input`): a FIFO, socket, device or folder is never
@@ -18,11 +19,13 @@ dimensions; transcribed from vendor-protocols.md §1.2-§1.4 and §2.5).
   recognised by its brand and sent untouched where it is accepted (ai-smile).
 * :func:`check_limits` lists what is wrong, one short sentence per problem.
 * :func:`prepare_payload` returns the bytes to send, named with the extension of
-  their *true* format (a PNG called ``.jpg`` is sent as ``.png``, §1.1), or raises
+  their *true* format (a PNG called ``.jpg`` is sent as ``.png``; docs/vendors.md "AILab:
+  transport and authentication"), or raises
   :class:`~pipeline.errors.PermanentError` with a ``PREFLIGHT_*`` code. With
   ``auto_fix`` it converts, shrinks and re-compresses instead of refusing.
 * :func:`sniff_image_format` names the format of result bytes from their magic
-  number (vendor-protocols.md Q6: the emotion-editor output format is undocumented).
+  number (the emotion-editor output format is undocumented: docs/vendors.md "AILab:
+  emotion editor output format").
 
 Everything here is synchronous and CPU-bound: the engine runs it in a worker thread.
 """
@@ -80,8 +83,9 @@ _SWAPS_SIDES = frozenset({5, 6, 7, 8})
 # sent as JPEG untouched rather than refused or re-encoded.
 _FORMAT_ALIASES = {"MPO": "JPEG"}
 
-# Wire naming per accepted format: extension and Content-Type (§1.1: "give each file
-# part a real extension and a matching Content-Type"; §2.2 content_type/file_name).
+# Wire naming per accepted format: extension and Content-Type (every file part gets a
+# real extension and the matching Content-Type: docs/vendors.md "AILab: transport and
+# authentication"; content_type/file_name: docs/vendors.md "Perfect Corp: upload").
 _WIRE = {
     "JPEG": ("jpg", "image/jpeg"),
     "PNG": ("png", "image/png"),

@@ -3,7 +3,7 @@
 :func:`iter_input_entries` walks the file system lazily, one directory listing at
 a time, so a manifest over a million photos never holds a million paths in memory
 (only the sorted listing of each directory on the current path). Each pattern is
-split into a literal *root* (``../shared``, ``/data/shoots``) and the wildcard
+split into a literal *root* (``../photos``, ``/data/shoots``) and the wildcard
 segments after it; the walk starts at the root and descends only into directories
 that can still match (segment-wise matching with a small NFA, so ``**`` never
 yields the same file twice for one pattern).
@@ -23,7 +23,7 @@ Pattern rules (posix-style, ``/`` separates segments):
   (``{raw/*.png,edited/**/*.jpg}``). A brace without a comma at its own level
   (``{x}``) is literal. Ranges (``{1..9}``) are not supported.
 * Absolute patterns, ``~`` and ``..`` in the literal leading part are allowed
-  (``../shared/**/*.jpg``). A ``..`` after a wildcard matches nothing.
+  (``../photos/**/*.jpg``). A ``..`` after a wildcard matches nothing.
 * Names starting with ``.`` are skipped unless the pattern matches their leading
   ``.`` literally (``.cache/*.jpg``, ``.*``, ``{.*,*}``): a wildcard never matches
   it, so macOS ``._IMG_0001.jpg`` resource forks and ``.DS_Store`` stay out.

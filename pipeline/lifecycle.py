@@ -700,7 +700,7 @@ def _task_failed(state: Poll, error: ErrorInfo, now: float, policy: Policy) -> S
     if not isinstance(after, Send):
         return after
     # The vendor says the task failed: failures are not billed (docs/vendors.md
-    # "Billing"), so a new task may be created.
+    # "Both vendors: billing"), so a new task may be created.
     return Retry(tally, until=now + policy.backoff(tally.attempts))
 
 

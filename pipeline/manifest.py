@@ -301,8 +301,8 @@ def _enum_hint(spec: ParamSpec, near: str | None) -> str:
 
 def _legacy_message(spec: ParamSpec, code: int | str) -> str:
     # 0-3 are the V1.0 service_choice codes; V1.1 replaced them and whether they still
-    # work live is unknown, so we never send them (docs/vendors.md, "AILabTools
-    # emotion editor").
+    # work live is unknown, so we never send them (docs/vendors.md, "AILab: legacy
+    # expression codes").
     int_codes = [c for c in spec.choices.values() if isinstance(c, int)]
     current = _code_phrase(int_codes) if int_codes else "or"
     return (

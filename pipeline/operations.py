@@ -1,6 +1,6 @@
 """The four operations: their parameters, input limits and prices, as data.
 
-Everything here is transcribed from ``shared/vendor-protocols.md`` (cited per entry)
+Everything here is transcribed from ``docs/vendors.md`` (cited per entry by heading)
 and shared by the manifest validator, the local preflight and the providers, so a
 limit is written once.
 """
@@ -87,7 +87,7 @@ class OperationSpec:
     limits: ImageLimits
     price: float  # per successful task, in the vendor's unit
     price_unit: Literal["credits", "units"]
-    credit_pool: str = ""  # AILab per-API pool (vendor-protocols.md §1.6)
+    credit_pool: str = ""  # AILab per-API pool (docs/vendors.md, "AILab: credits and prices")
 
     def __post_init__(self) -> None:
         # Several operations share one ImageLimits value; give each its own label so
@@ -102,8 +102,9 @@ class OperationSpec:
         return None
 
 
-# vendor-protocols.md §1.2: the current (V1.1.0) table. 0-3 are the V1.0 codes whose
-# live support is unknown (Q7), so we accept them nowhere and say why.
+# The current (V1.1.0) table (docs/vendors.md, "AILab: emotion editor"). 0-3 are the
+# V1.0 codes whose live support is unknown (docs/vendors.md, "AILab: legacy expression
+# codes"), so we accept them nowhere and say why.
 EMOTION_CHOICES: dict[str, int | str] = {
     "dimple_smile": 10,
     "pear_dimple_smile": 11,
@@ -115,7 +116,7 @@ EMOTION_CHOICES: dict[str, int | str] = {
     "opening_eyes": 100,
 }
 
-# vendor-protocols.md §1.4: filter_type 1..35.
+# filter_type 1..35 (docs/vendors.md, "AILab: face beauty pro").
 FILTER_CHOICES: dict[str, int | str] = {
     name: code
     for code, name in enumerate(
@@ -160,7 +161,7 @@ FILTER_CHOICES: dict[str, int | str] = {
     )
 }
 
-# vendor-protocols.md §2.3: the only two documented values.
+# The only two documented values (docs/vendors.md, "Perfect Corp: create task").
 SMILE_CHOICES: dict[str, int | str] = {
     "smile_with_teeth_visible": "smile_with_teeth_visible",
     "closed_mouth_smile": "closed_mouth_smile",
@@ -170,13 +171,15 @@ SMILE_CHOICES: dict[str, int | str] = {
 
 _AILAB_FORMATS = frozenset({"JPEG", "PNG"})
 
-# §1.2/§1.3: JPEG/JPG/PNG, <= 5 MB, < 4096x4096 px.
+# JPEG/JPG/PNG, <= 5 MB, < 4096x4096 px (docs/vendors.md, "AILab: image limits").
 _AILAB_5MB = ImageLimits(formats=_AILAB_FORMATS, max_bytes=5 * MB, max_side_exclusive=4096)
-# §1.4: <= 2 MB, > 48x48 and < 4096x4096 px.
+# Face beauty pro: <= 2 MB, > 48x48 and < 4096x4096 px (docs/vendors.md, "AILab: image
+# limits").
 _BEAUTY_LIMITS = ImageLimits(
     formats=_AILAB_FORMATS, max_bytes=2 * MB, max_side_exclusive=4096, min_side_exclusive=48
 )
-# §2.5: long side <= 4096, file < 10MB, jpg/jpeg/png/heic.
+# Long side <= 4096, file < 10MB, jpg/jpeg/png/heic (docs/vendors.md, "Perfect Corp:
+# image limits").
 _SMILE_LIMITS = ImageLimits(
     formats=frozenset({"JPEG", "PNG", "HEIF"}),
     max_bytes=10 * MB,
@@ -186,7 +189,7 @@ _SMILE_LIMITS = ImageLimits(
 
 
 def _slider(name: str, help_text: str) -> ParamSpec:
-    # §1.4: six optional int sliders 0-100, default 50.
+    # Six optional int sliders 0-100, default 50 (docs/vendors.md, "AILab: face beauty pro").
     return ParamSpec(name=name, kind="int", minimum=0, maximum=100, default=50, help=help_text)
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import anyio
 
 from pipeline.config import Config
-from pipeline.engine import RunOptions, vendors_of
 from pipeline.errors import PermanentError, VendorError
 from pipeline.identity import hash_file, item_key
 from pipeline.images import check_limits_fixable, inspect_image, max_input_bytes
@@ -20,10 +19,12 @@ from pipeline.journal import JOURNAL_NAME, Journal
 from pipeline.manifest import Manifest
 from pipeline.operations import OperationSpec
 from pipeline.providers.base import CreditBalance
+from pipeline.runner import RunOptions, vendors_of
 
 __all__ = ["print_plan", "validate_job"]
 
-# Requests an item needs besides polls, per operation (vendor-protocols.md §1-2):
+# Requests an item needs besides polls, per operation (docs/vendors.md, "The four
+# operations", and "Perfect Corp: upload" for its two steps):
 # AILab one multipart POST; Perfect Corp file record + task create (the S3 PUT is
 # not on the API host and is not counted against the budget).
 _BASE_REQUESTS = {"ailab": 1, "perfectcorp": 2}
@@ -143,8 +144,8 @@ async def fetch_balances(
     import aiohttp
 
     from pipeline.budget import RateBudget
-    from pipeline.engine import EMULATOR_KEY, build_provider, point_at
     from pipeline.providers.base import RequestStats
+    from pipeline.runner import EMULATOR_KEY, build_provider, point_at
 
     out: dict[str, CreditBalance | str] = {}
     keys: dict[str, str] = {}

@@ -43,7 +43,7 @@ def is_jpeg(data: bytes) -> bool:
 
 
 def assert_ailab_ok(status: int, body: Json) -> None:
-    """HTTP 200 and the success envelope of vendor-protocols.md §1.1."""
+    """HTTP 200 and the success envelope (docs/vendors.md, "AILab: response envelope")."""
     assert status == 200, body
     assert body["error_code"] == 0
     assert body["error_detail"] == {
@@ -56,7 +56,10 @@ def assert_ailab_ok(status: int, body: Json) -> None:
 
 
 def assert_ailab_error(status: int, body: Json, http: int, code: str) -> None:
-    """HTTP status = error_code = error_detail.status_code, code in both places (§1.1 [R])."""
+    """HTTP status = error_code = error_detail.status_code, code in both places.
+
+    That is how the emulator answers (docs/vendors.md, "AILab: emulator behaviour").
+    """
     assert (status, body["error_code"], body["error_detail"]["status_code"]) == (
         http,
         http,
@@ -148,7 +151,10 @@ async def pc_file_record(
     path: str = PC_UPLOAD,
     key: str = PC_KEY,
 ) -> Json:
-    """Step 1 of §2.2: the file record (``file_id`` and the PUT request to make)."""
+    """Upload step 1: the file record (``file_id`` and the PUT request to make).
+
+    Step 1 as docs/vendors.md "Perfect Corp: upload" describes it.
+    """
     files = [{"content_type": content_type, "file_name": "portrait.jpg", "file_size": size}]
     status, body = await pc_request(http, emu, "POST", path, {"files": files}, key=key)
     assert status == 200, body
@@ -159,7 +165,7 @@ async def pc_file_record(
 async def pc_upload(
     http: aiohttp.ClientSession, emu: RunningEmulator, data: bytes, *, key: str = PC_KEY
 ) -> str:
-    """Both steps of §2.2; returns the ``file_id``."""
+    """Both upload steps (docs/vendors.md, "Perfect Corp: upload"); returns the ``file_id``."""
     record = await pc_file_record(http, emu, len(data), key=key)
     put = record["requests"][0]
     async with http.put(put["url"], data=data, headers=put["headers"]) as response:

@@ -1,4 +1,7 @@
-"""AILabTools emulator: routes, validation, tasks, credits and faults (vendor-protocols.md §1)."""
+"""AILabTools emulator: routes, validation, tasks, credits and faults.
+
+The vendor as docs/vendors.md describes it (the "AILab: ..." sections).
+"""
 
 from __future__ import annotations
 
@@ -67,7 +70,8 @@ async def test_face_swap_task_goes_0_1_2_and_result_downloads(
     assert url.startswith(emu.base_url + "/_storage/ailab/result/")
     code, data = await fetch(http, url)
     assert code == 200 and is_jpeg(data)
-    # §1.3: the URL is fixed for the task (valid 24 h from completion).
+    # The URL is fixed for the task (valid 24 h from completion: docs/vendors.md "AILab: task
+    # lifetimes").
     assert (await ailab_get(http, emu, POLL, {"task_id": body["task_id"]}))[1]["data"][
         "image"
     ] == url

@@ -1,4 +1,7 @@
-"""Perfect Corp emulator: upload flow, tasks, units, limits and faults (vendor-protocols.md §2)."""
+"""Perfect Corp emulator: upload flow, tasks, units, limits and faults.
+
+The vendor as docs/vendors.md describes it (the "Perfect Corp: ..." sections).
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from .helpers import (
     pc_wait,
 )
 
-# --- upload (§2.2) -------------------------------------------------------------------------
+# --- upload (docs/vendors.md, "Perfect Corp: upload") --------------------------------------
 
 
 @pytest.mark.parametrize("path", [PC_UPLOAD, "/s2s/v2.0/file"])
@@ -148,7 +151,8 @@ async def test_bytes_never_put(emu: RunningEmulator, http: aiohttp.ClientSession
     assert emu.stats()["perfectcorp"]["submits"] == 0
 
 
-# --- tasks (§2.3, §2.4) ----------------------------------------------------------------------
+# --- tasks -----------------------------------------------------------------------------------
+# docs/vendors.md "Perfect Corp: create task" and "Perfect Corp: polling and task states".
 
 
 async def test_smile_success_fresh_url_each_poll(
@@ -172,7 +176,8 @@ async def test_smile_success_fresh_url_each_poll(
     code, data = await fetch(http, url)
     assert code == 200 and is_jpeg(data)
     _, again = await pc_poll(http, emu, task_id)
-    assert again["data"]["results"]["url"] != url  # §2.4 "A re-poll gives a fresh one"
+    # A re-poll gives a fresh URL (docs/vendors.md "Perfect Corp: result URLs").
+    assert again["data"]["results"]["url"] != url
     stats = emu.stats()["perfectcorp"]
     assert (
         stats["uploads"],
@@ -263,9 +268,8 @@ async def test_unpolled_task_expires_but_is_charged_if_it_finished(
     await asyncio.sleep(0.25)
     status, body = await pc_poll(http, emu, task_id)
     assert status == 400 and body["error_code"] == "InvalidTaskId"
-    assert (
-        emu.stats()["perfectcorp"]["charged"] == 1
-    )  # §2.4: "the consumed units may still be charged"
+    # "The consumed units may still be charged" (docs/vendors.md "Perfect Corp: polling window").
+    assert emu.stats()["perfectcorp"]["charged"] == 1
 
 
 async def test_task_lapsed_while_running_is_never_charged(
@@ -325,7 +329,7 @@ async def test_delete_task(start: StartEmulator, http: aiohttp.ClientSession) ->
     assert (await pc_poll(http, emu, task_id))[1]["error_code"] == "InvalidTaskId"
 
 
-# --- units (§2.3-§2.5) -------------------------------------------------------------------------
+# --- units (docs/vendors.md, "Perfect Corp: units and prices") ---------------------------------
 
 
 async def test_credit_endpoint_shape(emu: RunningEmulator, http: aiohttp.ClientSession) -> None:
@@ -359,7 +363,8 @@ async def test_failures_are_free_and_units_run_out(
     assert status == 200
     assert done["data"]["task_status"] == "error" and done["data"]["error"] == "error_inference"
     assert done["data"]["error_message"]
-    assert await pc_units(http, emu) == 1  # §2.4: "No unit is used"
+    # An engine error uses no unit (docs/vendors.md "Perfect Corp: polling and task states").
+    assert await pc_units(http, emu) == 1
     await pc_create(http, emu, file_id)  # the unit is free again
     stats = emu.stats()["perfectcorp"]
     assert (stats["charged"], stats["task_failures"]) == (0, 1)

@@ -122,7 +122,10 @@ async def test_disconnect_drops_before_processing(
 async def test_lost_response_still_creates_and_bills_the_task(
     start: StartEmulator, http: aiohttp.ClientSession
 ) -> None:
-    """The dangerous case of §1.1/Q17: the vendor did the work, the client never heard."""
+    """The vendor did the work, the client never heard: the dangerous case.
+
+    There is no idempotency key (docs/vendors.md, "Both vendors: no idempotency key").
+    """
     emu = await start(lost_response_rate=1.0, task_seconds=0.0)
     with pytest.raises(aiohttp.ClientConnectionError):
         await ailab_post(

@@ -1,8 +1,9 @@
 """Running out of credits end to end: the run stops (exit 3), nothing is retried or lost.
 
-vendor-protocols.md §1.8: AILab ``429 ERROR_NOT_ENOUGH_CREDITS`` is fatal (the same
-status as the retryable rate limits, so the code decides); §2.9: Perfect Corp
-``400 CreditInsufficiency`` is fatal. Both emulated vendors bill successes only.
+AILab ``429 ERROR_NOT_ENOUGH_CREDITS`` is fatal, with the same status as the retryable
+rate limits, so the code decides (docs/vendors.md, "AILab: error codes"); Perfect Corp
+``400 CreditInsufficiency`` is fatal (docs/vendors.md, "Perfect Corp: error codes").
+Both emulated vendors bill successes only.
 """
 
 from __future__ import annotations

@@ -521,7 +521,8 @@ async def test_perfectcorp_expired_result_url_is_fetched_again_by_re_polling(
 ) -> None:
     # The first download stalls past the client's 1 s download timeout; the retry comes
     # after the 0.5 s URL lifetime and gets S3's "Request has expired" (403). The engine
-    # must re-poll the task (a re-poll gives a fresh URL, §2.4) and not resubmit it.
+    # must re-poll the task (a re-poll gives a fresh URL: docs/vendors.md "Perfect Corp:
+    # result URLs") and not resubmit it.
     emu: RunningEmulator = await emulator_factory(
         task_seconds=0.05,
         result_url_ttl_seconds=0.5,
@@ -551,8 +552,9 @@ async def test_ailab_result_expired_is_result_lost_never_resubmitted(
     write_manifest: Callable[..., Path],
 ) -> None:
     # AILab URLs (and the task behind them) live 24 h from completion, with no renewal
-    # (§1.3, §1.7). Here: 0.5 s, and every download stalls past the client's 1 s timeout,
-    # so the retry finds the URL expired and a re-poll finds the task reclaimed (410).
+    # (docs/vendors.md "AILab: task lifetimes"). Here: 0.5 s, and every download stalls
+    # past the client's 1 s timeout, so the retry finds the URL expired and a re-poll
+    # finds the task reclaimed (410).
     # The task succeeded and was billed: the item must fail RESULT_LOST, not be paid again.
     emu: RunningEmulator = await emulator_factory(
         task_seconds=0.05,
@@ -595,7 +597,8 @@ async def test_a_rerun_never_resubmits_a_task_the_vendor_said_had_succeeded(
     # with a retryable error and its task id kept. By the rerun, AILab has reclaimed
     # the task (410 at the first poll). The journal remembers that the task had
     # succeeded ("ready"), so the rerun reports RESULT_LOST instead of paying again
-    # (vendor-protocols.md Q2 "failures are free" does not apply to a finished task).
+    # ("failures are free", docs/vendors.md "Both vendors: billing", does not apply to a
+    # finished task).
     emu: RunningEmulator = await emulator_factory(
         task_seconds=0.05,
         ailab_result_url_ttl_seconds=1.5,

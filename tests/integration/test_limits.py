@@ -70,8 +70,8 @@ async def test_unpublished_limit_is_learned_from_429s(
     portraits: Callable[..., list[Path]],
     write_manifest: Callable[..., Path],
 ) -> None:
-    # AILab publishes no limit (§1.7): the client has none configured and must learn
-    # it from EXCEEDING_LIMITS answers instead of hammering.
+    # AILab publishes no limit (docs/vendors.md "AILab: rate limits"): the client has none
+    # configured and must learn it from EXCEEDING_LIMITS answers instead of hammering.
     emu: RunningEmulator = await emulator_factory(
         rate_limit={"qps": 15}, rate_limit_vendors=["ailab"], sync_seconds=0.0
     )
@@ -116,7 +116,8 @@ async def test_credit_exhaustion_is_fatal_not_a_rate_limit(
     portraits: Callable[..., list[Path]],
     write_manifest: Callable[..., Path],
 ) -> None:
-    # ERROR_NOT_ENOUGH_CREDITS arrives as HTTP 429 (§1.8) but must stop the run.
+    # ERROR_NOT_ENOUGH_CREDITS arrives as HTTP 429 (docs/vendors.md "AILab: error codes")
+    # but must stop the run.
     emu: RunningEmulator = await emulator_factory(ailab_credits={"common": 24})
     portraits(6)
     code, report, _ = await _run(write_manifest(EMOTION, concurrency=1), fast_config(emu.base_url))

@@ -1,10 +1,10 @@
 """Local preflight end to end: bad inputs never reach the vendor, auto-fix repairs what it can.
 
-One folder of inputs, each broken in one documented way (vendor-protocols.md
-§1.2-§1.4, §2.5; the limits in ``pipeline.operations``), next to good ones, goes
-through all four operations against the emulator over loopback. The emulator's
-``submits_by_input`` (sha256 of the image bytes it received, per vendor) is the
-proof of what was sent.
+One folder of inputs, each broken in one documented way (docs/vendors.md, "AILab: image
+limits" and "Perfect Corp: image limits"; the limits in ``pipeline.operations``), next
+to good ones, goes through all four operations against the emulator over loopback.
+The emulator's ``submits_by_input`` (sha256 of the image bytes it received, per
+vendor) is the proof of what was sent.
 """
 
 from __future__ import annotations

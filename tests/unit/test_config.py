@@ -36,7 +36,7 @@ def test_builtin_defaults_when_no_file(tmp_path: Path, monkeypatch: pytest.Monke
     ailab = config.provider("ailab")
     assert ailab.base_url == "https://www.ailabapi.com"
     assert ailab.api_key_env == "AILAB_API_KEY"
-    assert ailab.rate_limit is None  # AILab publishes no budget (§1.7)
+    assert ailab.rate_limit is None  # no published budget: docs/vendors.md "AILab: rate limits"
     pc = config.provider("perfectcorp")
     assert pc.base_url == "https://yce-api-01.makeupar.com"
     assert pc.rate_limit is not None

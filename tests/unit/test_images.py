@@ -164,7 +164,7 @@ def test_bytes_limit_inclusive_boundary() -> None:
 
 
 def test_bytes_limit_exclusive_for_perfect_corp() -> None:
-    # vendor-protocols.md §2.5: "file < 10MB".
+    # Smaller than 10 MB (docs/vendors.md "Perfect Corp: image limits").
     assert check_limits(info(size_bytes=10 * MB - 1), SMILE) == []
     [msg] = check_limits(info(size_bytes=10 * MB), SMILE)
     assert "is not under the 10 MB" in msg and "perfectcorp/ai-smile" in msg
@@ -183,7 +183,7 @@ def test_mpo_counts_as_jpeg() -> None:
 
 
 def test_max_side_exclusive() -> None:
-    # §1.2-§1.4: "less than 4096x4096 px".
+    # "less than 4096x4096 px" (docs/vendors.md "AILab: image limits").
     assert check_limits(info(width=4095, height=4095), EMOTION) == []
     [msg] = check_limits(info(width=4096, height=100), EMOTION)
     assert msg == "4096x100 px: each side must be under 4096 px for ailab/emotion-editor"
@@ -191,14 +191,14 @@ def test_max_side_exclusive() -> None:
 
 
 def test_max_long_side_inclusive() -> None:
-    # §2.5: "long side <= 4096".
+    # Long side at most 4096 px (docs/vendors.md "Perfect Corp: image limits").
     assert check_limits(info(width=4096, height=3000), SMILE) == []
     [msg] = check_limits(info(width=3000, height=4097), SMILE)
     assert msg == "long side 4097 px is over the 4096 px limit of perfectcorp/ai-smile"
 
 
 def test_min_side_exclusive() -> None:
-    # §1.4: "> 48x48 px".
+    # Face beauty pro: "larger than 48x48" (docs/vendors.md "AILab: image limits").
     assert check_limits(info(width=49, height=49), BEAUTY) == []
     [msg] = check_limits(info(width=48, height=300), BEAUTY)
     assert msg == "48x300 px: each side must be over 48 px for ailab/face-beauty-pro"

@@ -102,9 +102,9 @@ def test_absolute_pattern(tree: Path, tmp_path: Path) -> None:
 
 
 def test_dotdot_in_pattern(tmp_path: Path) -> None:
-    make(tmp_path, "shared/x/1.jpg", "jobs/j.yaml")
-    got = list(iter_inputs(tmp_path / "jobs", ["../shared/**/*.jpg"]))
-    assert got == [tmp_path / "shared" / "x" / "1.jpg"]  # normalised, no ".."
+    make(tmp_path, "photos/x/1.jpg", "jobs/j.yaml")
+    got = list(iter_inputs(tmp_path / "jobs", ["../photos/**/*.jpg"]))
+    assert got == [tmp_path / "photos" / "x" / "1.jpg"]  # normalised, no ".."
 
 
 def test_hidden_files_and_dirs_are_skipped_unless_named(tree: Path) -> None:
