@@ -59,7 +59,8 @@ class DurationEstimate:
     quantile of measurements, the delay can never climb past the durations actually
     seen, whatever the concurrency: the multiplier it replaces compounded to minutes
     when a whole first wave was still running at its first poll. Never sooner than
-    one interval after the submit (docs/vendors.md "Polling").
+    one interval after the submit, the vendors' advised cadence (docs/vendors.md
+    "AILab: polling and task states", "Perfect Corp: polling interval").
     """
 
     QUANTILE = 0.8
