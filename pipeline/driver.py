@@ -32,14 +32,15 @@ from pipeline.errors import (
 )
 from pipeline.images import prepare_payload, sniff_image_format
 from pipeline.journal import KEEP, Change, Journal, Keep
-from pipeline.outputs import write_result
+from pipeline.outputs import result_relpath, write_result
 from pipeline.providers.base import BEFORE_BILLABLE_SEND
+from pipeline.resultcheck import check_result_image
 
 if TYPE_CHECKING:
     from pipeline.engine import Engine, WorkItem
     from pipeline.providers.base import ImagePayload, Provider
 
-__all__ = ["DurationEstimate", "ItemDriver", "error_info"]
+__all__ = ["DurationEstimate", "Estimates", "ItemDriver", "error_info", "terminal_change"]
 
 log = logging.getLogger("pipeline")
 
@@ -78,6 +79,29 @@ class DurationEstimate:
         ordered = sorted(self._done)
         high = ordered[int(self.QUANTILE * (len(ordered) - 1))]
         return max(self.interval, high - self.interval / 4)
+
+
+class Estimates:
+    """One :class:`DurationEstimate` per operation, made on first use."""
+
+    def __init__(self, intervals: dict[str, float]) -> None:
+        self._intervals = intervals  # poll interval per vendor
+        self._by_op: dict[str, DurationEstimate] = {}
+
+    def __getitem__(self, operation: str) -> DurationEstimate:
+        found = self._by_op.get(operation)
+        if found is None:
+            interval = self._intervals[operation.split("/", 1)[0]]
+            found = self._by_op[operation] = DurationEstimate(interval)
+        return found
+
+    def first_polls(self) -> dict[str, float]:
+        """The measured first-poll delay per operation (seconds), for the report."""
+        out = {}
+        for op, est in sorted(self._by_op.items()):
+            expected = est.expected()
+            out[op] = round(est.interval if expected is None else expected, 3)
+        return out
 
 
 @dataclass
@@ -166,10 +190,10 @@ class ItemDriver:
         if isinstance(event, lc.TaskSucceeded) and isinstance(state, lc.Poll):
             now = time.monotonic()
             if state.started is not None and state.refetches == 0:
-                self.engine.estimate(self.op.name).observe(now - state.started)
+                self.engine.estimates[self.op.name].observe(now - state.started)
             since = state.last_running
             if since is None and state.started is not None:
-                expected = self.engine.estimate(self.op.name).expected() or 0.0
+                expected = self.engine.estimates[self.op.name].expected() or 0.0
                 since = state.started + expected
             if since is not None:
                 self.held.poll_lag = round(max(0.0, now - since), 3)
@@ -240,7 +264,7 @@ class ItemDriver:
         engine.reachability(self.op.vendor, None)
         engine.rejections.reset()
         if submitted.task_id:
-            return lc.TaskCreated(submitted.task_id, engine.estimate(self.op.name).expected())
+            return lc.TaskCreated(submitted.task_id, engine.estimates[self.op.name].expected())
         if submitted.image is not None:
             self.held.result = submitted.image
             return lc.SyncResult()
@@ -293,7 +317,7 @@ class ItemDriver:
     async def _fetch(self, state: lc.Fetch) -> lc.Event:
         try:
             data = await self.provider.download(state.url)
-            await anyio.to_thread.run_sync(self.engine.check_result, data)
+            await anyio.to_thread.run_sync(self._check_result, data)
         except ResultNotImageError as exc:
             return lc.DownloadFailed(error_info(exc), "not_image")
         except RetryableError as exc:
@@ -312,16 +336,29 @@ class ItemDriver:
             info = lc.ErrorInfo("RESULT_LOST", "the paid result was not kept", "permanent")
             return lc.DownloadFailed(info, "not_image")
         try:
-            await anyio.to_thread.run_sync(self.engine.check_result, data)
+            await anyio.to_thread.run_sync(self._check_result, data)
         except ResultNotImageError as exc:
             return lc.DownloadFailed(error_info(exc), "not_image")
         ext = sniff_image_format(data) or "jpg"
-        rel = self.engine.output_rel(self, ext)
+        rel = self._output_rel(ext)
         try:
             await anyio.to_thread.run_sync(write_result, self.engine.output_dir, rel, data)
         except (OSError, ValueError) as exc:
             return _store_failed(rel, exc)
         return lc.Stored(rel)
+
+    def _check_result(self, data: bytes) -> None:
+        network = self.engine.config.network
+        check_result_image(
+            data, max_bytes=network.max_download_bytes, max_pixels=network.max_result_pixels
+        )
+
+    def _output_rel(self, ext: str) -> str:
+        """Where the result goes: the path a journal already recorded, else the mapping."""
+        if self.recorded_output:
+            return self.recorded_output
+        v = self.item.variant
+        return result_relpath(v.operation.name, v.label, self.item.input_rel, ext)
 
 
 def _store_failed(rel: str, exc: BaseException) -> lc.StoreFailed:

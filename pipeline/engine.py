@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,59 +27,23 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline import lifecycle as lc
+from pipeline.brakes import FailureRatio, Reachability, RejectionBrake, in_flight_cap
 from pipeline.budget import RateBudget
 from pipeline.config import Config
-from pipeline.credits import CreditGuard, RejectionStreak
-from pipeline.driver import DurationEstimate, ItemDriver, terminal_change
+from pipeline.credits import CreditGuard
+from pipeline.driver import Estimates, ItemDriver, terminal_change
 from pipeline.errors import FatalError, PermanentError, RateLimitedError, UsageError, VendorError
 from pipeline.journal import ItemRecord, Journal
 from pipeline.manifest import Manifest
 from pipeline.operations import OperationSpec
-from pipeline.outputs import result_relpath
 from pipeline.progress import Progress
 from pipeline.providers.base import Provider
-from pipeline.runner import (
-    EMULATOR_KEY,
-    EXIT_FAILED,
-    EXIT_FATAL,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    RunOptions,
-    RunResult,
-    build_provider,
-    point_at,
-    run_job,
-    vendors_of,
-)
+from pipeline.runner import RunOptions, RunResult, run_job
 from pipeline.sources import InputSource, WorkItem
 
-__all__ = [
-    "EMULATOR_KEY",
-    "EXIT_FAILED",
-    "EXIT_FATAL",
-    "EXIT_INTERRUPTED",
-    "EXIT_OK",
-    "EXIT_USAGE",
-    "Engine",
-    "RunOptions",
-    "RunResult",
-    "WorkItem",
-    "build_provider",
-    "point_at",
-    "run_job",
-    "vendors_of",
-]
+__all__ = ["Engine", "RunOptions", "RunResult", "WorkItem", "run_job"]
 
 log = logging.getLogger("pipeline")
-
-
-@dataclass
-class _Reach:
-    """Consecutive requests to one vendor that never got an answer."""
-
-    failures: int = 0
-    since: float | None = None
 
 
 @dataclass
@@ -100,13 +63,10 @@ class Engine:
     halted: str | None = None  # why the run stopped starting items (not fatal)
     stopping: bool = False
     duplicates: int = 0
-    finished: int = 0
     started_new: int = 0  # items this run started from nothing (for --limit)
-    failed: int = 0
     _inflight: set[str] = field(default_factory=set)
     _queued: set[str] = field(default_factory=set)  # sent to the workers, not finished
-    _estimates: dict[str, DurationEstimate] = field(default_factory=dict)
-    _reach: dict[str, _Reach] = field(default_factory=dict)
+    _reach: dict[str, Reachability] = field(default_factory=dict)
     _task_slots: dict[str, anyio.CapacityLimiter] = field(default_factory=dict)
     _uncollected: int = 0
     _scope: anyio.CancelScope | None = None
@@ -115,11 +75,18 @@ class Engine:
     def __post_init__(self) -> None:
         self.output_dir = self.manifest.output
         self.credits = CreditGuard(self.manifest.max_credits)
-        self.rejections = RejectionStreak(self.config.retry.stop_after_identical_rejections)
+        self.rejections = RejectionBrake(self.config.retry.stop_after_identical_rejections)
+        self.failures = FailureRatio(
+            self.manifest.max_failure_ratio, self.manifest.min_items_for_failure_ratio
+        )
+        self.estimates = Estimates({v: p.poll.interval for v, p in self.policies.items()})
         for vendor in self.providers:
-            cap = in_flight_cap(self.config, vendor, self.policies[vendor].poll)
+            poll = self.policies[vendor].poll
+            cap = in_flight_cap(self.config.provider(vendor).rate_limit, poll.max_gap, poll.window)
             if cap is not None:
                 self._task_slots[vendor] = anyio.CapacityLimiter(cap)
+            base_url = self.config.provider(vendor).base_url
+            self._reach[vendor] = Reachability(base_url, vendor, self.config.network)
 
     # -- scheduling -------------------------------------------------------------------
 
@@ -293,7 +260,12 @@ class Engine:
             key=item.key,
             operation=item.variant.operation.name,
             variant=item.variant.label,
-            params=json.dumps(dict(item.variant.params), sort_keys=True),
+            # Files (face swap's template) by path, so reports can name them; the key
+            # holds them by content.
+            params=json.dumps(
+                {**item.variant.params, **{k: str(p) for k, p in item.variant.files.items()}},
+                sort_keys=True,
+            ),
             input_path=str(item.input_path),
             input_rel=item.input_rel,
             run_id=self.run_id,
@@ -344,7 +316,10 @@ class Engine:
             self.progress.succeeded()
         elif isinstance(state, lc.Failed):
             self._count_failure(item, state)
-        self.finished += not isinstance(state, lc.Unsent)
+        if isinstance(state, lc.Succeeded | lc.Failed):
+            halt = self.failures.observe(isinstance(state, lc.Failed))
+            if halt is not None:
+                self.stop_starting(None, halt)
 
     def _count_failure(self, item: WorkItem, state: lc.Failed) -> None:
         error = state.error
@@ -353,30 +328,11 @@ class Engine:
             item.input_rel, item.variant.operation.name, item.variant.label, error.code, error.message,
         )  # fmt: skip
         self.progress.failed()
-        self.failed += 1
         # These stop the run softly (already draining): the rest in flight may finish.
         if error.kind == "fatal" and error.code not in ("NOT_SENT", "MAX_CREDITS"):
             raise FatalError(error.message, code=error.code, vendor=item.variant.operation.vendor)
-        ratio = self.manifest.max_failure_ratio
-        done = self.finished + 1
-        enough = done >= self.manifest.min_items_for_failure_ratio
-        if ratio is not None and enough and self.failed / done >= ratio:
-            self.stop_starting(
-                None,
-                f"{self.failed} of {done} finished items failed, over max_failure_ratio "
-                f"{ratio:g}; no more items are started (exit 1). Fix the cause and rerun",
-            )
 
     # -- what the driver asks of the run ----------------------------------------------------
-
-    def estimate(self, operation: str) -> DurationEstimate:
-        found = self._estimates.get(operation)
-        if found is None:
-            vendor = operation.split("/", 1)[0]
-            found = self._estimates[operation] = DurationEstimate(
-                self.policies[vendor].poll.interval
-            )
-        return found
 
     def credits_refusal(self, key: str, op: OperationSpec) -> FatalError | None:
         if self.credits.holds(key):
@@ -400,90 +356,13 @@ class Engine:
 
     def note_rejection(self, exc: PermanentError) -> None:
         """A streak of identical 400/415 rejections points at the request: stop starting."""
-        streak = self.rejections.add(exc)
-        if streak is not None:
-            self.stop_starting(
-                FatalError(
-                    f"{streak} items in a row were rejected with {exc.vendor} {exc.code} "
-                    f"(HTTP {exc.http_status}): that points at the request or its params, "
-                    f"not the inputs, so the run stops instead of sending the rest; check "
-                    f"the manifest's params (last answer: {exc.message})",
-                    code="REPEATED_REJECTION",
-                    vendor=exc.vendor,
-                )
-            )
+        brake = self.rejections.observe(exc)
+        if brake is not None:
+            self.stop_starting(brake)
 
     def reachability(self, vendor: str, exc: VendorError | None) -> None:
         """Stop the run (VENDOR_UNREACHABLE) when a vendor answers nothing for long
         enough. Any answer, even an error or a rate limit, proves it reachable."""
-        reach = self._reach.setdefault(vendor, _Reach())
-        if exc is None or not _no_answer(exc):
-            reach.failures, reach.since = 0, None
-            return
-        now = time.monotonic()
-        reach.failures += 1
-        reach.since = reach.since if reach.since is not None else now
-        network = self.config.network
-        if reach.failures >= network.unreachable_after_requests or (
-            reach.failures >= 2 and now - reach.since >= network.unreachable_after_seconds
-        ):
-            host = self.config.provider(vendor).base_url
-            self.stop_run(
-                FatalError(
-                    f"{host} did not answer {reach.failures} requests in a row over "
-                    f"{now - reach.since:.0f} s ({exc.code}); the run stops. Check the "
-                    "network, proxy and base_url, then rerun: nothing paid is lost",
-                    code="VENDOR_UNREACHABLE",
-                    vendor=vendor,
-                )
-            )
-
-    def check_result(self, data: bytes) -> None:
-        from pipeline.resultcheck import check_result_image
-
-        network = self.config.network
-        check_result_image(
-            data, max_bytes=network.max_download_bytes, max_pixels=network.max_result_pixels
-        )
-
-    def output_rel(self, driver: ItemDriver, ext: str) -> str:
-        """Where the result goes: the path a journal already recorded, else the mapping."""
-        if driver.recorded_output:
-            return driver.recorded_output
-        v = driver.item.variant
-        return result_relpath(v.operation.name, v.label, driver.item.input_rel, ext)
-
-    def poll_schedule(self) -> dict[str, float]:
-        """The measured first-poll delay per operation (seconds), for the report."""
-        out = {}
-        for op, est in sorted(self._estimates.items()):
-            expected = est.expected()
-            out[op] = round(est.interval if expected is None else expected, 3)
-        return out
-
-
-def _no_answer(exc: VendorError) -> bool:
-    from pipeline.errors import TransportError
-
-    return isinstance(exc, TransportError) and not isinstance(exc, RateLimitedError)
-
-
-def in_flight_cap(config: Config, vendor: str, poll: lc.PollPolicy) -> int | None:
-    """How many tasks the vendor's budget can keep polled within its polling window.
-
-    Perfect Corp expires a task left unpolled (docs/vendors.md "Perfect Corp: polling
-    window") and its budget is 250 requests per 300 s: at most ``rate x gap`` running
-    tasks can each get a poll every ``gap`` seconds. 15% of the budget is left for
-    uploads and submits. None: no window or no budget, no cap.
-    """
-    limit = config.provider(vendor).rate_limit
-    if poll.window is None or limit is None:
-        return None
-    rates = []
-    if limit.requests and limit.per_seconds:
-        rates.append(limit.requests / limit.per_seconds)
-    if limit.qps:
-        rates.append(limit.qps)
-    if not rates:
-        return None
-    return max(1, math.floor(min(rates) * poll.max_gap * 0.85))
+        stop = self._reach[vendor].observe(exc, time.monotonic())
+        if stop is not None:
+            self.stop_run(stop)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, Self
+from typing import Any, Final, Literal, NamedTuple, Self
 
 import anyio
 import anyio.abc
@@ -562,6 +562,7 @@ class Journal:
             "INSERT INTO items (key, operation, variant, params, input_path, input_rel, status,"
             " seen_run, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)"
             " ON CONFLICT(key) DO UPDATE SET input_path = excluded.input_path,"
+            " params = excluded.params,"
             " input_rel = excluded.input_rel, seen_run = excluded.seen_run, run_status = NULL,"
             " updated_at = excluded.updated_at",
             (key, operation, variant, params, db_text(input_path), db_text(input_rel), run_id, now),
@@ -717,7 +718,6 @@ def iter_run_items(conn: sqlite3.Connection, run_id: int) -> Iterator[ItemRecord
 
 # Report reading streams every item a run met (10^6 on a nightly rerun of a big
 # folder), so its rows are named tuples: a fraction of an ItemRecord's cost per row.
-from typing import NamedTuple  # noqa: E402  (kept in this section, which report.py owns)
 
 # Error codes of a result the vendor billed and that is gone for good.
 PAID_LOST_CODES: Final = ("RESULT_LOST", "RESULT_NOT_IMAGE")

@@ -241,7 +241,7 @@ async def _run(
         "halted": engine.halted if engine else None,
         "elapsed_seconds": round(time.monotonic() - started, 3),
         "rate_budget": {v: b.summary() for v, b in budgets.items()},
-        "first_poll_seconds": engine.poll_schedule() if engine else {},
+        "first_poll_seconds": engine.estimates.first_polls() if engine else {},
         "max_credits": dict(manifest.max_credits),
     }
     with anyio.CancelScope(shield=True):
