@@ -213,7 +213,8 @@ def _send(world: World, c: int | None) -> lc.Event:
 def _poll(world: World, state: lc.Poll, c: int | None) -> lc.Event:
     vendor = world.vendor
     task = vendor.tasks.get(state.task_id, "gone")
-    seen_done = task == "succeeded"  # an earlier poll has told the client so
+    # An earlier poll told the client it succeeded, and the client made that durable.
+    seen_done = task == "succeeded" and world.journal.status is lc.Status.READY
     if c == 4:
         return lc.PollError(_err("RATE", "retryable"), rate_limited=True, retry_after=1.0)
     if c == 3:
