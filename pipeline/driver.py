@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import math
+import pathlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -32,9 +33,8 @@ from pipeline.errors import (
 )
 from pipeline.images import prepare_payload, sniff_image_format
 from pipeline.journal import KEEP, Change, Journal, Keep
-from pipeline.outputs import result_relpath, write_result
+from pipeline.outputs import AtomicFile, open_result, resolve_inside, result_relpath, write_result
 from pipeline.providers.base import BEFORE_BILLABLE_SEND
-from pipeline.resultcheck import check_result_image
 
 if TYPE_CHECKING:
     from pipeline.engine import Engine, WorkItem
@@ -112,6 +112,7 @@ class _Held:
     files: dict[str, ImagePayload] = field(default_factory=dict)
     changes: list[str] = field(default_factory=list)
     result: bytes | None = None
+    sink: AtomicFile | None = None  # a download streamed to its temporary file
     billed_now: bool = False
     polls: int = 0
     poll_lag: float | None = None
@@ -136,6 +137,13 @@ class ItemDriver:
     async def run(self, state: lc.State, *, polls_before: int = 0) -> lc.State:
         """Checkpoint, perform, step; until a terminal state, which is journaled."""
         self.held.polls = polls_before
+        try:
+            return await self._run(state)
+        finally:
+            if self.held.sink is not None:  # a crash or a stop between fetch and store
+                self.held.sink.discard()
+
+    async def _run(self, state: lc.State) -> lc.State:
         while not lc.is_terminal(state):
             await self._checkpoint(state)
             # Storing a paid result is not cancellable (bounded by the disk): Ctrl-C or
@@ -147,7 +155,8 @@ class ItemDriver:
             except (FatalError, anyio.get_cancelled_exc_class()):
                 raise
             except Exception as exc:  # a bug in I/O code: fail this item, not the run
-                log.exception("%s: unexpected error", self.item.input_rel)
+                log.error("%s: unexpected error: %s", self.item.input_rel, _one_line(exc))
+                log.debug("the unexpected error in full", exc_info=True)
                 event = lc.Crashed(_one_line(exc))
             self._note(state, event)
             state = lc.next(state, event, time.monotonic(), self.policy)
@@ -315,43 +324,63 @@ class ItemDriver:
         return lc.TaskSucceeded(answer.result_url, has_image=answer.image is not None)
 
     async def _fetch(self, state: lc.Fetch) -> lc.Event:
+        """Stream the result to a temporary file beside its final name (memory stays
+        bounded whatever its size); the provider checks it is an image. Where no such
+        file can be made (a name the folder refuses, a planted file), fetch it into
+        memory instead, so the paid bytes can still be spooled to the journal."""
+        rel = self._output_rel("jpg")
         try:
-            data = await self.provider.download(state.url)
-            await anyio.to_thread.run_sync(self._check_result, data)
+            sink = await anyio.to_thread.run_sync(open_result, self.engine.output_dir, rel)
+        except (OSError, ValueError):
+            sink = None
+        try:
+            if sink is None:
+                self.held.result = await self.provider.download(state.url)
+                return lc.Downloaded(to_file=False)
+            fmt = await self.provider.download_to(state.url, sink, check_path=str(sink.path))
+            await anyio.to_thread.run_sync(sink.retarget, self._target(fmt))
+            self.held.sink = sink
         except ResultNotImageError as exc:
             return lc.DownloadFailed(error_info(exc), "not_image")
         except RetryableError as exc:
             return lc.DownloadFailed(error_info(exc), "transient")
         except VendorError as exc:
             return lc.DownloadFailed(error_info(exc), "url")
-        self.held.result = data
+        except (OSError, ValueError) as exc:  # the temporary file: disk full, I/O error
+            return _store_failed(rel, exc)
+        finally:
+            if sink is not None and self.held.sink is not sink:
+                sink.discard()  # not handed over: failed or cancelled (idempotent)
         return lc.Downloaded()
 
+    def _target(self, fmt: str) -> pathlib.Path:
+        return resolve_inside(self.engine.output_dir, self._output_rel(fmt))
+
     async def _store(self, state: lc.Store) -> lc.Event:
+        if state.source == "file":
+            sink = self.held.sink
+            assert sink is not None
+            rel = self._output_rel(sink.target.name.rsplit(".", 1)[-1])
+            try:
+                await anyio.to_thread.run_sync(sink.commit)
+            except (OSError, ValueError) as exc:
+                return _store_failed(rel, exc)
+            finally:
+                self.held.sink = None
+            return lc.Stored(rel)
         data = self.held.result
         if state.source == "spool":
-            data = await self.journal.load_spool(self.item.key)
-            self.held.result = data
+            data = self.held.result = await self.journal.load_spool(self.item.key)
         if data is None:
             info = lc.ErrorInfo("RESULT_LOST", "the paid result was not kept", "permanent")
             return lc.DownloadFailed(info, "not_image")
-        try:
-            await anyio.to_thread.run_sync(self._check_result, data)
-        except ResultNotImageError as exc:
-            return lc.DownloadFailed(error_info(exc), "not_image")
-        ext = sniff_image_format(data) or "jpg"
-        rel = self._output_rel(ext)
+        # Checked by the provider when it arrived (and before it was spooled).
+        rel = self._output_rel(sniff_image_format(data) or "jpg")
         try:
             await anyio.to_thread.run_sync(write_result, self.engine.output_dir, rel, data)
         except (OSError, ValueError) as exc:
             return _store_failed(rel, exc)
         return lc.Stored(rel)
-
-    def _check_result(self, data: bytes) -> None:
-        network = self.engine.config.network
-        check_result_image(
-            data, max_bytes=network.max_download_bytes, max_pixels=network.max_result_pixels
-        )
 
     def _output_rel(self, ext: str) -> str:
         """Where the result goes: the path a journal already recorded, else the mapping."""

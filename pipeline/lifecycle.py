@@ -450,7 +450,7 @@ class PollError:
 
 @dataclass(frozen=True)
 class Downloaded:
-    pass
+    to_file: bool = True  # streamed to a temporary file (else held in memory)
 
 
 @dataclass(frozen=True)
@@ -747,8 +747,11 @@ def _lost(state: Poll | Fetch, detail: str) -> Failed:
 
 
 def _on_fetch(state: Fetch, event: Event, now: float, policy: Policy) -> State:
+    if isinstance(event, StoreFailed):
+        # The temporary file could not be written: billed and still at the vendor.
+        return Failed(event.error, Status.READY, state.task_id, billed=True, tally=state.tally)
     if isinstance(event, Downloaded):
-        return Store(state.tally, "file", state.task_id)
+        return Store(state.tally, "file" if event.to_file else "memory", state.task_id)
     if not isinstance(event, DownloadFailed):
         raise _unexpected(state, event)
     if event.reason == "not_image":

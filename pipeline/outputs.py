@@ -523,6 +523,16 @@ class AtomicFile:
             self.discard()
             raise _wrap(exc, self.target) from None
 
+    def retarget(self, target: Path) -> None:
+        """Commit under ``target`` instead, a name in the same folder (the result's
+        extension is known only once its bytes are)."""
+        if target.parent != self.target.parent:
+            raise ValueError(f"{target}: not in the folder of {self.target}")
+        _check_name(target.name, target)
+        if _nbytes(target.name) > _name_max(self._dir_fd):
+            raise FileWriteError(errno.ENAMETOOLONG, target)
+        self.target, self._name = target, target.name
+
     def commit(self) -> None:
         """Make the bytes written so far appear under ``target``, durably."""
         if self._done:
