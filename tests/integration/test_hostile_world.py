@@ -1600,3 +1600,49 @@ async def test_a_file_that_vanishes_mid_run_fails_only_its_items_and_the_rerun_s
     assert second.code == 0, second.report["errors_by_code"]
     assert second.report["counts"]["failed_earlier"] == 0
     assert _charges(emulator) == _once_each(inputs, [SYNC, SWAP])
+
+
+async def test_a_vendor_echoing_the_key_in_its_answers_never_gets_it_printed(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+    write_manifest: Callable[..., Path],
+) -> None:
+    emu: RunningEmulator = await emulator_factory(transient_error_rate=0.3, seed=5)
+    _inputs(tmp_path, 3)
+    manifest = write_manifest([SYNC, SMILE, SWAP], max_attempts=6, concurrency=3)
+    secrets = [AILAB_KEY, PERFECTCORP_KEY]
+
+    def echo(request: Any, body: bytes) -> bytes:
+        # Each vendor echoes the key it was sent (it knows no other).
+        key = AILAB_KEY if request.path.startswith("/api/") else PERFECTCORP_KEY
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return body
+        if not isinstance(doc, dict):
+            return body
+        for field in ("request_id", "requestId", "log_id"):
+            doc[field] = f"req-{key}"
+        for field in ("error_msg", "message", "error_detail"):
+            if isinstance(doc.get(field), str):
+                doc[field] += f" (key {key} / Bearer {key})"
+        return json.dumps(doc).encode()
+
+    async with _Proxy(emu.base_url) as proxy:
+        proxy.transform = echo
+        cfg = _config_file(_config(proxy.base_url), tmp_path / "config.yaml")
+        runs = [
+            await _cli(manifest, cfg, "-v"),
+            await _cli(manifest, cfg, "-v", "--log-json", "--retry-failed"),
+        ]
+    assert emu.stats()["ailab"]["transient_errors"] > 0
+    for done in runs:
+        shown = done.stdout + done.stderr
+        _no_traceback(shown)
+        for secret in secrets:
+            at = shown.find(secret.encode())
+            assert at < 0, (secret, shown[max(0, at - 400) : at + 100].decode(errors="replace"))
+    for path in _files_under(tmp_path / "out"):
+        data = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in data, (secret, path)
