@@ -193,9 +193,7 @@ class ItemDriver:
         if isinstance(event, lc.SyncResult | lc.TaskSucceeded) and not self.held.billed_now:
             billed_before = isinstance(state, lc.Poll) and state.billed
             if not billed_before:
-                self.held.billed_now = True
-                self.engine.credits.spend(self.op.vendor, self.op.price)
-                self.engine.credits.release(self.item.key)
+                self._billed()
         if isinstance(event, lc.TaskSucceeded) and isinstance(state, lc.Poll):
             now = time.monotonic()
             if state.started is not None and state.refetches == 0:
@@ -207,8 +205,14 @@ class ItemDriver:
             if since is not None:
                 self.held.poll_lag = round(max(0.0, now - since), 3)
         if isinstance(event, lc.SendFailed) and event.billed and not self.held.billed_now:
-            self.held.billed_now = True
-            self.engine.credits.spend(self.op.vendor, self.op.price)
+            self._billed()
+
+    def _billed(self) -> None:
+        """The vendor billed this item now: count it as spent, once."""
+        self.held.billed_now = True
+        self.engine.credits.spend(self.op.vendor, self.op.price)
+        self.engine.credits.release(self.item.key)
+        self.engine.progress.spent(self.op.vendor, self.op.price)
 
     # -- each state's I/O -------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline import lifecycle as lc
+from pipeline import logs
 from pipeline.brakes import FailureRatio, Reachability, RejectionBrake, in_flight_cap
 from pipeline.budget import RateBudget
 from pipeline.config import Config
@@ -167,7 +168,7 @@ class Engine:
             if how == "skipped":
                 self.progress.skipped()
             else:
-                self.progress.failed()
+                self.progress.carried_over()
         for item in duplicates:
             await self._duplicate(item)
         return rest
@@ -194,7 +195,7 @@ class Engine:
         """Stop now: cancel every worker (what is journaled stays journaled)."""
         if self.fatal is None:
             self.fatal = reason
-            log.error("stopping the run: %s", reason)
+            log.info("stopping the run: %s", reason)  # the CLI reports it once
         self.stopping = True
         if self._scope is not None:
             self._scope.cancel()
@@ -203,10 +204,10 @@ class Engine:
         """Start no more items; let those in flight finish."""
         if reason is not None and self.fatal is None:
             self.fatal = reason
-            log.error("stopping the run: %s", reason)
+            log.info("stopping the run: %s", reason)  # the CLI reports it once
         if halted and self.halted is None:
             self.halted = halted
-            log.error("stopping the run: %s", halted)
+            log.info("stopping the run: %s", halted)
         self.stopping = True
 
     # -- one item -----------------------------------------------------------------------
@@ -284,7 +285,7 @@ class Engine:
             self.progress.skipped()
         else:
             await self.journal.skip_many([item.key], self.run_id, "failed_earlier")
-            self.progress.failed()
+            self.progress.carried_over()
 
     async def _drive(self, item: WorkItem, rec: ItemRecord | None, state: lc.State) -> None:
         op = item.variant.operation
@@ -326,6 +327,10 @@ class Engine:
         log.warning(
             "%s [%s %s]: %s: %s",
             item.input_rel, item.variant.operation.name, item.variant.label, error.code, error.message,
+            extra=logs.fields(
+                "item", input=item.input_rel, operation=item.variant.operation.name,
+                variant=item.variant.label, code=error.code, kind=error.kind,
+            ),
         )  # fmt: skip
         self.progress.failed()
         # These stop the run softly (already draining): the rest in flight may finish.

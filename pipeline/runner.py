@@ -9,6 +9,7 @@ runs it, and always writes the reports, whatever stopped the run.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -31,7 +32,7 @@ from pipeline.journal import Journal
 from pipeline.lock import OutputLock
 from pipeline.manifest import Manifest
 from pipeline.outputs import sweep_partial_files
-from pipeline.progress import Progress
+from pipeline.progress import Progress, report_progress
 from pipeline.providers.base import Provider, RequestStats
 
 if TYPE_CHECKING:
@@ -193,7 +194,8 @@ async def _run(
             total=config.timeouts.request_seconds, connect=config.timeouts.connect_seconds
         )
         connector = aiohttp.TCPConnector(limit=max(16, manifest.concurrency * 2))
-        with Progress(enabled=not options.quiet and sys.stderr.isatty()) as progress:
+        progress_bar = not options.quiet and sys.stderr.isatty()
+        with Progress(enabled=progress_bar, limit=options.limit) as progress:
             async with aiohttp.ClientSession(
                 timeout=timeout, connector=connector, trust_env=True
             ) as session:
@@ -212,6 +214,10 @@ async def _run(
                 signals = _SignalWatch()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(signals.watch, tg.cancel_scope)
+                    interval = config.reporting.progress_interval_seconds
+                    tg.start_soon(
+                        functools.partial(report_progress, progress, interval, manifest=manifest)
+                    )
                     try:
                         await engine.run()
                     finally:

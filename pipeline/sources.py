@@ -83,6 +83,7 @@ class InputSource:
         while True:
             batch = await anyio.to_thread.run_sync(_take, entries, BATCH)
             if not batch:
+                self.progress.discovery_finished()
                 break
             hashed = await self._hash(batch)
             items = [item for h in hashed for item in self._expand(h)]
