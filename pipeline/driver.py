@@ -206,6 +206,10 @@ class ItemDriver:
                 self.held.poll_lag = round(max(0.0, now - since), 3)
         if isinstance(event, lc.SendFailed) and event.billed and not self.held.billed_now:
             self._billed()
+        # An expired task the vendor may charge is counted as spent (issue 9 point 2).
+        expired = isinstance(event, lc.TaskFailed) and event.maybe_billed
+        if expired and not self.held.billed_now and not (isinstance(state, lc.Poll) and state.billed):
+            self._billed()
 
     def _billed(self) -> None:
         """The vendor billed this item now: count it as spent, once."""
@@ -322,7 +326,7 @@ class ItemDriver:
             return lc.TaskRunning(answer.poll_after)
         if answer.state == "failed":
             assert answer.error is not None
-            return lc.TaskFailed(error_info(answer.error))
+            return lc.TaskFailed(error_info(answer.error), maybe_billed=answer.maybe_billed)
         if answer.image is not None:
             self.held.result = answer.image
         return lc.TaskSucceeded(answer.result_url, has_image=answer.image is not None)

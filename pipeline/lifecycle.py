@@ -439,6 +439,7 @@ class TaskSucceeded:
 @dataclass(frozen=True)
 class TaskFailed:
     error: ErrorInfo
+    maybe_billed: bool = False  # the vendor may charge this failure (an expired task)
 
 
 @dataclass(frozen=True)
@@ -671,6 +672,12 @@ def _on_poll(state: Poll, event: Event, now: float, policy: Policy) -> State:
             polled, now, policy, "the vendor said it succeeded without a result"
         )
     if isinstance(event, TaskFailed):
+        if event.maybe_billed:
+            return _lost(
+                state,
+                f"the task expired at the vendor, which may still charge it "
+                f"({event.error.code}: {event.error.message})",
+            )
         return _task_failed(state, event.error, now, policy)
     if isinstance(event, PollError):
         return _poll_error(state, event, now, policy)

@@ -76,6 +76,10 @@ class TaskState:
     # Vendor-advised seconds until the next poll, when the response carries one
     # (Perfect Corp V1 ``polling_interval`` in ms, vendor-protocols.md Q9).
     poll_after: float | None = None
+    # The vendor may have billed this failure: a Perfect Corp task that expired
+    # unpolled answers InvalidTaskId and "the consumed units may still be charged"
+    # (docs/vendors.md "Perfect Corp: polling window"). Never resubmitted on its own.
+    maybe_billed: bool = False
 
 
 @dataclass(frozen=True)

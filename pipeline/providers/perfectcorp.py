@@ -404,7 +404,7 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
     if err is not None:
         norm = err.code.strip().lower()
         if norm == _POLL_INVALID_TASK:
-            return TaskState(state="failed", error=err)
+            return TaskState(state="failed", error=err, maybe_billed=True)
         if norm in _POLL_RESUBMIT:
             return TaskState(state="failed", error=err)
         if err.kind == "permanent":
