@@ -222,6 +222,10 @@ def _poll(world: World, state: lc.Poll, c: int | None) -> lc.Event:
     if task == "running":
         if c == 0:
             return lc.TaskRunning()
+        if c == 7:  # expired unpolled: gone, and the vendor may still charge it
+            vendor.tasks[state.task_id] = "gone"
+            vendor.billed += 1
+            return lc.TaskFailed(_err("InvalidTaskId", "permanent"), maybe_billed=True)
         if c == 2:
             vendor.tasks[state.task_id] = "failed"
             return lc.TaskFailed(_err("TASK_FAILED", "retryable"))
