@@ -1669,3 +1669,51 @@ async def test_possibly_billed_total_remembers_sends_retried_with_retry_failed(
     retried = await _run(manifest, _config(healthy.base_url), retry_failed=True)
     assert retried.code == 0 and retried.report["counts"] == _counts(succeeded=2)
     assert retried.report["possibly_billed_total"] == 2
+
+
+async def test_a_gateway_answering_502_for_everything_is_vendor_unreachable(
+    tmp_path: Path,
+    emulator: RunningEmulator,
+    write_manifest: Callable[..., Path],
+) -> None:
+    from aiohttp import web
+
+    inputs = _inputs(tmp_path, 6)
+    manifest = write_manifest([SMILE], max_attempts=5, concurrency=2)
+    async with _Proxy(emulator.base_url) as proxy:
+        proxy.intercept = lambda r: web.Response(
+            status=502, text="<html>Bad Gateway</html>", content_type="text/html"
+        )
+        config = _config(proxy.base_url, network={"unreachable_after_requests": 4})
+        first = await _run(manifest, config)
+        assert first.code == 3, first.report["errors_by_code"]
+        assert first.report["aborted"]["code"] == "VENDOR_UNREACHABLE"
+        assert proxy.intercepted <= 4 + 2, proxy.intercepted  # not 6 items x 5 attempts
+        proxy.intercept = lambda request: None
+        second = await _run(manifest, config)
+    assert second.code == 0, second.report["errors_by_code"]
+    assert _charges(emulator) == _once_each(inputs, [SMILE])
+
+
+async def test_ctrl_c_during_a_long_backoff_exits_130_promptly(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+    write_manifest: Callable[..., Path],
+) -> None:
+    emu: RunningEmulator = await emulator_factory(transient_error_rate=1.0)
+    _inputs(tmp_path, 2)
+    manifest = write_manifest(BOTH, concurrency=4)
+    config = _config(
+        emu.base_url, retry={"backoff_initial_seconds": 60.0, "backoff_max_seconds": 600.0}
+    )
+    cfg = _config_file(config, tmp_path / "config.yaml")
+    with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
+        await _wait_for(
+            lambda: all(emu.stats()[v]["transient_errors"] >= 2 for v in VENDORS), "errors"
+        )
+        await anyio.sleep(0.3)  # every item is backing off now (30 s or more)
+        code, stdout, stderr = await _sigint_and_wait(proc)
+    assert code == 130, stderr
+    _no_traceback(stdout + stderr)
+    first = _read_outcome(tmp_path / "out", code)
+    assert first.report["counts"] == _counts(interrupted=4)
