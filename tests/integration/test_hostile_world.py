@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -998,8 +999,8 @@ async def test_a_content_duplicate_gets_its_own_line_with_the_shared_output(
 
 
 def _special_entries(folder: Path) -> dict[str, str]:
-    """A FIFO, a socket, a broken symlink and a symlink loop, all named *.jpg: name ->
-    the code each must fail with."""
+    """A FIFO, a socket, a broken symlink, a symlink loop, a link to /dev/null and a
+    device, all named *.jpg: name -> the code each must fail with."""
     folder.mkdir(parents=True, exist_ok=True)
     os.mkfifo(folder / "fifo.jpg")
     here = Path.cwd()
@@ -1012,12 +1013,18 @@ def _special_entries(folder: Path) -> dict[str, str]:
         os.chdir(here)
     (folder / "broken.jpg").symlink_to(folder / "no-such-file.jpg")
     (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
-    return {
+    (folder / "null.jpg").symlink_to("/dev/null")
+    expected = {
         "fifo.jpg": "INPUT_NOT_A_FILE",
         "socket.jpg": "INPUT_NOT_A_FILE",
         "broken.jpg": "INPUT_BROKEN_SYMLINK",
         "loop.jpg": "INPUT_SYMLINK_LOOP",
+        "null.jpg": "INPUT_NOT_A_FILE",
     }
+    with contextlib.suppress(PermissionError):  # a device node needs root
+        os.mknod(folder / "zero.jpg", stat.S_IFCHR | 0o600, os.makedev(1, 5))
+        expected["zero.jpg"] = "INPUT_NOT_A_FILE"
+    return expected
 
 
 async def test_fifos_sockets_and_bad_links_get_failed_lines_and_are_carried_over(
@@ -1031,7 +1038,7 @@ async def test_fifos_sockets_and_bad_links_get_failed_lines_and_are_carried_over
 
     first = await _run(manifest, _config(emulator.base_url))
     assert first.code == 1
-    assert first.report["counts"] == _counts(succeeded=1, failed=4)
+    assert first.report["counts"] == _counts(succeeded=1, failed=len(expected))
     for name, code in expected.items():
         line = first.line(SYNC["op"], tmp_path / "in" / name)
         assert line["status"] == "failed" and line["error"]["code"] == code, line
@@ -1041,7 +1048,7 @@ async def test_fifos_sockets_and_bad_links_get_failed_lines_and_are_carried_over
 
     second = await _run(manifest, _config(emulator.base_url))
     assert second.code == 0
-    assert second.report["counts"] == _counts(skipped=1, failed_earlier=4)
+    assert second.report["counts"] == _counts(skipped=1, failed_earlier=len(expected))
     for name in expected:
         assert second.line(SYNC["op"], tmp_path / "in" / name)["carried_over"] is True
 
