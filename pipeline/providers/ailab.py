@@ -1,16 +1,20 @@
 """AILabTools provider: emotion-editor (sync), face-swap (async), face-beauty-pro (both).
 
-The wire format is ``shared/vendor-protocols.md`` §1; every quirk below cites it.
+The wire format is described in the AILab sections of ``docs/vendors.md``; every quirk
+below cites its section.
 
 - Auth: header ``ailabapi-api-key`` on every call, polls and credit queries included
-  (§1.1, §1.5). It is added only when sending to the configured base URL.
+  (docs/vendors.md, "AILab: transport and authentication"). It is added only when
+  sending to the configured base URL.
 - Requests: ``multipart/form-data``, scalars as decimal text, files with a real
-  extension and matching Content-Type (§1.1).
+  extension and matching Content-Type (docs/vendors.md, "AILab: transport and
+  authentication").
 - Envelope: success is HTTP 200 with ``error_code`` absent or 0 and
   ``error_detail.code`` absent or ``""``; the code comes from ``error_detail.code``,
-  then ``error_code_str``, else ``HTTP_<status>`` (§1.1 [R]). Three generations of
-  fields are accepted; none is required (Q4).
-- Classification: by code, per the §1.8 table (:mod:`pipeline.providers.classify`).
+  then ``error_code_str``, else ``HTTP_<status>``. Three generations of fields are
+  accepted; none is required (docs/vendors.md, "AILab: response envelope").
+- Classification: by code, per the table in (docs/vendors.md, "AILab: error codes")
+  (:mod:`pipeline.providers.classify`).
 
 Pure functions build requests (:func:`build_submit`, :func:`build_poll`,
 :func:`build_credits`) and parse responses (:func:`parse_submit`, :func:`parse_poll`,
@@ -86,31 +90,34 @@ EMOTION_EDITOR: Final = "ailab/emotion-editor"
 FACE_SWAP: Final = "ailab/face-swap"
 FACE_BEAUTY_PRO: Final = "ailab/face-beauty-pro"
 
-# Operation → endpoint (§1.2, §1.3, §1.4).
+# Operation → endpoint (docs/vendors.md, "The four operations").
 OPERATIONS: Final[Mapping[str, str]] = {
     EMOTION_EDITOR: "/api/portrait/effects/emotion-editor",
     FACE_SWAP: "/api/portrait/editing/ai-face-swap",
     FACE_BEAUTY_PRO: "/api/portrait/effects/face-beauty-pro",
 }
-POLL_PATH: Final = "/api/common/query-async-task-result"  # §1.5
-CREDITS_PATH: Final = "/api/common/query-credits"  # §1.6
+POLL_PATH: Final = "/api/common/query-async-task-result"  # "AILab: polling and task states"
+CREDITS_PATH: Final = "/api/common/query-credits"  # "AILab: credits and prices"
 
 # Scalar form fields each operation accepts, in the order they are sent; the first
-# tuple is required. §1.2: service_choice is required since V1.0.1. §1.3: face swap has
-# no scalar (and no task_type). §1.4: task_type plus six sliders and filter_type.
+# tuple is required (docs/vendors.md, "AILab: emotion editor", "AILab: face swap" and
+# "AILab: face beauty pro"): service_choice is required since V1.0.1; face swap has no
+# scalar (and no task_type); face beauty pro takes task_type plus six sliders and
+# filter_type.
 _SLIDERS = ("whitening", "smoothing", "thinface", "shrink_face", "enlarge_eye", "remove_eyebrow")
 _FIELDS: Final[Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     EMOTION_EDITOR: (("service_choice",), ()),
     FACE_SWAP: ((), ()),
     FACE_BEAUTY_PRO: ((), ("task_type", *_SLIDERS, "filter_type")),
 }
-# §1.4: the vendor's default is sync, but we default to async so the task id is
-# journaled before anything can be billed (operations.py: task_type default "async").
+# The vendor's default is sync, but we default to async so the task id is journaled
+# before anything can be billed (docs/vendors.md, "AILab: face beauty pro";
+# operations.py: task_type default "async").
 _DEFAULT_TASK_TYPE: Final = "async"
 
-# §1.5 task_status values.
+# task_status values (docs/vendors.md, "AILab: polling and task states").
 _QUEUED, _PROCESSING, _SUCCEEDED = 0, 1, 2
-# [U] the SDK treats 3 as failure (§1.5, Q1).
+# [unsure] the SDK treats 3 as failure (docs/vendors.md, "AILab: task failures at poll").
 _SDK_FAILED = 3
 
 _MALFORMED: Final = "MALFORMED_RESPONSE"
@@ -121,7 +128,9 @@ _SCHEME = re.compile(r"^[a-z][a-z0-9+.\-]*:", re.IGNORECASE)
 
 
 def auth_headers(api_key: str) -> dict[str, str]:
-    """The auth header (§1.1). Only ever sent to the configured base URL."""
+    """The auth header (docs/vendors.md, "AILab: transport and authentication").
+
+    Only ever sent to the configured base URL."""
     return {AUTH_HEADER: api_key}
 
 
@@ -129,8 +138,9 @@ def auth_headers(api_key: str) -> dict[str, str]:
 
 
 def _scalar(value: int | str) -> str:
-    # §1.1: scalars are sent as decimal text (service_choice and filter_type are typed
-    # integer in the tables and string in openapi; text satisfies both).
+    # Scalars are sent as decimal text (service_choice and filter_type are typed integer
+    # in the tables and string in openapi; text satisfies both): docs/vendors.md,
+    # "AILab: transport and authentication".
     if isinstance(value, bool):  # not a documented value type; never send "True"
         return str(int(value))
     return str(value)
@@ -173,18 +183,19 @@ def build_submit(
 
     parts: list[FormPart] = []
     if operation == EMOTION_EDITOR:
-        # §1.2: image_target (file) + service_choice.
+        # "AILab: emotion editor": image_target (file) + service_choice.
         parts.append(FilePart("image_target", image))
         parts.append(TextPart("service_choice", _scalar(scalars["service_choice"])))
     elif operation == FACE_SWAP:
-        # §1.3: image_target is replaced, image_template provides the face.
+        # "AILab: face swap": image_target is replaced, image_template provides the face.
         template = files.get("image_template")
         if template is None:
             raise _client_error("CLIENT_MISSING_PARAMETER", f"{operation} needs image_template")
         parts.append(FilePart("image_target", image))
         parts.append(FilePart("image_template", template))
     else:
-        # §1.4: `image` (not image_target), task_type, optional sliders and filter_type.
+        # "AILab: face beauty pro": `image` (not image_target), task_type, optional
+        # sliders and filter_type.
         task_type = str(scalars.get("task_type", _DEFAULT_TASK_TYPE))
         if task_type not in ("sync", "async"):
             raise _client_error(
@@ -199,12 +210,14 @@ def build_submit(
 
 
 def build_poll(task_id: str) -> HttpRequest:
-    """``GET /api/common/query-async-task-result?task_id=…`` (§1.5), id percent-encoded."""
+    """``GET /api/common/query-async-task-result?task_id=…``, id percent-encoded
+    (docs/vendors.md, "AILab: polling and task states")."""
     return HttpRequest("GET", f"{POLL_PATH}?task_id={quote(task_id, safe='')}")
 
 
 def build_credits() -> HttpRequest:
-    """``GET /api/common/query-credits`` (§1.6): no parameters."""
+    """``GET /api/common/query-credits``: no parameters (docs/vendors.md, "AILab: credits
+    and prices")."""
     return HttpRequest("GET", CREDITS_PATH)
 
 
@@ -241,8 +254,9 @@ def _request_id(doc: Mapping[str, Any] | None) -> str | None:
 
 
 def _message(doc: Mapping[str, Any], detail: Mapping[str, Any], status: int) -> str:
-    # §1.1: code_message is the summary, message the detail (may embed an upstream
-    # number, "… - 222202 - pic not has face"); error_msg is the oldest free text.
+    # docs/vendors.md, "AILab: response envelope": code_message is the summary, message
+    # the detail (may embed an upstream number, "… - 222202 - pic not has face");
+    # error_msg is the oldest free text.
     pieces: list[str] = []
     for value in (detail.get("code_message"), detail.get("message"), doc.get("error_msg")):
         text = _text(value)
@@ -260,7 +274,9 @@ def _malformed(what: str, status: int, request_id: str | None) -> RetryableError
 def envelope_error(
     status: int, headers: Mapping[str, str], body: bytes
 ) -> tuple[VendorError | None, dict[str, Any] | None]:
-    """Apply the §1.1 [R] success rule. Returns ``(error, doc)``; ``error`` is ``None``
+    """Apply the success rule of (docs/vendors.md, "AILab: response envelope").
+
+    Returns ``(error, doc)``; ``error`` is ``None``
     on success, else the classified error (not raised, so :func:`parse_poll` can turn
     some of them into task outcomes)."""
     doc = parse_json_object(body)
@@ -271,9 +287,10 @@ def envelope_error(
     if doc is None:
         what = f"HTTP {status}, body is not a JSON object: {body_excerpt(body)}"
         if 200 <= status < 300:
-            return _malformed(what, status, None), None  # §1.8 [R]: non-JSON 2xx → R
+            return _malformed(what, status, None), None  # a non-JSON 2xx is retryable
         if status >= 500:
-            # §1.8 [R]: a non-JSON 5xx (an HTML 502 page from a proxy) is a transport fault.
+            # A non-JSON 5xx (an HTML 502 page from a proxy) is a transport fault
+            # (docs/vendors.md, "AILab: response envelope").
             return TransportError(
                 what, code=f"HTTP_{status}", vendor=VENDOR, http_status=status
             ), None
@@ -297,7 +314,8 @@ def envelope_error(
     if status == 200 and not error_code and not _text(detail.get("code")):
         return None, doc
 
-    # Unknown codes are classified by status (§1.8). An HTTP 200 that still carries an
+    # Unknown codes are classified by status (docs/vendors.md, "AILab: error codes").
+    # An HTTP 200 that still carries an
     # error reports its real status in error_code (older docs) or error_detail.status_code.
     effective = status
     if status == 200:
@@ -321,7 +339,8 @@ def envelope_error(
 
 
 def parse_envelope(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
-    """The response document on success (§1.1); raises the classified error otherwise."""
+    """The response document on success (docs/vendors.md, "AILab: response envelope");
+    raises the classified error otherwise."""
     err, doc = envelope_error(status, headers, body)
     if err is not None:
         raise err
@@ -330,7 +349,8 @@ def parse_envelope(status: int, headers: Mapping[str, str], body: bytes) -> dict
 
 
 def _decode_image(value: object, status: int, request_id: str | None, where: str) -> bytes:
-    # docs/vendors.md, "Base64 results": public clients decode bare base64; strip any
+    # docs/vendors.md, "AILab: emotion editor output format": public clients decode
+    # bare base64; strip any
     # data:…;base64, prefix anyway. This is a success envelope: the job ran and was
     # billed, so a missing or undecodable image is RESULT_NOT_IMAGE, never a resubmit.
     image = decode_base64_image(value) if isinstance(value, str) else None
@@ -356,9 +376,10 @@ def _task_id(value: object) -> str | None:
 def parse_submit(operation: str, status: int, headers: Mapping[str, str], body: bytes) -> Submitted:
     """A submit response → ``Submitted`` (task id or image); raises classified errors.
 
-    - emotion-editor (§1.2): ``data.image`` base64 → image bytes;
-    - face-swap (§1.3): top-level ``task_id``;
-    - face-beauty-pro (§1.4): ``task_id`` (async) or top-level ``result`` base64 (sync).
+    - emotion-editor ("AILab: emotion editor"): ``data.image`` base64 → image bytes;
+    - face-swap ("AILab: face swap"): top-level ``task_id``;
+    - face-beauty-pro ("AILab: face beauty pro"): ``task_id`` (async) or top-level
+      ``result`` base64 (sync).
     A success envelope without a task id is ``RetryableError(MALFORMED_RESPONSE)`` (the
     provider turns it into an unknown outcome); a sync success whose image is missing
     or not base64 is ``ResultNotImageError`` (billed). The image bytes themselves are
@@ -383,7 +404,8 @@ def parse_submit(operation: str, status: int, headers: Mapping[str, str], body: 
 
 
 def _result_candidates(doc: Mapping[str, Any]) -> Iterator[object]:
-    # Q5, in this order: result_url (face-beauty-pro async page), data.result_url,
+    # docs/vendors.md, "AILab: face beauty pro result field", in this order: result_url
+    # (face-beauty-pro async page), data.result_url,
     # data.image (face swap, generic schema), data.result_urls[0], data.images[0].
     yield doc.get("result_url")
     data = doc.get("data")
@@ -403,8 +425,9 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
     (``RateLimitedError``), other R codes / 5xx / non-JSON / malformed 200s
     (``RetryableError``, ``TransportError``) and F codes (``FatalError``).
 
-    Returned as ``failed`` (Q1, Q2): an S code such as ``422 ERROR_NO_FACE_IN_FILE`` at
-    the first poll (§1.5, third party) → ``PermanentError``; ``404
+    Returned as ``failed`` (docs/vendors.md, "AILab: task failures at poll"): an S code
+    such as ``422 ERROR_NO_FACE_IN_FILE`` at the first poll (a third-party report) →
+    ``PermanentError``; ``404
     ERROR_RESOURCE_NOT_FOUND`` / ``410 ERROR_RESOURCE_RECLAIMED`` → ``RetryableError``
     with the code kept (the task is lost; the engine decides about resubmitting);
     ``task_status`` 3, any status outside 0-2, or 2 without a usable result →
@@ -428,7 +451,8 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
     rid = _request_id(doc)
     task_status = _as_int(doc.get("task_status"))
     if task_status is None:
-        # task_status is required (§1.5); without it we learned nothing: poll again.
+        # task_status is required ("AILab: polling and task states"); without it we
+        # learned nothing: poll again.
         raise _malformed("poll response has no integer task_status", status, rid)
     if task_status in (_QUEUED, _PROCESSING):
         return TaskState(state="running")
@@ -444,7 +468,7 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
                 return TaskState(state="succeeded", image=image)
             if _SCHEME.match(text):
                 return TaskState(state="succeeded", result_url=text)
-        # Q1: status 2 without a result counts as an R failure.
+        # "AILab: task failures at poll": status 2 without a result is an R failure.
         return TaskState(
             state="failed",
             error=RetryableError(
@@ -456,7 +480,8 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
                 request_id=rid,
             ),
         )
-    # Q1: 3 (the SDK's failure value) or anything outside 0-2 is an R failure.
+    # "AILab: task failures at poll": 3 (the SDK's failure value) or anything outside
+    # 0-2 is an R failure.
     detail_raw = doc.get("error_detail")
     detail: Mapping[str, Any] = detail_raw if isinstance(detail_raw, dict) else {}
     code = "TASK_FAILED" if task_status == _SDK_FAILED else "UNKNOWN_TASK_STATUS"
@@ -471,9 +496,10 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
 
 
 def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> CreditBalance:
-    """``data`` (an array of pools, §1.6) → balance = sum of pools, pools by unique_sign.
+    """``data`` (an array of pools) → balance = sum of pools, pools by unique_sign.
 
-    Third-party code sums all pools; the usable balance of one API is [U] ``common``
+    docs/vendors.md, "AILab: credits and prices": third-party code sums all pools; the
+    usable balance of one API is [unsure] ``common``
     plus its own pool, which callers can compute from ``pools``.
     """
     doc = parse_envelope(status, headers, body)
@@ -534,7 +560,8 @@ class AILabProvider(VendorClient):
     ) -> Submitted:
         with self._scrubbed():
             request = build_submit(operation, image, params, files)
-        # Emotion editor is always sync; face-beauty-pro when asked (§1.2, §1.4).
+        # Emotion editor is always sync; face-beauty-pro when asked ("AILab: emotion
+        # editor", "AILab: face beauty pro").
         sync = operation == EMOTION_EDITOR or (
             operation == FACE_BEAUTY_PRO and str(params.get("task_type", "")) == "sync"
         )
@@ -544,7 +571,8 @@ class AILabProvider(VendorClient):
             sync=sync,
         )
         if out.task_id is not None:
-            # Q17: log every task id (a create retried after a timeout may duplicate).
+            # Log every task id: a create retried after a timeout may duplicate
+            # (docs/vendors.md, "Both vendors: no idempotency key").
             # Both ids are scrubbed by _billable (no key, no URL query, clipped).
             _log.info("ailab %s: task_id=%s request_id=%s", operation, out.task_id, out.request_id)
         return out

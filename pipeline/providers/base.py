@@ -49,7 +49,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ImagePayload:
-    """Bytes to send for one image field, with a real extension and type (§1.1)."""
+    """Bytes to send for one image field, with a real extension and type
+    (docs/vendors.md, "AILab: transport and authentication")."""
 
     data: bytes
     filename: str  # e.g. "portrait.jpg"; the extension matches content_type
@@ -74,7 +75,8 @@ class TaskState:
     image: bytes | None = None
     error: VendorError | None = None
     # Vendor-advised seconds until the next poll, when the response carries one
-    # (Perfect Corp V1 ``polling_interval`` in ms, vendor-protocols.md Q9).
+    # (Perfect Corp V1 ``polling_interval`` in ms: docs/vendors.md, "Perfect Corp:
+    # polling interval").
     poll_after: float | None = None
     # The vendor may have billed this failure: a Perfect Corp task that expired
     # unpolled answers InvalidTaskId and "the consumed units may still be charged"

@@ -5,8 +5,8 @@ Sans-I/O helpers (plain functions, tested without a network):
 - :class:`HttpRequest` / :class:`HttpResponse`: what the vendor modules' ``build_*``
   functions return and their ``parse_*`` functions take;
 - :func:`parse_json_object`, :func:`header`, :func:`parse_retry_after`;
-- :func:`decode_base64_image`, :func:`sniff_image_type` (docs/vendors.md, "Base64
-  results");
+- :func:`decode_base64_image`, :func:`sniff_image_type` (docs/vendors.md, "AILab:
+  emotion editor output format");
 - :func:`parse_download`: a result download's status → go on, or a classified error;
 - :func:`redact`, :func:`redact_error`, :func:`scrub`, :func:`safe_url`: keep secrets
   (the API key, signed URL queries) out of messages, logs and reports;
@@ -118,7 +118,7 @@ _MAX_MESSAGE = 300
 _MAX_CODE = 80
 _MAX_REQUEST_ID = 128
 # Request headers aiohttp would add on its own; storage PUTs must carry exactly the
-# headers the vendor signed (docs/vendors.md, "Perfect Corp upload"), so these are
+# headers the vendor signed (docs/vendors.md, "Perfect Corp: upload"), so these are
 # skipped.
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
@@ -241,7 +241,7 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     The raw value is returned (negative clamped to 0): the engine caps it with
     ``retry.retry_after_max_seconds``. Never raises, whatever the header holds
     (999999999, NaN, a date in year 9999 or 1900, garbage). Neither vendor documents
-    the header (docs/vendors.md, "Rate limits"): honour it when present.
+    the header (docs/vendors.md, "Both vendors: Retry-After"): honour it when present.
     """
     raw = header(headers, "Retry-After")
     if raw is None:
@@ -399,8 +399,9 @@ def parse_download(
     separately by :func:`pipeline.resultcheck.check_result_image`).
 
     - 403/404/410 → ``PermanentError(code="RESULT_URL_EXPIRED")``: result URLs expire
-      (docs/vendors.md, "Result URLs"); the engine decides whether a re-poll can get a
-      fresh URL (Perfect Corp: yes) or the paid result is lost;
+      (docs/vendors.md, "Perfect Corp: result URLs" and "AILab: task lifetimes"); the
+      engine decides whether a re-poll can get a fresh URL (Perfect Corp: yes) or the
+      paid result is lost;
     - 429 → ``RateLimitedError``; 408 and 5xx → ``RetryableError`` (storage sometimes
       stalls); other 4xx → ``PermanentError``; anything else (1xx, a redirect that
       survived) → ``RetryableError``.
@@ -456,7 +457,7 @@ def api_timeout(timeouts: TimeoutConfig) -> aiohttp.ClientTimeout:
 
 def download_timeout(timeouts: TimeoutConfig) -> aiohttp.ClientTimeout:
     """Timeout of one result download hop (storage sometimes stalls: docs/vendors.md,
-    "Result URLs"; the engine retries)."""
+    "AILab: downloads"; the engine retries)."""
     return aiohttp.ClientTimeout(
         total=timeouts.download_seconds,
         connect=min(timeouts.connect_seconds, timeouts.download_seconds),

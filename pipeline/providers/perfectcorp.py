@@ -1,21 +1,28 @@
 """Perfect Corp (YouCam API) provider: AI Smile, an async task that needs an upload first.
 
-The wire format is ``shared/vendor-protocols.md`` §2; every quirk below cites it.
+The wire format is described in the Perfect Corp sections of ``docs/vendors.md``; every
+quirk below cites its section.
 
-One submit is three requests (§2.2, §2.3):
+One submit is three requests (docs/vendors.md, "Perfect Corp: upload" and "Perfect
+Corp: create task"):
 
-1. ``POST /s2s/v2.0/file/ai-smile`` (or the universal ``/s2s/v2.0/file``, Q11) with the
-   file's type, name and size → a ``file_id`` and a presigned storage URL;
+1. ``POST /s2s/v2.0/file/ai-smile`` (or the universal ``/s2s/v2.0/file``:
+   docs/vendors.md, "Perfect Corp: upload path") with the file's type, name and size →
+   a ``file_id`` and a presigned storage URL;
 2. ``PUT`` the bytes to that URL with *exactly* the headers it came with: no
    ``Authorization`` (S3 rejects a second auth mechanism) and nothing aiohttp would add;
 3. ``POST /s2s/v2.0/task/ai-smile`` ``{"src_file_id", "expression_type"}`` → ``task_id``.
 
-- Auth: ``Authorization: Bearer <key>``, one space (§2.1), to the base URL only.
+- Auth: ``Authorization: Bearer <key>``, one space, to the base URL only
+  (docs/vendors.md, "Perfect Corp: transport and authentication").
 - Envelopes: ``{"status":200,"data":{…}}`` or ``{"status":<http>,"error":"…",
-  "error_code":"…"}``; ``error_code`` is absent on 429 and some 401s (§2.1).
-- Engine failures arrive as HTTP 200 with ``data.task_status == "error"`` (§2.4).
-- The ``x-request-id`` response header [U] is kept as the errors' ``request_id``.
-- Ids may exceed 2^53 (§2.1): they stay strings (Python's ``json`` keeps big ints exact).
+  "error_code":"…"}``; ``error_code`` is absent on 429 and some 401s (docs/vendors.md,
+  "Perfect Corp: response envelope").
+- Engine failures arrive as HTTP 200 with ``data.task_status == "error"``
+  (docs/vendors.md, "Perfect Corp: polling and task states").
+- The ``x-request-id`` response header [unsure] is kept as the errors' ``request_id``.
+- Ids may exceed 2^53 (docs/vendors.md, "Perfect Corp: transport and authentication"):
+  they stay strings (Python's ``json`` keeps big ints exact).
 
 Pure functions build and parse every step; :class:`PerfectCorpProvider` moves bytes.
 """
@@ -101,33 +108,42 @@ _log = logging.getLogger(__name__)
 VENDOR: Final = "perfectcorp"
 AI_SMILE: Final = "perfectcorp/ai-smile"
 
-FEATURE_UPLOAD_PATH: Final = "/s2s/v2.0/file/ai-smile"  # §2.2, the AI Smile page
-UNIVERSAL_UPLOAD_PATH: Final = "/s2s/v2.0/file"  # §2.2, release v1.14 (Q11)
-TASK_PATH: Final = "/s2s/v2.0/task/ai-smile"  # §2.3 create, §2.4 poll (+ "/{task_id}")
-CREDIT_PATH: Final = "/s2s/v1.0/client/credit"  # §2.5
+# docs/vendors.md, "Perfect Corp: upload path": the AI Smile page's feature path, and
+# the universal one of release v1.14.
+FEATURE_UPLOAD_PATH: Final = "/s2s/v2.0/file/ai-smile"
+UNIVERSAL_UPLOAD_PATH: Final = "/s2s/v2.0/file"
+# Create, and poll (+ "/{task_id}"): "Perfect Corp: create task", "Perfect Corp: polling
+# and task states".
+TASK_PATH: Final = "/s2s/v2.0/task/ai-smile"
+CREDIT_PATH: Final = "/s2s/v1.0/client/credit"  # "Perfect Corp: units and prices"
 
 _SCHEME: Final = re.compile(r"^[a-z][a-z0-9+.\-]*:", re.IGNORECASE)
-_REQUEST_ID_HEADER: Final = "x-request-id"  # §2.1 [U]: seen on responses; log it
+_REQUEST_ID_HEADER: Final = "x-request-id"  # [unsure]: seen on responses; log it
 _MALFORMED: Final = "MALFORMED_RESPONSE"
 
-# §2.2: step-2 failures of any kind mean "redo both steps" (Q15).
+# Step-2 failures of any kind mean "redo both steps" (docs/vendors.md, "Perfect Corp:
+# upload").
 _PUT_FAILED: Final = "UPLOAD_PUT_FAILED"
 # The presigned upload URL points somewhere netguard refuses (loopback, private,
 # metadata): nothing is sent, and every item would get the same answer.
 _PUT_REFUSED: Final = "UPLOAD_URL_REFUSED"
-# §2.4 / §2.9: request-level poll codes that mean the task itself is over.
-_POLL_INVALID_TASK: Final = "invalidtaskid"  # S: resubmitting may double-charge (Q16)
+# Request-level poll codes that mean the task itself is over (docs/vendors.md, "Perfect
+# Corp: polling and task states" and "Perfect Corp: error codes").
+# InvalidTaskId is S: resubmitting may double-charge ("Perfect Corp: polling window").
+_POLL_INVALID_TASK: Final = "invalidtaskid"
 _POLL_RESUBMIT: Final = frozenset({"tasktimeout", "unknown_internal_error"})  # R: resubmit
 
 
 def auth_headers(api_key: str) -> dict[str, str]:
-    """``Authorization: Bearer <key>``, exactly one space (§2.1). Base URL only."""
+    """``Authorization: Bearer <key>``, exactly one space (docs/vendors.md, "Perfect
+    Corp: transport and authentication"). Base URL only."""
     return {"Authorization": f"Bearer {api_key}"}
 
 
 @dataclass(frozen=True)
 class UploadTarget:
-    """Step 1's answer: the ``file_id`` and the presigned request to make (§2.2)."""
+    """Step 1's answer: the ``file_id`` and the presigned request to make
+    (docs/vendors.md, "Perfect Corp: upload")."""
 
     file_id: str
     url: str
@@ -139,7 +155,8 @@ class UploadTarget:
 
 
 def build_upload(image: ImagePayload, path: str = FEATURE_UPLOAD_PATH) -> HttpRequest:
-    """Step 1 (§2.2): all three fields are required; ``file_size`` is in bytes."""
+    """Step 1 (docs/vendors.md, "Perfect Corp: upload"): all three fields are required;
+    ``file_size`` is in bytes."""
     body = {
         "files": [
             {
@@ -153,10 +170,11 @@ def build_upload(image: ImagePayload, path: str = FEATURE_UPLOAD_PATH) -> HttpRe
 
 
 def build_put(target: UploadTarget, image: ImagePayload) -> HttpRequest:
-    """Step 2 (§2.2): the raw bytes to the presigned URL with exactly its headers.
+    """Step 2 (docs/vendors.md, "Perfect Corp: upload"): the raw bytes to the presigned
+    URL with exactly its headers.
 
     Raises ``RetryableError`` if the signed ``Content-Length`` disagrees with the bytes
-    (the URL was issued for another size; Q15: redo both steps).
+    (the URL was issued for another size: redo both steps).
     """
     length = header(target.headers, "Content-Length")
     if length is not None and length.strip() != str(len(image.data)):
@@ -169,9 +187,10 @@ def build_put(target: UploadTarget, image: ImagePayload) -> HttpRequest:
 
 
 def build_create_task(file_id: str, expression_type: str) -> HttpRequest:
-    """Step 3 (§2.3): ``src_file_id`` (never also ``src_file_url``) + ``expression_type``.
+    """Step 3: ``src_file_id`` (never also ``src_file_url``) + ``expression_type``.
 
-    No other field is sent: unknown fields are ``400 BadRequest`` [U].
+    No other field is sent: unknown fields are ``400 BadRequest`` [unsure]
+    (docs/vendors.md, "Perfect Corp: create task").
     """
     return HttpRequest(
         "POST", TASK_PATH, json={"src_file_id": file_id, "expression_type": expression_type}
@@ -179,7 +198,8 @@ def build_create_task(file_id: str, expression_type: str) -> HttpRequest:
 
 
 def build_poll(task_id: str) -> HttpRequest:
-    """``GET /s2s/v2.0/task/ai-smile/{task_id}`` with the id URL-encoded (§2.4, Q9).
+    """``GET /s2s/v2.0/task/ai-smile/{task_id}`` with the id URL-encoded
+    (docs/vendors.md, "Perfect Corp: polling and task states").
 
     Ids may contain ``/``, ``+`` and ``=``; ``safe=''`` encodes all of them.
     """
@@ -187,7 +207,8 @@ def build_poll(task_id: str) -> HttpRequest:
 
 
 def build_credits() -> HttpRequest:
-    """``GET /s2s/v1.0/client/credit`` (§2.5)."""
+    """``GET /s2s/v1.0/client/credit`` (docs/vendors.md, "Perfect Corp: units and
+    prices")."""
     return HttpRequest("GET", CREDIT_PATH)
 
 
@@ -212,7 +233,8 @@ def _as_int(value: object) -> int | None:
 
 
 def _id(value: object) -> str | None:
-    # §2.1: ids may exceed 2^53. json.loads keeps a big int exact, so str() is exact;
+    # Ids may exceed 2^53 ("Perfect Corp: transport and authentication"). json.loads
+    # keeps a big int exact, so str() is exact;
     # a string id is kept verbatim.
     if isinstance(value, str) and value.strip():
         return value.strip()
@@ -235,10 +257,12 @@ def _malformed(what: str, status: int, request_id: str | None) -> RetryableError
 def envelope_error(
     status: int, headers: Mapping[str, str], body: bytes
 ) -> tuple[VendorError | None, dict[str, Any] | None]:
-    """Check the §2.1 envelope. Returns ``(error, doc)``; ``error`` is ``None`` on success.
+    """Check the envelope (docs/vendors.md, "Perfect Corp: response envelope").
 
+    Returns ``(error, doc)``; ``error`` is ``None`` on success.
     Success: HTTP 2xx, ``status`` absent or 2xx, and no top-level ``error_code`` or
-    ``error``. Failures are classified by ``error_code`` per §2.9, else by status.
+    ``error``. Failures are classified by ``error_code`` per (docs/vendors.md, "Perfect
+    Corp: error codes"), else by status.
     """
     rid = _request_id(headers)
     doc = parse_json_object(body)
@@ -250,7 +274,8 @@ def envelope_error(
         if 200 <= status < 300:
             return _malformed(what, status, rid), None
         if status >= 500:
-            # §2.9 "other 5xx, network → R": an unreadable 5xx is a transport fault.
+            # Other 5xx and network errors are R ("Perfect Corp: error codes"): an
+            # unreadable 5xx is a transport fault.
             return TransportError(
                 what, code=f"HTTP_{status}", vendor=VENDOR, http_status=status, request_id=rid
             ), None
@@ -293,7 +318,8 @@ def envelope_error(
 
 
 def parse_envelope(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
-    """The response document on success (§2.1); raises the classified error otherwise."""
+    """The response document on success (docs/vendors.md, "Perfect Corp: response
+    envelope"); raises the classified error otherwise."""
     err, doc = envelope_error(status, headers, body)
     if err is not None:
         raise err
@@ -308,7 +334,8 @@ def _data(doc: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def parse_upload(status: int, headers: Mapping[str, str], body: bytes) -> UploadTarget:
     """Step 1's response → :class:`UploadTarget` from ``data.files[0]`` and its
-    ``requests[0]`` (§2.2). ``file_id`` may contain ``/`` and ``+``: kept verbatim."""
+    ``requests[0]`` (docs/vendors.md, "Perfect Corp: upload"). ``file_id`` may contain
+    ``/`` and ``+``: kept verbatim."""
     doc = parse_envelope(status, headers, body)
     rid = _request_id(headers)
     files = _data(doc).get("files")
@@ -334,7 +361,8 @@ def parse_upload(status: int, headers: Mapping[str, str], body: bytes) -> Upload
 
 def parse_put(status: int, headers: Mapping[str, str], body: bytes, *, url: str) -> None:
     """Step 2's response: any non-2xx is ``RetryableError(UPLOAD_PUT_FAILED)``, because
-    the remedy is always to redo both steps with a fresh URL (§2.2, Q15)."""
+    the remedy is always to redo both steps with a fresh URL (docs/vendors.md, "Perfect
+    Corp: upload")."""
     if not 200 <= status < 300:
         raise RetryableError(
             f"PUT {safe_url(url)}: HTTP {status}: {body_excerpt(body)}",
@@ -345,7 +373,8 @@ def parse_put(status: int, headers: Mapping[str, str], body: bytes, *, url: str)
 
 
 def parse_create_task(status: int, headers: Mapping[str, str], body: bytes) -> Submitted:
-    """Step 3's response → ``Submitted(task_id)`` from ``data.task_id`` (§2.3)."""
+    """Step 3's response → ``Submitted(task_id)`` from ``data.task_id``
+    (docs/vendors.md, "Perfect Corp: create task")."""
     doc = parse_envelope(status, headers, body)
     rid = _request_id(headers)
     task_id = _id(_data(doc).get("task_id"))
@@ -355,7 +384,8 @@ def parse_create_task(status: int, headers: Mapping[str, str], body: bytes) -> S
 
 
 def _result_url(data: Mapping[str, Any]) -> str | None:
-    # §2.4: data.results.url. Tolerate a list of results and V1's singular `result`.
+    # data.results.url ("Perfect Corp: polling and task states"). Tolerate a list of
+    # results and V1's singular `result`.
     # Any URL is handed over, http(s) or not (ftp:, file:, data:, javascript:): the
     # task succeeded and was billed, and the download refuses a bad URL
     # (RESULT_URL_REFUSED) with a reason, where "no result" would only re-poll.
@@ -371,7 +401,8 @@ def _result_url(data: Mapping[str, Any]) -> str | None:
 
 
 def _poll_after(data: Mapping[str, Any]) -> float | None:
-    # Q9: data.polling_interval, if present, is in milliseconds (V1 semantics).
+    # data.polling_interval, if present, is in milliseconds (V1 semantics):
+    # docs/vendors.md, "Perfect Corp: polling interval".
     ms = as_float(data.get("polling_interval"))
     if ms is None or not ms > 0 or ms == float("inf"):
         return None
@@ -381,10 +412,12 @@ def _poll_after(data: Mapping[str, Any]) -> float | None:
 def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskState:
     """A poll response → ``TaskState``, or raises when the poll itself failed.
 
-    Request-level errors (§2.4, §2.9):
+    Request-level errors (docs/vendors.md, "Perfect Corp: polling and task states" and
+    "Perfect Corp: error codes"):
 
     - ``400 InvalidTaskId`` → ``failed`` with ``PermanentError(InvalidTaskId)``: bad id
-      or expired unpolled; resubmitting may double-charge (Q16).
+      or expired unpolled; resubmitting may double-charge (docs/vendors.md, "Perfect
+      Corp: polling window").
     - ``500 TaskTimeout`` and ``404/500 unknown_internal_error`` → ``failed`` with
       ``RetryableError``: the remedy is to resubmit (with a fresh upload), not re-poll.
     - other S codes → ``failed`` with ``PermanentError``.
@@ -395,10 +428,11 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
 
     - ``running`` (or any other non-terminal word) → ``running``;
     - ``success`` → ``succeeded`` with ``data.results.url``;
-    - ``error`` → ``failed``; ``data.error`` classified per the §2.9 engine table
-      (case-insensitive, Q12; unknown → R).
+    - ``error`` → ``failed``; ``data.error`` classified per (docs/vendors.md, "Perfect
+      Corp: engine error codes") (case-insensitive; unknown → R).
 
-    ``data.polling_interval`` (ms) becomes ``poll_after`` seconds (Q9).
+    ``data.polling_interval`` (ms) becomes ``poll_after`` seconds (docs/vendors.md,
+    "Perfect Corp: polling interval").
     """
     err, doc = envelope_error(status, headers, body)
     if err is not None:
@@ -420,7 +454,8 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
     if task_status == "success":
         url = _result_url(data)
         if url is None:
-            # §2.4: a re-poll hands out a fresh URL, so poll again rather than resubmit
+            # A re-poll hands out a fresh URL (docs/vendors.md, "Perfect Corp: result
+            # URLs"), so poll again rather than resubmit
             # (the success was already charged; a resubmit would pay twice).
             raise _malformed("task_status success but no data.results.url", status, rid)
         return TaskState(state="succeeded", result_url=url, poll_after=poll_after)
@@ -440,12 +475,14 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
         return TaskState(state="failed", error=error, poll_after=poll_after)
     # "running", or a state word the docs do not list: keep polling. Treating an
     # unknown word as failure would resubmit tasks that may still succeed and be
-    # charged (Q16); the engine's per-task deadline bounds the wait.
+    # charged (docs/vendors.md, "Perfect Corp: polling window"); the engine's per-task
+    # deadline bounds the wait.
     return TaskState(state="running", poll_after=poll_after)
 
 
 def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> CreditBalance:
-    """``results`` (not ``data``, §2.5) → the sum of ``amount_dec`` over entries whose
+    """``results`` (not ``data``: docs/vendors.md, "Perfect Corp: units and prices") →
+    the sum of ``amount_dec`` over entries whose
     ``type`` starts with ``Api`` (as the vendor-org client does); ``amount`` is
     deprecated and used only when ``amount_dec`` is missing. Pools are keyed by type."""
     doc = parse_envelope(status, headers, body)
@@ -476,7 +513,8 @@ class PerfectCorpProvider(VendorClient):
     """The :class:`~pipeline.providers.base.Provider` for Perfect Corp AI Smile.
 
     One attempt per call; never sleeps, never loops. ``acquire`` is awaited before
-    every call to the API host (uploads, creates, polls, credit queries: Q13), never
+    every call to the API host (uploads, creates, polls, credit queries:
+    docs/vendors.md, "Perfect Corp: rate limits"), never
     before the storage PUT or downloads. The session must carry no default headers.
     """
 
@@ -494,7 +532,8 @@ class PerfectCorpProvider(VendorClient):
         network: NetworkConfig | None = None,
     ) -> None:
         super().__init__(session, config, api_key, timeouts, stats, acquire, network=network)
-        # Q11: configurable, default to the feature path, fall back on 404 and remember.
+        # Configurable, default to the feature path, fall back on 404 and remember
+        # (docs/vendors.md, "Perfect Corp: upload path").
         self._upload_path = config.upload_path or FEATURE_UPLOAD_PATH
 
     @property
@@ -526,7 +565,7 @@ class PerfectCorpProvider(VendorClient):
         path = self._upload_path
         resp = await self._call("upload", build_upload(image, path))
         if resp.status == 404 and path != UNIVERSAL_UPLOAD_PATH:
-            # Q11: the feature path is gone (or never existed here): use the universal
+            # The feature path is gone (or never existed here): use the universal
             # file endpoint from now on.
             _log.warning(
                 "perfectcorp: %s answered 404; using %s from now on", path, UNIVERSAL_UPLOAD_PATH
@@ -555,7 +594,8 @@ class PerfectCorpProvider(VendorClient):
         self._stats.count(VENDOR, "put")
         async with guarded_session(api_timeout(self._timeouts)) as (session, resolver):
             resolver.pin(checked)
-            # §2.2 step 2: exactly the signed headers; no auth, nothing added by aiohttp.
+            # Step 2 of "Perfect Corp: upload": exactly the signed headers; no auth,
+            # nothing added by aiohttp.
             resp = await send(
                 session,
                 request,
@@ -600,7 +640,8 @@ class PerfectCorpProvider(VendorClient):
                 await self._put(target, image)
             except TransportError as exc:
                 # Nothing billable was sent yet (the create is step 3): maybe_sent is
-                # false whatever the network did. Q15: a failed PUT means redo both.
+                # false whatever the network did. A failed PUT means redo both
+                # (docs/vendors.md, "Perfect Corp: upload").
                 raise TransportError(
                     exc.message,
                     code=exc.code if exc.code == "CONNECT_FAILED" else _PUT_FAILED,
@@ -616,7 +657,8 @@ class PerfectCorpProvider(VendorClient):
             lambda resp: parse_create_task(resp.status, resp.headers, resp.body),
             sync=False,
         )
-        # Q17: log every task id (a create retried after a timeout may duplicate).
+        # Log every task id: a create retried after a timeout may duplicate
+        # (docs/vendors.md, "Both vendors: no idempotency key").
         # Ids are scrubbed (no key, no URL query, clipped) before they are logged.
         _log.info(
             "perfectcorp %s: task_id=%s file_id=%s request_id=%s",

@@ -191,7 +191,8 @@ def make_kit(session: aiohttp.ClientSession, base_url: str, **config: Any) -> Ki
 
 
 def ailab_ok(**fields: Any) -> dict[str, Any]:
-    """The superset success envelope (§1.1) plus ``fields``."""
+    """The superset success envelope (docs/vendors.md, "AILab: response envelope") plus
+    ``fields``."""
     return {
         "request_id": "req-1",
         "log_id": "log-1",

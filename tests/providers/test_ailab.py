@@ -1,4 +1,5 @@
-"""AILab request builders and response parsers (vendor-protocols.md §1), no network."""
+"""AILab request builders and response parsers (the AILab sections of docs/vendors.md),
+no network."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_build_emotion_editor() -> None:
     assert req.target == "/api/portrait/effects/emotion-editor"
     assert req.form == (
         FilePart("image_target", jpeg_payload()),
-        TextPart("service_choice", "12"),  # §1.1: decimal text
+        TextPart("service_choice", "12"),  # decimal text: "AILab: transport and authentication"
     )
     assert req.json is None
     assert "ailabapi-api-key" not in req.headers  # keys never enter request values
@@ -79,7 +80,7 @@ def test_build_face_beauty_pro_defaults_to_async() -> None:
     assert req.target == "/api/portrait/effects/face-beauty-pro"
     assert req.form == (
         TextPart("task_type", "async"),
-        FilePart("image", jpeg_payload()),  # §1.4: the field is `image`
+        FilePart("image", jpeg_payload()),  # the field is `image`: "AILab: face beauty pro"
         TextPart("whitening", "40"),
         TextPart("smoothing", "70"),
         TextPart("filter_type", "10"),
@@ -206,7 +207,8 @@ def test_detail_code_beats_error_code_str() -> None:
 
 
 def test_http_200_with_nonzero_error_code_is_a_failure() -> None:
-    # §1.1 [R]: success needs error_code absent or 0 as well as HTTP 200.
+    # docs/vendors.md, "AILab: response envelope": success needs error_code absent or 0
+    # as well as HTTP 200.
     doc = {
         "request_id": "r",
         "error_code": 429,
@@ -244,7 +246,7 @@ def test_non_200_with_empty_codes_is_a_failure() -> None:
         (404, "ERROR_AI_NOT_EXISTS", FatalError),
         (413, "FILE_SIZE_EXCEEDS_LIMIT", PermanentError),
         (415, "UNSUPPORTED_FILE_TYPES", PermanentError),
-        (422, "ERROR_FACE_COUNT_INVALID", PermanentError),  # Q8
+        (422, "ERROR_FACE_COUNT_INVALID", PermanentError),  # "AILab: face swap"
         (429, "ERROR_NOT_ENOUGH_CREDITS", FatalError),
         (429, "EXCEEDING_LIMITS", RateLimitedError),
         (429, "ERROR_BATCH_TASK_LIMIT_EXCEEDED", RateLimitedError),
@@ -479,7 +481,8 @@ def test_poll_without_integer_status_raises_to_repoll(status: object) -> None:
 
 
 def test_poll_no_face_at_first_poll_is_permanent_failure() -> None:
-    # §1.5 third party: an accepted task refused at its first poll with 422.
+    # docs/vendors.md, "AILab: task failures at poll" (a third-party report): an accepted
+    # task refused at its first poll with 422.
     doc = {
         "request_id": "r",
         "error_code": 422,
@@ -503,7 +506,8 @@ def test_poll_no_face_at_first_poll_is_permanent_failure() -> None:
 def test_poll_lost_task(status: int, code: str) -> None:
     state = ailab.parse_poll(status, {}, body(ailab_fail(status, code)))
     assert state.state == "failed"
-    assert type(state.error) is RetryableError  # Q2: lost; the engine may resubmit
+    # Lost: the engine may resubmit (docs/vendors.md, "AILab: task failures at poll").
+    assert type(state.error) is RetryableError
     assert state.error.code == code
     assert state.error.http_status == status
 

@@ -1,4 +1,6 @@
-"""The §1.8 and §2.9 tables, row by row, and the status fallbacks for unknown codes."""
+"""The tables of docs/vendors.md "AILab: error codes", "Perfect Corp: error codes" and
+"Perfect Corp: engine error codes", row by row, and the status fallbacks for unknown
+codes."""
 
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def test_ailab_table(status: int, code: str, expected: str) -> None:
 
 
 def test_ailab_table_sizes_match_the_doc() -> None:
-    # Counted from vendor-protocols.md §1.8, so a dropped or duplicated code shows up.
+    # Counted from the table in (docs/vendors.md, "AILab: error codes"), so a dropped or
+    # duplicated code shows up.
     assert len(c._AILAB_400_S) == 27
     assert len(c._AILAB_422_S) == 39
     assert len(c._AILAB_502_R) == 12
@@ -53,7 +56,8 @@ def test_ailab_table_sizes_match_the_doc() -> None:
 @pytest.mark.parametrize(
     ("status", "code"),
     [
-        # 2026-01-08 status moves (§1.1): the code decides, not the status.
+        # 2026-01-08 status moves (docs/vendors.md, "AILab: decide by code, not by
+        # status"): the code decides, not the status.
         (422, "EXCEEDING_LIMITS"),
         (400, "PROCESSING_FAILURE"),
         (400, "ERROR_INSUFFICIENT_RESOURCES"),
@@ -99,7 +103,8 @@ def test_ailab_unknown_codes_fall_back_to_status(status: int, expected: str) -> 
         (503, "AI_SERVICE_FLOW_RESTRICTION", True),
         (429, "SOMETHING_NEW", True),
         (429, "HTTP_429", True),
-        (429, "ERROR_NOT_ENOUGH_CREDITS", False),  # §1.7: 429 also means "no credits"
+        # 429 also means "no credits" (docs/vendors.md, "AILab: rate limits").
+        (429, "ERROR_NOT_ENOUGH_CREDITS", False),
         (429, "ERROR_DATABASE_LIMIT_EXCEEDED", False),
         (500, "PROCESSING_FAILURE", False),
         (503, "ERROR_INSUFFICIENT_RESOURCES", False),
@@ -194,7 +199,8 @@ def test_perfectcorp_engine_permanent(code: str) -> None:
 
 @pytest.mark.parametrize(
     "code",
-    # Q12: the AI Smile page prints six of them in upper case.
+    # docs/vendors.md, "Perfect Corp: engine error codes": the AI Smile page prints six
+    # of them in upper case.
     ["EXCEED_MAX_FILESIZE", "INVALID_PARAMETER", "ERROR_NO_FACE", "Error_No_Face"],
 )
 def test_perfectcorp_engine_upper_case(code: str) -> None:

@@ -75,7 +75,8 @@ def test_retry_after_http_date() -> None:
     "text",
     [
         base64.b64encode(JPEG).decode(),
-        "data:image/jpeg;base64," + base64.b64encode(JPEG).decode(),  # Q6 prefix
+        # The prefix of "AILab: emotion editor output format" (docs/vendors.md).
+        "data:image/jpeg;base64," + base64.b64encode(JPEG).decode(),
         "DATA:image/png;charset=x;base64," + base64.b64encode(JPEG).decode(),
         base64.b64encode(JPEG).decode().rstrip("="),  # missing padding
         "\n".join(base64.encodebytes(JPEG).decode().split()),  # MIME line breaks

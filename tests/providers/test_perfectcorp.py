@@ -1,4 +1,5 @@
-"""Perfect Corp request builders and response parsers (vendor-protocols.md §2)."""
+"""Perfect Corp request builders and response parsers (the Perfect Corp sections of
+docs/vendors.md)."""
 
 from __future__ import annotations
 
@@ -190,7 +191,8 @@ def test_parse_create_task() -> None:
 
 
 def test_parse_create_task_big_numeric_id_stays_exact() -> None:
-    # §2.1: ids may exceed 2^53; a float would round this one.
+    # Ids may exceed 2^53 (docs/vendors.md, "Perfect Corp: transport and
+    # authentication"); a float would round this one.
     raw = b'{"status":200,"data":{"task_id":13105541279084536123}}'
     assert pc.parse_create_task(200, {}, raw).task_id == "13105541279084536123"
 
@@ -336,7 +338,8 @@ def test_poll_success_tolerates_a_results_list() -> None:
 
 @pytest.mark.parametrize("results", [None, {}, {"url": ""}, {"url": "not-a-url"}, []])
 def test_poll_success_without_url_raises_to_repoll(results: object) -> None:
-    # A re-poll gives a fresh URL (§2.4); a resubmit would pay twice.
+    # A re-poll gives a fresh URL (docs/vendors.md, "Perfect Corp: result URLs"); a
+    # resubmit would pay twice.
     with pytest.raises(RetryableError) as info:
         pc.parse_poll(200, RID, poll_doc(task_status="success", results=results))
     assert info.value.code == "MALFORMED_RESPONSE"
@@ -347,7 +350,7 @@ def test_poll_success_without_url_raises_to_repoll(results: object) -> None:
     ("code", "cls", "expected_code"),
     [
         ("error_no_face", PermanentError, "error_no_face"),
-        ("ERROR_NO_FACE", PermanentError, "error_no_face"),  # Q12
+        ("ERROR_NO_FACE", PermanentError, "error_no_face"),  # "Perfect Corp: engine error codes"
         ("error_multiple_people", PermanentError, "error_multiple_people"),
         ("exceed_max_filesize", PermanentError, "exceed_max_filesize"),
         ("error_inference", RetryableError, "error_inference"),

@@ -76,7 +76,8 @@ def upload_reply(vendor: Vendor, headers: dict[str, Any] | None = None) -> Reply
 def script_submit(vendor: Vendor, upload_path: str = FEATURE, **kw: Any) -> None:
     vendor.route("POST", upload_path, upload_reply(vendor, **kw))
     vendor.route("PUT", BUCKET, Reply(200, b""))
-    # A raw JSON number id above 2^53 (§2.1).
+    # A raw JSON number id above 2^53 (docs/vendors.md, "Perfect Corp: transport and
+    # authentication").
     vendor.route(
         "POST",
         TASK,
@@ -105,7 +106,8 @@ async def test_submit_wire(vendor: Vendor, session: aiohttp.ClientSession) -> No
         ]
     }
 
-    # §2.2 step 2: exactly the signed headers (plus Host), the URL as issued, the bytes.
+    # Step 2 of (docs/vendors.md, "Perfect Corp: upload"): exactly the signed headers
+    # (plus Host), the URL as issued, the bytes.
     assert (put.method, put.raw_path) == ("PUT", BUCKET + SIGNED_QUERY)
     assert put.header_names() == {"host", "content-type", "content-length"}
     assert put.header("Content-Type") == "image/jpeg"
@@ -262,7 +264,8 @@ async def test_poll_and_download(vendor: Vendor, session: aiohttp.ClientSession)
     done = await p.poll("perfectcorp/ai-smile", "a/b+c=")
     assert (done.state, done.result_url) == ("succeeded", result)
     for seen in vendor.requests_to(path):
-        assert seen.raw_path == TASK + "/a%2Fb%2Bc%3D"  # Q9: URL-encoded id
+        # The id URL-encoded (docs/vendors.md, "Perfect Corp: polling and task states").
+        assert seen.raw_path == TASK + "/a%2Fb%2Bc%3D"
         assert seen.header("Authorization") == f"Bearer {KEY}"
     assert await p.download(result) == JPEG
     dl = vendor.requests_to("/bucket/result.jpg")[0]
