@@ -175,7 +175,7 @@ class ItemDriver:
         await self._write_checkpoint(cp)
 
     async def _write_checkpoint(self, cp: lc.Checkpoint) -> None:
-        await self.journal.change(
+        await self.engine.record(
             self.item.key,
             Change(
                 cp.status,
@@ -252,7 +252,10 @@ class ItemDriver:
                 extra = await anyio.to_thread.run_sync(prepare_payload, path, limits, auto_fix)
                 self.held.files[name] = extra.payload
         except PermanentError as exc:
-            return lc.InputRejected(error_info(exc))
+            info = error_info(exc)
+            if info.code in _TRANSIENT_INPUT:
+                info = lc.ErrorInfo(info.code, info.message, "retryable")
+            return lc.InputRejected(info)
         self.held.payload = prepared.payload
         self.held.changes = list(prepared.changes)
         return lc.InputReady()
@@ -384,11 +387,16 @@ class ItemDriver:
             return lc.DownloadFailed(info, "not_image")
         # Checked by the provider when it arrived (and before it was spooled).
         rel = self._output_rel(sniff_image_format(data) or "jpg")
-        try:
-            await anyio.to_thread.run_sync(write_result, self.engine.output_dir, rel, data)
-        except (OSError, ValueError) as exc:
-            return _store_failed(rel, exc)
-        return lc.Stored(rel)
+        for last in (False, True):
+            try:
+                await anyio.to_thread.run_sync(write_result, self.engine.output_dir, rel, data)
+                return lc.Stored(rel)
+            except (OSError, ValueError) as exc:
+                full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+                # A full disk: the space held back lets a paid result in, once.
+                if last or not full or not self.engine.reserve.release():
+                    return _store_failed(rel, exc)
+        raise AssertionError("unreachable")
 
     def _output_rel(self, ext: str) -> str:
         """Where the result goes: the path a journal already recorded, else the mapping."""
@@ -396,6 +404,10 @@ class ItemDriver:
             return self.recorded_output
         v = self.item.variant
         return result_relpath(v.operation.name, v.label, self.item.input_rel, ext)
+
+
+# Input problems a rerun may not meet again: the file moved away mid-run.
+_TRANSIENT_INPUT = frozenset({"INPUT_MISSING"})
 
 
 def _store_failed(rel: str, exc: BaseException) -> lc.StoreFailed:

@@ -33,10 +33,18 @@ from pipeline.budget import RateBudget
 from pipeline.config import Config
 from pipeline.credits import CreditGuard
 from pipeline.driver import Estimates, ItemDriver, terminal_change
-from pipeline.errors import FatalError, PermanentError, RateLimitedError, UsageError, VendorError
-from pipeline.journal import ItemRecord, Journal
+from pipeline.errors import (
+    DiskFullError,
+    FatalError,
+    PermanentError,
+    RateLimitedError,
+    UsageError,
+    VendorError,
+)
+from pipeline.journal import Change, ItemRecord, Journal
 from pipeline.manifest import Manifest
 from pipeline.operations import OperationSpec
+from pipeline.outputs import DiskReserve
 from pipeline.progress import Progress
 from pipeline.providers.base import Provider
 from pipeline.runner import RunOptions, RunResult, run_job
@@ -60,6 +68,7 @@ class Engine:
     options: RunOptions
     progress: Progress
     policies: Mapping[str, lc.Policy]
+    reserve: DiskReserve
     fatal: FatalError | None = None
     halted: str | None = None  # why the run stopped starting items (not fatal)
     stopping: bool = False
@@ -307,12 +316,22 @@ class Engine:
             self.credits.release(item.key)
             self.progress.stopped()
 
+    async def record(self, key: str, change: Change) -> None:
+        """Journal one change; on a full disk, release the reserve and try once more
+        (what was paid must reach the journal), then stop the run."""
+        try:
+            await self.journal.change(key, change)
+        except DiskFullError:
+            if not self.reserve.release():
+                raise
+            await self.journal.change(key, change)
+
     async def finish_item(self, driver: ItemDriver, state: lc.State) -> None:
         """Journal a terminal state, count it, and stop the run if it was fatal."""
         item = driver.item
         change = terminal_change(state, driver.held, run_id=self.run_id)
         if change is not None:
-            await self.journal.change(item.key, change)
+            await self.record(item.key, change)
         if isinstance(state, lc.Succeeded):
             self.progress.succeeded()
         elif isinstance(state, lc.Failed):

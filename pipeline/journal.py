@@ -294,6 +294,7 @@ class Journal:
             raise
         except sqlite3.Error as exc:
             conn.close()
+            _refuse_if_disk_full(path, exc)
             raise JournalError(
                 f"{path}: the journal is damaged ({exc}); move it aside and rerun, or restore "
                 "it from a backup. It was not modified."
@@ -334,6 +335,7 @@ class Journal:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:
+            _refuse_if_disk_full(path, exc)
             raise JournalError(
                 f"{path}: not a readable journal ({exc}); it may be truncated or another "
                 "tool's file. Move it aside and rerun. It was not modified."
@@ -675,6 +677,26 @@ def db_text(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return text
+
+
+# Below this many free bytes an SQLite I/O error on open is a full disk, not damage.
+_LOW_SPACE = 1024 * 1024
+
+
+def _refuse_if_disk_full(path: Path, exc: BaseException) -> None:
+    """SQLite answers "disk I/O error" when it has no room for its -wal/-shm files:
+    say the disk is full (exit 3; the journal and what it holds are fine), never that
+    the journal is damaged (advice that would lose every paid task id)."""
+    try:
+        st = os.statvfs(path.parent)
+        low = st.f_bavail * st.f_frsize < _LOW_SPACE
+    except OSError:
+        low = False
+    if _disk_full(exc) or (low and "i/o" in str(exc).lower()):
+        raise DiskFullError(
+            f"{path.parent}: the disk is full ({exc}); free some space and rerun. The "
+            "journal is intact: everything paid for is kept"
+        ) from None
 
 
 def _disk_full(error: BaseException) -> bool:

@@ -254,6 +254,7 @@ class Tally:
 
     attempts: int = 0  # billable sends with a definite or unknown outcome, this run
     unknown_sends: int = 0  # sends whose outcome is unknown, across runs
+    consented: int = 0  # unknown_sends when the user last said --retry-failed
     rate_limited: int = 0  # rate-limit answers, this run
     last_error: ErrorInfo | None = None
 
@@ -585,7 +586,7 @@ def _on_prepare(state: Prepare, event: Event, now: float, policy: Policy) -> Sta
 
 
 def _send_or_give_up(tally: Tally, policy: Policy) -> State:
-    if tally.unknown_sends >= policy.max_unknown_sends:
+    if tally.unknown_sends - tally.consented >= policy.max_unknown_sends:
         return Failed(
             _error(
                 "OUTCOME_UNKNOWN",
@@ -870,7 +871,8 @@ def resume(
     # FAILED, without a task to collect.
     error = snap.error or _error("UNKNOWN", "failed in an earlier run")
     if retry_failed:
-        return Prepare()
+        # Consent to pay again; the count of unknown outcomes is history and stays.
+        return Prepare(Tally(unknown_sends=snap.unknown_sends, consented=snap.unknown_sends))
     if error.kind == "permanent":
         return CarriedOver(error)
     return Prepare(Tally(unknown_sends=snap.unknown_sends))

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from pipeline.errors import LockHeldError, UsageError
+from pipeline.errors import DiskFullError, LockHeldError, UsageError
 
 __all__ = ["LOCK_NAME", "LockFileError", "OutputLock"]
 
@@ -115,8 +115,17 @@ class OutputLock:
                 "taking over the lock of %s left by pid %s (%s)", self.path.parent, previous, state
             )
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        os.fsync(fd)
+        try:
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(
+                    f"{self.path.parent}: the disk is full: cannot even write the lock "
+                    f"{self.path.name}; free some space and rerun (nothing was sent)"
+                ) from None
+            raise
         self._fd = fd
         return self
 

@@ -78,8 +78,10 @@ from typing import IO, Self
 
 __all__ = [
     "MAX_COMPONENT_BYTES",
+    "RESERVE_NAME",
     "TEMP_SUFFIX",
     "AtomicFile",
+    "DiskReserve",
     "FileWriteError",
     "UnsafePathError",
     "atomic_open_text",
@@ -646,3 +648,48 @@ def sweep_partial_files(output_dir: Path) -> int:
                     os.unlink(os.path.join(dirpath, name))
                     removed += 1
     return removed
+
+
+RESERVE_NAME = ".pipeline.reserve"
+
+
+class DiskReserve:
+    """Space held back on the output folder's file system for the end of a run.
+
+    When the disk fills, the results and journal entries of work already paid for
+    must still be written: the run releases this file (up to 16 MiB, at most an
+    eighth of the free space when the run starts), retries those writes once, and
+    stops with ``DISK_FULL``. The file is removed when the run ends.
+    """
+
+    def __init__(self, output_dir: Path, max_bytes: int = 16 * 1024 * 1024) -> None:
+        self.path = output_dir / RESERVE_NAME
+        self.max_bytes = max_bytes
+        self.size = 0
+
+    def hold(self) -> int:
+        """Create the reserve (best effort: a disk already full holds nothing)."""
+        try:
+            st = os.statvfs(self.path.parent)
+            size = min(self.max_bytes, st.f_bavail * st.f_frsize // 8)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # a reserve left by a killed run
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return 0
+        try:
+            if size > 0:
+                os.posix_fallocate(fd, 0, size)
+            self.size = size
+        except OSError:
+            self.size = 0
+        finally:
+            os.close(fd)
+        return self.size
+
+    def release(self) -> bool:
+        """Give the space back; True if that freed anything."""
+        held, self.size = self.size, 0
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        return held > 0

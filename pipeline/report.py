@@ -344,6 +344,7 @@ class _Lines:
         self.tally.duplicates += 1
         carrier = dup.carrier
         output: str | None = None
+        error: dict[str, Any] | None = None
         if carrier is None:
             # Its carrier never got a row (the run stopped first): still a line.
             self.tally.counts[("", "skipped")] += 1
@@ -351,11 +352,20 @@ class _Lines:
                 {**dict.fromkeys(FIXED_FIELDS), "status": "skipped", "carried_over": False}
             )[:-1]
         else:
-            self.tally.counts[(carrier.operation, "skipped")] += 1
-            if _CATEGORY.get(carrier.run_status or "") in ("succeeded", "skipped"):
-                output = carrier.output
+            # A duplicate shares its carrier's outcome: done (skipped, same output), or
+            # failed / not finished with the same error.
+            count = _CATEGORY.get(carrier.run_status or "", "interrupted")
+            if count in ("succeeded", "skipped"):
+                count, output = "skipped", carrier.output
+            elif count == "interrupted":
+                error = INTERRUPTED
+            else:
+                code = carrier.error_code or "UNKNOWN"
+                kind = carrier.error_kind if carrier.error_kind in _KINDS else "permanent"
+                error = {"code": code, "message": carrier.error_message or "", "kind": kind}
+            self.tally.counts[(carrier.operation, count)] += 1
             op = self._op(carrier.operation)
-            fixed = self._fixed(op, carrier, "skipped", carrier.input_path)
+            fixed = self._fixed(op, carrier, count, carrier.input_path)
         rest = _encode(
             {
                 "key": dup.key,
@@ -366,7 +376,7 @@ class _Lines:
                 "attempts": 0,
                 "polls": 0,
                 "task_id": None,
-                "error": None,
+                "error": error,
                 "billed": False,
                 "possibly_billed": False,
                 "changes": [],

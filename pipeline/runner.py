@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ from pipeline.errors import DiskFullError, FatalError, UsageError
 from pipeline.journal import Journal
 from pipeline.lock import OutputLock
 from pipeline.manifest import Manifest
-from pipeline.outputs import sweep_partial_files
+from pipeline.outputs import DiskReserve, sweep_partial_files
 from pipeline.progress import Progress, report_progress
 from pipeline.providers.base import Provider, RequestStats
 
@@ -106,16 +106,11 @@ def build_provider(
     stats: RequestStats,
     budget: RateBudget,
 ) -> Provider:
-    if vendor == "ailab":
-        from pipeline.providers.ailab import AILabProvider
+    """The vendor's provider, from its registry entry (imported now, not before)."""
+    from pipeline.vendors import get_vendor
 
-        return AILabProvider(
-            session, provider_config, key, config.timeouts, stats, budget.acquire,
-            network=config.network,
-        )  # fmt: skip
-    from pipeline.providers.perfectcorp import PerfectCorpProvider
-
-    return PerfectCorpProvider(
+    factory = get_vendor(vendor).provider_factory()
+    return factory(
         session, provider_config, key, config.timeouts, stats, budget.acquire,
         network=config.network,
     )  # fmt: skip
@@ -174,9 +169,27 @@ async def _run(
     keys: Mapping[str, str],
     emulate: bool,
 ) -> RunResult:
+    # Installed until the reports are written: later signals (the run already
+    # stopping) wait unread in the stream instead of interrupting the last commits.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as stream:
+        signals = _SignalWatch(stream)
+        return await _run_with(manifest, config, options, journal, run_id, keys, emulate, signals)
+
+
+async def _run_with(
+    manifest: Manifest,
+    config: Config,
+    options: RunOptions,
+    journal: Journal,
+    run_id: int,
+    keys: Mapping[str, str],
+    emulate: bool,
+    signals: _SignalWatch,
+) -> RunResult:
     from pipeline.engine import Engine
 
     stats = RequestStats()
+    reserve = DiskReserve(manifest.output)
     started = time.monotonic()
     interrupted = False
     engine: Engine | None = None
@@ -206,12 +219,12 @@ async def _run(
                     for v in keys
                 }
                 policies = {v: build_policy(config, manifest, v, options) for v in keys}
+                await anyio.to_thread.run_sync(reserve.hold)
                 engine = Engine(
                     manifest=manifest, config=config, providers=providers, budgets=budgets,
                     journal=journal, run_id=run_id, options=options, progress=progress,
-                    policies=policies,
+                    policies=policies, reserve=reserve,
                 )  # fmt: skip
-                signals = _SignalWatch()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(signals.watch, tg.cancel_scope)
                     interval = config.reporting.progress_interval_seconds
@@ -223,7 +236,10 @@ async def _run(
                     finally:
                         tg.cancel_scope.cancel()
                 interrupted = signals.received is not None
-    except BaseException as exc:  # record, then re-raise below
+    except BaseException as caught:  # record, then re-raise below
+        exc = _single(caught)
+        if isinstance(exc, UsageError):
+            raise exc from None  # no input matched, a template unreadable: exit 2
         if isinstance(exc, KeyboardInterrupt | anyio.get_cancelled_exc_class()):
             interrupted = True
         elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC and engine is not None:
@@ -233,8 +249,9 @@ async def _run(
         elif isinstance(exc, DiskFullError) and engine is not None:
             engine.fatal = exc
         else:
-            raise
+            raise exc from None if exc is not caught else caught
     finally:
+        reserve.release()  # room for the reports too
         if emulator is not None:
             with anyio.CancelScope(shield=True):
                 await emulator.close()
@@ -310,18 +327,33 @@ def _write_html(output: Path, report: dict[str, Any], keep: int, secrets: list[s
         log.warning("could not write %s/report.html: %s", output, exc.strerror or exc)
 
 
-class _SignalWatch:
-    """Turns SIGINT/SIGTERM into a clean cancellation of the run (exit 130)."""
+def _single(exc: BaseException) -> BaseException:
+    """The one real error inside (nested) task-group exception groups, else ``exc``."""
+    while isinstance(exc, BaseExceptionGroup):
+        real = [e for e in exc.exceptions if not isinstance(e, anyio.get_cancelled_exc_class())]
+        if len(real) != 1:
+            return exc
+        exc = real[0]
+    return exc
 
-    def __init__(self) -> None:
+
+class _SignalWatch:
+    """Turns SIGINT/SIGTERM into a clean cancellation of the run (exit 130).
+
+    The signal handlers stay installed until the reports are written (see
+    :func:`_run`): a second Ctrl-C while the run stops is noted, not delivered as
+    KeyboardInterrupt into the middle of the last journal commits.
+    """
+
+    def __init__(self, stream: AsyncIterator[int]) -> None:
         self.received: str | None = None
+        self._stream = stream
 
     async def watch(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                self.received = signal.Signals(signum).name
-                log.warning(
-                    "received %s: stopping; every finished step is journaled", self.received
-                )
+        async for signum in self._stream:
+            name = signal.Signals(signum).name
+            if self.received is None:
+                self.received = name
+                log.warning("received %s: stopping; every finished step is journaled", name)
                 scope.cancel()
                 return

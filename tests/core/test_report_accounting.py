@@ -601,8 +601,11 @@ def test_duplicates_share_the_output_of_the_input_that_carries_them(tmp_path: Pa
     )
     report = built.report
     assert report["duplicates"] == 5
-    assert report["counts"] == _counts(succeeded=1, failed=1, skipped=6)
-    assert report["by_operation"][BEAUTY] == _counts(succeeded=1, failed=1, skipped=5)
+    # The duplicate of the failed input shares its outcome (issue 8 point 5).
+    d = lines["copies/d.jpg"]
+    assert d["status"] == "failed" and d["error"]["code"] == "ERROR_NO_FACE_IN_FILE"
+    assert report["counts"] == _counts(succeeded=1, failed=2, skipped=5)
+    assert report["by_operation"][BEAUTY] == _counts(succeeded=1, failed=2, skipped=4)
     # Duplicates send nothing: no spend, no errors of their own.
     assert report["credits_spent"]["ailab"]["amount"] == OPERATIONS[BEAUTY].price
     assert report["errors_by_code"] == {"ERROR_NO_FACE_IN_FILE": 1}
@@ -737,7 +740,12 @@ def test_random_mixes_account_for_every_item_once(world: tuple[list[Item], list[
     for key in COUNT_KEYS:
         assert sum(e[key] for e in report["by_operation"].values()) == counts[key]
     expected = Counter(x.outcome or "interrupted" for x in met)
-    expected["skipped"] += len(dups)
+    # A duplicate shares its carrier's outcome (issue 8 point 5): done -> skipped.
+    by_key = {x.key: x for x in met}
+    for d in dups:
+        carrier = by_key.get(d.key)
+        shared = (carrier.outcome or "interrupted") if carrier is not None else "skipped"
+        expected["skipped" if shared in ("succeeded", "skipped") else shared] += 1
     assert {k: counts[k] for k in COUNT_KEYS if k != "total"} == {
         k: expected[k] for k in COUNT_KEYS if k != "total"
     }
