@@ -182,6 +182,7 @@ class ItemDriver:
                 task_id=cp.task_id if cp.status is not lc.Status.SUBMITTING else None,
                 attempts=KEEP if cp.attempts is None else cp.attempts,
                 unknown_sends=KEEP if cp.unknown_sends is None else cp.unknown_sends,
+                unknown_total=KEEP if cp.unknown_total is None else cp.unknown_total,
                 changes=json.dumps(self.held.changes) if self.held.changes else KEEP,
                 spool=self.held.result if cp.spool and self.held.result is not None else KEEP,
             ),
@@ -318,7 +319,8 @@ class ItemDriver:
             if isinstance(exc, RateLimitedError):
                 self.engine.rate_limited(self.op.vendor, exc, state.tally.rate_limited + 1)
                 return lc.PollError(error_info(exc), rate_limited=True, retry_after=exc.retry_after)
-            if isinstance(exc, RetryableError):
+            if isinstance(exc, RetryableError | FatalError):
+                # About the request (or the account), not the task: the task id is kept.
                 return lc.PollError(error_info(exc), retry_after=None)
             # A permanent answer to a poll is about the task (gone, failed).
             return lc.TaskFailed(error_info(exc))
@@ -467,6 +469,7 @@ def terminal_change(state: lc.State, held: _Held, *, run_id: int) -> Change | No
         return Change(
             state.status, task_id=state.task_id if keep_task else KEEP, error=state.error,
             run_status="failed", billed_run=billed, unknown_sends=state.tally.unknown_sends,
+            unknown_total=state.tally.unknown_total,
             finished=True, polls=held.polls, attempts=attempts,
             spool=held.result if state.spool and held.result is not None else KEEP,
         )  # fmt: skip

@@ -96,6 +96,7 @@ CREATE INDEX items_seen_run ON items (seen_run);
 # paid results not stored yet, duplicates met per run, and the stat cache.
 _MIGRATE_V1_TO_V2 = """
 ALTER TABLE items ADD COLUMN unknown_sends INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE items ADD COLUMN unknown_total INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE items ADD COLUMN billed_run INTEGER;
 ALTER TABLE items ADD COLUMN poll_lag REAL;
 CREATE TABLE spool (key TEXT PRIMARY KEY, data BLOB NOT NULL);
@@ -124,7 +125,7 @@ _ITEM_COLUMNS = (
     "task_id", "attempts", "polls", "output", "error_code", "error_message",
     "error_kind", "changes", "seen_run", "run_status", "succeeded_run",
     "submitted_at", "finished_at", "updated_at", "unknown_sends", "billed_run",
-    "poll_lag",
+    "poll_lag", "unknown_total",
 )  # fmt: skip
 
 
@@ -145,6 +146,7 @@ class Change:
     task_id: str | Keep | None = KEEP
     attempts: int | Keep = KEEP
     unknown_sends: int | Keep = KEEP
+    unknown_total: int | Keep = KEEP
     output: str | Keep | None = KEEP
     error: ErrorInfo | Keep | None = KEEP
     run_status: str | Keep | None = KEEP  # succeeded | failed | skipped | failed_earlier
@@ -159,7 +161,7 @@ class Change:
     def columns(self, now: float) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.status.value, "updated_at": now}
         for name in (
-            "task_id", "attempts", "unknown_sends", "output", "run_status", "billed_run",
+            "task_id", "attempts", "unknown_sends", "unknown_total", "output", "run_status", "billed_run",
             "succeeded_run", "poll_lag", "polls", "changes",
         ):  # fmt: skip
             value = getattr(self, name)
@@ -205,6 +207,7 @@ class ItemRecord:
     unknown_sends: int = 0
     billed_run: int | None = None
     poll_lag: float | None = None
+    unknown_total: int = 0
 
     def snapshot(self, *, has_spool: bool = False) -> Snapshot:
         """What :func:`pipeline.lifecycle.resume` needs from this row."""
@@ -220,6 +223,7 @@ class ItemRecord:
             error=error,
             output=self.output,
             has_spool=has_spool,
+            unknown_total=self.unknown_total,
         )
 
 
@@ -774,7 +778,7 @@ class RunRow(NamedTuple):
     error_kind: str | None
     changes: str | None  # JSON list of auto-fix notes
     run_status: str | None  # succeeded | failed | skipped | failed_earlier | None (unfinished)
-    unknown_sends: int
+    unknown_total: int  # sends of unknown outcome ever made for it (possibly billed)
     poll_lag: float | None
     billed: int  # 1: the vendor billed it (in any run)
     billed_here: int  # 1: the vendor billed it in the run being read
@@ -842,7 +846,7 @@ def folder_counts(conn: sqlite3.Connection) -> FolderCounts:
     """Totals over the whole journal, in one aggregate query."""
     rows = conn.execute(
         f"SELECT operation, status, COUNT(*), SUM({_BILLED_SQL}),"
-        f" SUM(status = 'failed' AND error_code IN {_LOST_SQL}), SUM(unknown_sends > 0)"
+        f" SUM(status = 'failed' AND error_code IN {_LOST_SQL}), SUM(unknown_total > 0)"
         " FROM items GROUP BY operation, status"
     ).fetchall()
     by_status = {status.value: 0 for status in Status}

@@ -253,8 +253,8 @@ class Tally:
     """What this item has used up: counted against :class:`Policy`."""
 
     attempts: int = 0  # billable sends with a definite or unknown outcome, this run
-    unknown_sends: int = 0  # sends whose outcome is unknown, across runs
-    consented: int = 0  # unknown_sends when the user last said --retry-failed
+    unknown_sends: int = 0  # sends of unknown outcome since the user last consented
+    unknown_total: int = 0  # all sends of unknown outcome, ever (possibly billed)
     rate_limited: int = 0  # rate-limit answers, this run
     last_error: ErrorInfo | None = None
 
@@ -502,6 +502,7 @@ class Checkpoint:
     task_id: str | None = None
     attempts: int | None = None
     unknown_sends: int | None = None
+    unknown_total: int | None = None
     spool: bool = False  # keep the result bytes held in memory in the journal
 
 
@@ -514,11 +515,15 @@ def checkpoint(state: State) -> Checkpoint | None:
             Status.SUBMITTING,
             attempts=state.tally.attempts + 1,
             unknown_sends=state.tally.unknown_sends,
+            unknown_total=state.tally.unknown_total,
         )
     if isinstance(state, Retry):
         # Unknown-outcome sends are counted across runs: durable before the wait.
         return Checkpoint(
-            Status.PENDING, attempts=state.tally.attempts, unknown_sends=state.tally.unknown_sends
+            Status.PENDING,
+            attempts=state.tally.attempts,
+            unknown_sends=state.tally.unknown_sends,
+            unknown_total=state.tally.unknown_total,
         )
     if isinstance(state, Poll):
         status = Status.READY if state.billed else Status.SUBMITTED
@@ -586,7 +591,7 @@ def _on_prepare(state: Prepare, event: Event, now: float, policy: Policy) -> Sta
 
 
 def _send_or_give_up(tally: Tally, policy: Policy) -> State:
-    if tally.unknown_sends - tally.consented >= policy.max_unknown_sends:
+    if tally.unknown_sends >= policy.max_unknown_sends:
         return Failed(
             _error(
                 "OUTCOME_UNKNOWN",
@@ -635,12 +640,18 @@ def _send_failed(state: Send, tally: Tally, event: SendFailed, now: float, polic
     if error.kind != "retryable":
         return Failed(error, tally=tally)
     if event.maybe_sent:
-        tally = replace(tally, unknown_sends=tally.unknown_sends + 1)
+        tally = _one_more_unknown(tally)
     tally = replace(tally, last_error=error)
     after = _send_or_give_up(tally, policy)
     if not isinstance(after, Send):
         return after
     return Retry(tally, until=now + policy.backoff(tally.attempts, hint=event.retry_after))
+
+
+def _one_more_unknown(tally: Tally) -> Tally:
+    return replace(
+        tally, unknown_sends=tally.unknown_sends + 1, unknown_total=tally.unknown_total + 1
+    )
 
 
 def _on_retry(state: Retry, event: Event, now: float, policy: Policy) -> State:
@@ -714,6 +725,10 @@ def _task_failed(state: Poll, error: ErrorInfo, now: float, policy: Policy) -> S
 
 def _poll_error(state: Poll, event: PollError, now: float, policy: Policy) -> State:
     # The poll request failed, not the task: ask again about the same id.
+    if event.error.kind == "fatal":  # the key refused, say: stop, keep the task id
+        return Failed(
+            event.error, state.checkpoint_status(), state.task_id, state.billed, tally=state.tally
+        )
     if event.rate_limited:
         tally = replace(state.tally, rate_limited=state.tally.rate_limited + 1)
         if tally.rate_limited > policy.max_rate_limited:
@@ -818,6 +833,14 @@ class Snapshot:
     error: ErrorInfo | None = None
     output: str | None = None
     has_spool: bool = False
+    unknown_total: int = 0
+
+    def tally(self, *, extra_unknown: int = 0) -> Tally:
+        """What a resumed item has used up that is counted across runs."""
+        return Tally(
+            unknown_sends=self.unknown_sends + extra_unknown,
+            unknown_total=self.unknown_total + extra_unknown,
+        )
 
 
 def resume(
@@ -836,26 +859,25 @@ def resume(
     consent to pay again for a result that was paid for and lost.
     """
     if snap is None or snap.status is Status.PENDING:
-        unknown = snap.unknown_sends if snap else 0
-        return Prepare(Tally(unknown_sends=unknown))
+        return Prepare(snap.tally() if snap else Tally())
     status = snap.status
     if status is Status.SUCCEEDED and snap.output and output_exists:
         return Skipped()
     if status is Status.SUBMITTING:
         # The last run stopped mid-send: that send's outcome is unknown.
-        return Prepare(Tally(unknown_sends=snap.unknown_sends + 1))
+        return Prepare(snap.tally(extra_unknown=1))
     if collectable(status, snap.task_id, snap.error.kind if snap.error else None) or (
         status is Status.SUCCEEDED and snap.task_id
     ):
         assert snap.task_id is not None
         billed = status in (Status.READY, Status.SUCCEEDED)
         return Poll(
-            Tally(unknown_sends=snap.unknown_sends), snap.task_id, due=now,
+            snap.tally(), snap.task_id, due=now,
             deadline=now + policy.poll.deadline, billed=billed,
         )  # fmt: skip
     if status is Status.READY:
         if snap.has_spool:
-            return Store(Tally(unknown_sends=snap.unknown_sends), "spool")
+            return Store(snap.tally(), "spool")
         return Failed(
             _error("RESULT_LOST", "paid for in an earlier run, but the result was not kept"),
             billed=True,
@@ -872,7 +894,7 @@ def resume(
     error = snap.error or _error("UNKNOWN", "failed in an earlier run")
     if retry_failed:
         # Consent to pay again; the count of unknown outcomes is history and stays.
-        return Prepare(Tally(unknown_sends=snap.unknown_sends, consented=snap.unknown_sends))
+        return Prepare(Tally(unknown_total=snap.unknown_total))
     if error.kind == "permanent":
         return CarriedOver(error)
-    return Prepare(Tally(unknown_sends=snap.unknown_sends))
+    return Prepare(snap.tally())

@@ -293,7 +293,7 @@ class _Lines:
         if row.billed_here and op.vendor is not None:
             tally.credits[op.vendor] += op.price
         if count != "skipped" and count != "failed_earlier":  # this run worked on it
-            if row.unknown_sends:
+            if row.unknown_total:
                 tally.possibly_billed += 1
             if row.status == "ready":
                 tally.paid_not_stored += 1
@@ -317,7 +317,7 @@ class _Lines:
                 "task_id": row.task_id,
                 "error": error,
                 "billed": bool(row.billed),
-                "possibly_billed": row.unknown_sends > 0,
+                "possibly_billed": row.unknown_total > 0,
                 "changes": changes,
             }
         )

@@ -61,13 +61,14 @@ class ModelJournal:
     error: lc.ErrorInfo | None = None
     output: str | None = None
     spool: bool = False
+    unknown_total: int = 0
 
     def snapshot(self) -> lc.Snapshot | None:
         if self.status is None:
             return None
         return lc.Snapshot(
             self.status, self.task_id, self.attempts, self.unknown_sends, self.error,
-            self.output, self.spool,
+            self.output, self.spool, self.unknown_total,
         )  # fmt: skip
 
     def move(self, status: lc.Status) -> None:
@@ -99,7 +100,6 @@ class World:
     steps: int = 0
     unknown_window: int = 0  # sends whose outcome the client could not know
     consented: int = 0  # payments made before the user's last --retry-failed
-    consented_unknown: int = 0  # unknown-outcome sends recorded by then
     outcomes: list[str] = field(default_factory=list)
 
     def choice(self) -> int | None:
@@ -117,6 +117,8 @@ def _apply_checkpoint(world: World, cp: lc.Checkpoint) -> None:
         j.attempts = cp.attempts
     if cp.unknown_sends is not None:
         j.unknown_sends = cp.unknown_sends
+    if cp.unknown_total is not None:
+        j.unknown_total = cp.unknown_total
     j.spool = j.spool or cp.spool
 
 
@@ -130,6 +132,7 @@ def _apply_terminal(world: World, state: lc.State) -> None:
         if state.task_id is not None or state.status is lc.Status.FAILED:
             j.task_id = state.task_id
         j.error, j.unknown_sends = state.error, state.tally.unknown_sends
+        j.unknown_total = state.tally.unknown_total
         j.spool = j.spool or state.spool
         if state.tally.attempts:
             j.attempts = state.tally.attempts
@@ -220,6 +223,8 @@ def _poll(world: World, state: lc.Poll, c: int | None) -> lc.Event:
         return lc.PollError(_err("RATE", "retryable"), rate_limited=True, retry_after=1.0)
     if c == 3:
         return lc.PollError(_err("POLL_5XX", "retryable"))
+    if c == 8:  # the key refused mid-run: the run stops, the task lives on
+        return lc.PollError(_err("BAD_KEY", "fatal"))
     if task == "running":
         if c == 0:
             return lc.TaskRunning()
@@ -252,7 +257,6 @@ def run_once(
     snap = world.journal.snapshot()
     if retry_failed and world.journal.status is lc.Status.FAILED:
         world.consented = world.vendor.billed  # the user agreed to pay again
-        world.consented_unknown = world.journal.unknown_sends
     output_exists = world.journal.output is not None
     state = resume(snap, POLICY, world.now, retry_failed=retry_failed, output_exists=output_exists)
     if world.journal.status is None:
@@ -324,7 +328,7 @@ def _check_payments(world: World) -> None:
     allowed = POLICY.max_unknown_sends if world.unknown_window else 1
     if billed > allowed:
         raise Violation(f"billed {billed} times (bound {allowed})")
-    if world.journal.unknown_sends - world.consented_unknown > POLICY.max_unknown_sends:
+    if world.journal.unknown_sends > POLICY.max_unknown_sends:
         raise Violation(f"{world.journal.unknown_sends} unknown-outcome sends recorded")
 
 
@@ -332,6 +336,15 @@ def _check_recovery(world: World, resume: Resume) -> None:
     """After retryable failures, a run against a recovered vendor succeeds, and a
     rerun after that pays nothing more."""
     j = world.journal
+    if j.status is lc.Status.SUBMITTED and world.vendor.tasks.get(j.task_id or "") == "running":
+        # A kept task (a deadline, a refused key, a crash): collected, not paid again.
+        world.script = []
+        submits = world.vendor.submits
+        outcome = run_once(world, resume, retry_failed=False, crash_at=frozenset())
+        if outcome != "Succeeded" or world.vendor.submits != submits:
+            raise Violation(
+                f"a kept task ended {outcome} after {world.vendor.submits - submits} submits"
+            )
     if j.status is lc.Status.READY:
         # A paid result the journal kept (spooled, or a task id the vendor still has):
         # a healthy rerun stores it without paying again.

@@ -163,6 +163,7 @@ async def _run_one(journal: Journal, item: Item, current: dict[str, Status]) -> 
         return
     fields: dict[str, Any] = {
         "unknown_sends": item.unknown_sends,
+        "unknown_total": item.unknown_sends,
         "polls": item.polls,
         "poll_lag": item.poll_lag,
         "changes": item.changes,
@@ -207,12 +208,13 @@ async def _run_earlier(journal: Journal, item: Item, current: dict[str, Status])
         await _move(
             journal, current, item.key, Status.SUCCEEDED, output=item.output,
             run_status="succeeded", succeeded_run=1, billed_run=1, changes=item.changes,
-            unknown_sends=item.unknown_sends,
+            unknown_sends=item.unknown_sends, unknown_total=item.unknown_sends,
         )  # fmt: skip
     elif item.outcome == "failed_earlier":
         await _move(
             journal, current, item.key, Status.FAILED, error=item.error or NO_FACE,
             run_status="failed", billed_run=item.billed_run, unknown_sends=item.unknown_sends,
+            unknown_total=item.unknown_sends,
         )  # fmt: skip
     elif item.outcome == UNMET:
         fields: dict[str, Any] = {"billed_run": item.billed_run, "run_status": "failed"}
