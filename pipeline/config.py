@@ -26,11 +26,12 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -38,6 +39,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import ConfigError
 
@@ -57,7 +59,26 @@ __all__ = [
 
 DEFAULT_CONFIG_NAME = "config.yaml"
 BUILTIN_SOURCE = "built-in defaults"
-VendorName = Literal["ailab", "perfectcorp"]
+
+
+def _known_vendor(value: Any) -> Any:
+    """A name of :data:`pipeline.vendors.VENDORS`, read when validating (not at import).
+
+    Raised as pydantic's own ``literal_error`` so an unknown name reads as it did when
+    this was a ``Literal``: "not an allowed key: input should be 'a' or 'b' (got 'x')".
+    """
+    from pipeline.vendors import vendor_names
+
+    names = vendor_names()
+    if isinstance(value, str) and value in names:
+        return value
+    quoted = [repr(n) for n in names]
+    expected = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+    raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+
+
+# A vendor's name: a key of pipeline.vendors.VENDORS.
+VendorName = Annotated[str, BeforeValidator(_known_vendor)]
 
 _DAY = 86_400.0
 _GIB = 1024 * 1024 * 1024
@@ -294,23 +315,13 @@ class ReportingConfig(_Frozen):
     progress_interval_seconds: Seconds = 10.0
 
 
-def _default_providers() -> dict[VendorName, ProviderConfig]:
+def _default_providers() -> dict[str, ProviderConfig]:
+    """Every registered vendor's built-in section (pipeline.vendors, ``defaults``)."""
+    from pipeline.vendors import VENDORS
+
     return {
-        "ailab": ProviderConfig(
-            base_url="https://www.ailabapi.com",
-            api_key_env="AILAB_API_KEY",
-            poll_interval_seconds=5.0,
-        ),
-        "perfectcorp": ProviderConfig(
-            base_url="https://yce-api-01.makeupar.com",
-            api_key_env="PERFECTCORP_API_KEY",
-            poll_interval_seconds=5.0,
-            # 250 requests / 300 s and 5 QPS per key (docs/vendors.md,
-            # "Perfect Corp: rate limits").
-            rate_limit=RateLimit(requests=250, per_seconds=300, qps=5),
-            polling_window_seconds=10.0,
-            task_deadline_seconds=600.0,
-        ),
+        name: ProviderConfig.model_validate(spec.defaults.settings())
+        for name, spec in VENDORS.items()
     }
 
 
@@ -325,7 +336,7 @@ class Config(_Frozen):
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
     def provider(self, vendor: str) -> ProviderConfig:
-        return self.providers[vendor]  # type: ignore[index]
+        return self.providers[vendor]
 
     def where(self, *keypath: str) -> str:
         """Where a setting comes from, to start a message about it.

@@ -66,6 +66,7 @@ from pipeline.thumbnails import (
     input_cache_key,
     result_cache_key,
 )
+from pipeline.vendors import VENDORS
 
 __all__ = [
     "EXAMPLES_PER_CODE",
@@ -77,7 +78,9 @@ __all__ = [
     "REPORT_HTML_NAME",
     "CodeHelp",
     "build_html_for",
+    "explain_ailab_code",
     "explain_code",
+    "explain_perfectcorp_code",
     "iter_results",
     "outcome_text",
     "prune_reports",
@@ -468,15 +471,50 @@ def _by_kind(vendor_name: str, code: str, kind: str) -> CodeHelp:
     return CodeHelp(f"{vendor_name} refused this input or request: {what}.", _RETRY_FAILED)
 
 
+def explain_ailab_code(code: str, vendor_name: str) -> CodeHelp | None:
+    """AILabTools' help for ``code`` (upper case), or ``None`` (its registry hook)."""
+    upper = code.strip().upper()
+    if upper in _AILAB_CODES:
+        return _AILAB_CODES[upper]
+    for codes, kind in (
+        (AILAB_FATAL_CODES, "fatal"),
+        (AILAB_RATE_LIMIT_CODES, "retryable"),
+        (AILAB_LOST_TASK_CODES, "retryable"),
+        (AILAB_RETRYABLE_CODES, "retryable"),
+        (AILAB_PERMANENT_CODES, "permanent"),
+    ):
+        if upper in codes:
+            return _by_kind(vendor_name, upper, kind)
+    return None
+
+
+def explain_perfectcorp_code(code: str, vendor_name: str) -> CodeHelp | None:
+    """Perfect Corp's help for ``code`` (lower case), or ``None`` (its registry hook)."""
+    lower = code.strip().lower()
+    if lower in _PERFECTCORP_CODES:
+        return _PERFECTCORP_CODES[lower]
+    for pc_codes, kind in (
+        (PERFECTCORP_FATAL_CODES, "fatal"),
+        (PERFECTCORP_RETRYABLE_CODES, "retryable"),
+        (PERFECTCORP_ENGINE_RETRYABLE_CODES, "retryable"),
+        (PERFECTCORP_PERMANENT_CODES, "permanent"),
+        (PERFECTCORP_ENGINE_PERMANENT_CODES, "permanent"),
+    ):
+        if lower in pc_codes:
+            return _by_kind(vendor_name, lower, kind)
+    return None
+
+
 def explain_code(code: str, vendor: str | None = None) -> CodeHelp:
     """What ``code`` means and what to do about it; a generic line for unknown codes.
 
-    ``vendor`` (``ailab`` or ``perfectcorp``, from the operation) picks the vendor's
-    table when the same spelling could mean different things; without it both are
-    tried. Pipeline codes (``RESULT_LOST``, ``INPUT_*``, ``PREFLIGHT_*``...) come first.
+    ``vendor`` (a name of :data:`pipeline.vendors.VENDORS`, from the operation) picks
+    the vendor's table when the same spelling could mean different things; without it
+    every vendor's is tried, in registry order. Pipeline codes (``RESULT_LOST``,
+    ``INPUT_*``, ``PREFLIGHT_*``...) come first.
     """
     code = code.strip()
-    upper, lower = code.upper(), code.lower()
+    upper = code.upper()
     if code in _PIPELINE_CODES:
         return _PIPELINE_CODES[code]
     if upper.startswith("INPUT_"):
@@ -492,30 +530,16 @@ def explain_code(code: str, vendor: str | None = None) -> CodeHelp:
             "nothing was sent.",
             "Set auto_fix: true in the manifest, or fix the file.",
         )
-    if vendor in (None, "ailab"):
-        if upper in _AILAB_CODES:
-            return _AILAB_CODES[upper]
-        for codes, kind in (
-            (AILAB_FATAL_CODES, "fatal"),
-            (AILAB_RATE_LIMIT_CODES, "retryable"),
-            (AILAB_LOST_TASK_CODES, "retryable"),
-            (AILAB_RETRYABLE_CODES, "retryable"),
-            (AILAB_PERMANENT_CODES, "permanent"),
-        ):
-            if upper in codes:
-                return _by_kind("AILabTools", upper, kind)
-    if vendor in (None, "perfectcorp"):
-        if lower in _PERFECTCORP_CODES:
-            return _PERFECTCORP_CODES[lower]
-        for pc_codes, kind in (
-            (PERFECTCORP_FATAL_CODES, "fatal"),
-            (PERFECTCORP_RETRYABLE_CODES, "retryable"),
-            (PERFECTCORP_ENGINE_RETRYABLE_CODES, "retryable"),
-            (PERFECTCORP_PERMANENT_CODES, "permanent"),
-            (PERFECTCORP_ENGINE_PERMANENT_CODES, "permanent"),
-        ):
-            if lower in pc_codes:
-                return _by_kind("Perfect Corp", lower, kind)
+    # The vendor's own help (pipeline.vendors, ``explain``); every vendor's, in
+    # registry order, when the operation (so the vendor) is not known.
+    if vendor is None:
+        specs = list(VENDORS.values())
+    else:
+        specs = [VENDORS[vendor]] if vendor in VENDORS else []
+    for spec in specs:
+        found = spec.explain_code(code)
+        if found is not None:
+            return found
     match = re.fullmatch(r"HTTP_(\d{3})", upper)
     if match:
         status = int(match.group(1))
@@ -1069,7 +1093,9 @@ def _section_spend(t: _Text, report: Mapping[str, Any]) -> str:
     )
     for vendor in vendors:
         entry = spent.get(vendor)
-        amount, unit = 0.0, "credits" if vendor != "perfectcorp" else "units"
+        spec = VENDORS.get(vendor)
+        amount = 0.0
+        unit: str = spec.price_unit if spec is not None else "credits"
         if isinstance(entry, Mapping):
             value = entry.get("amount", 0)
             amount = float(value) if isinstance(value, int | float) else 0.0

@@ -38,7 +38,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -49,8 +49,10 @@ from pydantic import (
     field_validator,
 )
 
+from pipeline.config import VendorName
 from pipeline.errors import ManifestError, PermanentError
 from pipeline.operations import MB, OPERATIONS, ImageLimits, OperationSpec, ParamSpec
+from pipeline.vendors import vendor_names
 from pipeline.yamlsrc import (
     KeyPath,
     YamlDoc,
@@ -70,8 +72,6 @@ __all__ = [
     "load_manifest",
     "output_problem",
 ]
-
-VENDORS: tuple[str, ...] = ("ailab", "perfectcorp")
 
 # Variants one operation may expand into. Each one multiplies the work items (and
 # the bill) by the number of inputs; six sliders with a list of 101 values each
@@ -181,7 +181,8 @@ class _ManifestModel(BaseModel):
     max_attempts: int = Field(default=5, ge=1, le=100)
     emulator: bool = False
     auto_fix: bool = False
-    max_credits: dict[Literal["ailab", "perfectcorp"], NonNegativeFloat] | None = None
+    # Keys: registered vendors (pipeline.vendors), refused like a Literal otherwise.
+    max_credits: dict[VendorName, NonNegativeFloat] | None = None
     max_failure_ratio: float | None = Field(default=None, gt=0, le=1)
     min_items_for_failure_ratio: int = Field(default=20, ge=1, le=1_000_000_000)
 
@@ -237,7 +238,7 @@ class _ManifestModel(BaseModel):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"must be a finite number >= 0 (got {short_repr(value)})")
             # A bare number caps each vendor at that amount in its own unit.
-            return dict.fromkeys(VENDORS, value)
+            return dict.fromkeys(vendor_names(), value)
         raise ValueError(
             f"expected a number (a cap for each vendor) or a mapping such as "
             f"{{ailab: 500, perfectcorp: 20}} (got {short_repr(value)})"

@@ -20,14 +20,10 @@ from pipeline.manifest import Manifest
 from pipeline.operations import OperationSpec
 from pipeline.providers.base import CreditBalance
 from pipeline.runner import RunOptions, vendors_of
+from pipeline.vendors import VENDORS
 
 __all__ = ["print_plan", "validate_job"]
 
-# Requests an item needs besides polls, per operation (docs/vendors.md, "The four
-# operations", and "Perfect Corp: upload" for its two steps):
-# AILab one multipart POST; Perfect Corp file record + task create (the S3 PUT is
-# not on the API host and is not counted against the budget).
-_BASE_REQUESTS = {"ailab": 1, "perfectcorp": 2}
 # Without observations from an earlier run: lean polling settles near one poll a
 # task; allow for the first tasks of a run, polled before durations are learned.
 _EXPECTED_POLLS = 1.5
@@ -217,7 +213,8 @@ def print_plan(manifest: Manifest, config: Config, options: RunOptions) -> int:
                 if not view.done(item_key(content, op.name, variant.params, extra))
             )
             polls = view.mean_polls.get(op.name, _EXPECTED_POLLS) if op.is_async else 0.0
-            per_item = _BASE_REQUESTS[op.vendor] + polls
+            # Requests besides polls: the vendor's (pipeline.vendors, requests_per_item).
+            per_item = VENDORS[op.vendor].requests_per_item + polls
             n_requests = math.ceil(todo * per_item)
             requests[op.vendor] += n_requests
             spend[op.vendor] += todo * op.price

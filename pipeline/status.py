@@ -53,7 +53,11 @@ class FailureGroup:
 
     @property
     def vendor(self) -> str | None:
-        vendors = {op.split("/", 1)[0] for op in self.operations}
+        # The operation's vendor; the name's prefix for one this release no longer knows.
+        vendors = {
+            spec.vendor if (spec := OPERATIONS.get(op)) is not None else op.split("/", 1)[0]
+            for op in self.operations
+        }
         return vendors.pop() if len(vendors) == 1 else None
 
 
