@@ -188,7 +188,7 @@ async def test_perfectcorp_vendor_client_style_requests(
     emu: RunningEmulator, tmp_path: Path
 ) -> None:
     """The vendor-org client: requests, JSON headers on every call, PUT of an open file."""
-    requests = pytest.importorskip("requests")
+    import requests  # declared in the test extra: never skipped
     selfie = tmp_path / "selfie.jpg"
     selfie.write_bytes(image_bytes())
     headers = {"Authorization": f"Bearer {PC_KEY}", "Content-Type": "application/json"}
