@@ -73,7 +73,8 @@ class Loop:
             except (aiohttp.ClientError, TimeoutError):
                 status, body = 0, b""
             self.statuses[status] += 1
-            if status not in RETRY_STATUSES and status != 0:
+            # AILab says "out of credits" with a 429 (ERROR_NOT_ENOUGH_CREDITS): no retry.
+            if (status not in RETRY_STATUSES and status != 0) or b"NOT_ENOUGH_CREDITS" in body:
                 return status, body
             if attempt + 1 < self.args.attempts:
                 self.retries += 1
