@@ -471,8 +471,9 @@ class AtomicFile:
     temporary is removed when one occurs.
     """
 
-    def __init__(self, target: Path, *, root: Path | None = None) -> None:
+    def __init__(self, target: Path, *, root: Path | None = None, durable: bool = True) -> None:
         self.target = target
+        self.durable = durable  # fsync the bytes and the folder (False: a cache file)
         if root is None:
             parent, parts = target.parent, [target.name]
         else:
@@ -541,14 +542,16 @@ class AtomicFile:
             raise ValueError(f"{self.target}: already committed or discarded")
         try:
             self._fh.flush()
-            os.fsync(self._fh.fileno())
+            if self.durable:
+                os.fsync(self._fh.fileno())
             self._fh.close()
             os.rename(self._tmp_name, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
         except OSError as exc:
             self.discard()
             raise _wrap(exc, self.target) from None
         self._done = True
-        _fsync_dir_fd(self._dir_fd)
+        if self.durable:
+            _fsync_dir_fd(self._dir_fd)
         os.close(self._dir_fd)
 
     def discard(self) -> None:
@@ -577,13 +580,16 @@ class AtomicFile:
             self.commit()
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, root: Path | None = None) -> None:
+def atomic_write_bytes(
+    path: Path, data: bytes, *, root: Path | None = None, durable: bool = True
+) -> None:
     """Write ``data`` to ``path`` so readers see either the old file or all of it.
 
     ``root``: the output folder; every folder below it is opened without following
-    links (see :class:`AtomicFile`). Raises :class:`FileWriteError`.
+    links (see :class:`AtomicFile`). ``durable=False`` skips the fsyncs, for files that
+    can be made again (thumbnails). Raises :class:`FileWriteError`.
     """
-    with AtomicFile(path, root=root) as handle:
+    with AtomicFile(path, root=root, durable=durable) as handle:
         handle.write(data)
 
 

@@ -206,7 +206,8 @@ class ThumbnailCache:
             if req.cache_key in found or req.cache_key in missing:
                 continue
             rel = self.relpath(req.cache_key)
-            if os.path.isfile(self.output_dir / rel):
+            path = self.output_dir / rel
+            if os.path.isfile(path) and os.path.getsize(path) > 0:  # a crash may leave 0 B
                 found[req.cache_key] = rel
             else:
                 missing[req.cache_key] = req.source
@@ -223,7 +224,8 @@ class ThumbnailCache:
                 return key, None
             rel = self.relpath(key)
             try:
-                atomic_write_bytes(self.output_dir / rel, data, root=self.output_dir)
+                # A cache: made again if lost, so not worth an fsync per thumbnail.
+                atomic_write_bytes(self.output_dir / rel, data, root=self.output_dir, durable=False)
             except OSError:
                 return key, None
             return key, rel
