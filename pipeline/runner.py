@@ -36,6 +36,7 @@ from pipeline.progress import Progress, report_progress
 from pipeline.providers.base import Provider, RequestStats
 
 if TYPE_CHECKING:
+    from pipeline.emulator import RunningEmulator
     from pipeline.engine import Engine
 
 __all__ = [
@@ -157,7 +158,13 @@ async def run_job(manifest: Manifest, config: Config, options: RunOptions) -> Ru
             if swept:
                 log.info("removed %d partial file(s) left by an interrupted run", swept)
             run_id = await journal.begin_run(str(manifest.path), os.getpid())
-            return await _run(manifest, config, options, journal, run_id, keys, emulate)
+            # Installed until the reports are written: later signals (the run already
+            # stopping) wait unread in the stream instead of interrupting the last commits.
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as stream:
+                signals = _SignalWatch(stream)
+                return await _run(
+                    manifest, config, options, journal, run_id, keys, emulate, signals
+                )
 
 
 async def _run(
@@ -168,80 +175,101 @@ async def _run(
     run_id: int,
     keys: Mapping[str, str],
     emulate: bool,
-) -> RunResult:
-    # Installed until the reports are written: later signals (the run already
-    # stopping) wait unread in the stream instead of interrupting the last commits.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as stream:
-        signals = _SignalWatch(stream)
-        return await _run_with(manifest, config, options, journal, run_id, keys, emulate, signals)
-
-
-async def _run_with(
-    manifest: Manifest,
-    config: Config,
-    options: RunOptions,
-    journal: Journal,
-    run_id: int,
-    keys: Mapping[str, str],
-    emulate: bool,
     signals: _SignalWatch,
 ) -> RunResult:
-    from pipeline.engine import Engine
-
-    stats = RequestStats()
-    reserve = DiskReserve(manifest.output)
-    started = time.monotonic()
-    interrupted = False
-    engine: Engine | None = None
-    budgets: dict[str, RateBudget] = {}
-    emulator = None
+    run = _Run(manifest, config, options, journal, run_id, keys, signals)
     try:
+        await run.execute(emulate)
+    except BaseException as caught:  # record what stopped it, then report below
+        run.absorb(caught)
+    finally:
+        run.reserve.release()  # room for the reports too
+        if run.emulator is not None:
+            with anyio.CancelScope(shield=True):
+                await run.emulator.close()
+    with anyio.CancelScope(shield=True):
+        result = await run.conclude()
+    return result
+
+
+class _Run:
+    """The parts of one run that outlive the engine: what is reported at the end."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        config: Config,
+        options: RunOptions,
+        journal: Journal,
+        run_id: int,
+        keys: Mapping[str, str],
+        signals: _SignalWatch,
+    ) -> None:
+        self.manifest, self.config, self.options = manifest, config, options
+        self.journal, self.run_id, self.keys, self.signals = journal, run_id, keys, signals
+        self.stats = RequestStats()
+        self.reserve = DiskReserve(manifest.output)
+        self.started = time.monotonic()
+        self.interrupted = False
+        self.engine: Engine | None = None
+        self.budgets: dict[str, RateBudget] = {}
+        self.emulator: RunningEmulator | None = None
+
+    async def execute(self, emulate: bool) -> None:
+        config, manifest = self.config, self.manifest
         if emulate:
             from pipeline.emulator import start_emulator
 
-            emulator = await start_emulator()
-            config = point_at(config, emulator.base_url)
-            log.info("using the built-in emulator at %s", emulator.base_url)
-        budgets = {v: RateBudget(config.provider(v).rate_limit) for v in keys}
+            self.emulator = await start_emulator()
+            config = self.config = point_at(config, self.emulator.base_url)
+            log.info("using the built-in emulator at %s", self.emulator.base_url)
+        self.budgets = {v: RateBudget(config.provider(v).rate_limit) for v in self.keys}
         timeout = aiohttp.ClientTimeout(
             total=config.timeouts.request_seconds, connect=config.timeouts.connect_seconds
         )
         connector = aiohttp.TCPConnector(limit=max(16, manifest.concurrency * 2))
-        progress_bar = not options.quiet and sys.stderr.isatty()
-        with Progress(enabled=progress_bar, limit=options.limit) as progress:
+        progress_bar = not self.options.quiet and sys.stderr.isatty()
+        with Progress(enabled=progress_bar, limit=self.options.limit) as progress:
             async with aiohttp.ClientSession(
                 timeout=timeout, connector=connector, trust_env=True
             ) as session:
-                providers = {
-                    v: build_provider(
-                        v, session, config.provider(v), keys[v], config, stats, budgets[v]
-                    )
-                    for v in keys
-                }
-                policies = {v: build_policy(config, manifest, v, options) for v in keys}
-                await anyio.to_thread.run_sync(reserve.hold)
-                engine = Engine(
-                    manifest=manifest, config=config, providers=providers, budgets=budgets,
-                    journal=journal, run_id=run_id, options=options, progress=progress,
-                    policies=policies, reserve=reserve,
-                )  # fmt: skip
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(signals.watch, tg.cancel_scope)
-                    interval = config.reporting.progress_interval_seconds
-                    tg.start_soon(
-                        functools.partial(report_progress, progress, interval, manifest=manifest)
-                    )
-                    try:
-                        await engine.run()
-                    finally:
-                        tg.cancel_scope.cancel()
-                interrupted = signals.received is not None
-    except BaseException as caught:  # record, then re-raise below
+                await self._serve(session, progress)
+        self.interrupted = self.signals.received is not None
+
+    async def _serve(self, session: aiohttp.ClientSession, progress: Progress) -> None:
+        from pipeline.engine import Engine
+
+        config, manifest, options = self.config, self.manifest, self.options
+        providers = {
+            v: build_provider(
+                v, session, config.provider(v), key, config, self.stats, self.budgets[v]
+            )
+            for v, key in self.keys.items()
+        }
+        policies = {v: build_policy(config, manifest, v, options) for v in self.keys}
+        await anyio.to_thread.run_sync(self.reserve.hold)
+        engine = self.engine = Engine(
+            manifest=manifest, config=config, providers=providers, budgets=self.budgets,
+            journal=self.journal, run_id=self.run_id, options=options, progress=progress,
+            policies=policies, reserve=self.reserve,
+        )  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.signals.watch, tg.cancel_scope)
+            interval = config.reporting.progress_interval_seconds
+            tg.start_soon(functools.partial(report_progress, progress, interval, manifest=manifest))
+            try:
+                await engine.run()
+            finally:
+                tg.cancel_scope.cancel()
+
+    def absorb(self, caught: BaseException) -> None:
+        """Turn what stopped the run into the report's terms, or re-raise it."""
         exc = _single(caught)
+        engine = self.engine
         if isinstance(exc, UsageError):
             raise exc from None  # no input matched, a template unreadable: exit 2
         if isinstance(exc, KeyboardInterrupt | anyio.get_cancelled_exc_class()):
-            interrupted = True
+            self.interrupted = True
         elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC and engine is not None:
             engine.fatal = DiskFullError(
                 f"the disk is full ({exc.filename or 'output'}); free space and rerun"
@@ -250,34 +278,31 @@ async def _run_with(
             engine.fatal = exc
         else:
             raise exc from None if exc is not caught else caught
-    finally:
-        reserve.release()  # room for the reports too
-        if emulator is not None:
-            with anyio.CancelScope(shield=True):
-                await emulator.close()
-    fatal = engine.fatal if engine else None
-    run_stats: dict[str, Any] = {
-        "requests": stats.by_vendor(),
-        "duplicates": engine.duplicates if engine else 0,
-        "interrupted": interrupted,
-        "aborted": fatal.as_record() if fatal else None,
-        "halted": engine.halted if engine else None,
-        "elapsed_seconds": round(time.monotonic() - started, 3),
-        "rate_budget": {v: b.summary() for v, b in budgets.items()},
-        "first_poll_seconds": engine.estimates.first_polls() if engine else {},
-        "max_credits": dict(manifest.max_credits),
-    }
-    with anyio.CancelScope(shield=True):
+
+    async def conclude(self) -> RunResult:
+        engine = self.engine
+        fatal = engine.fatal if engine else None
+        run_stats: dict[str, Any] = {
+            "requests": self.stats.by_vendor(),
+            "duplicates": engine.duplicates if engine else 0,
+            "interrupted": self.interrupted,
+            "aborted": fatal.as_record() if fatal else None,
+            "halted": engine.halted if engine else None,
+            "elapsed_seconds": round(time.monotonic() - self.started, 3),
+            "rate_budget": {v: b.summary() for v, b in self.budgets.items()},
+            "first_poll_seconds": engine.estimates.first_polls() if engine else {},
+            "max_credits": dict(self.manifest.max_credits),
+        }
         report = await _finish(
-            journal, run_id, manifest, run_stats, fatal, interrupted, options,
-            config.reporting.reports_keep, list(keys.values()),
+            self.journal, self.run_id, self.manifest, run_stats, fatal, self.interrupted,
+            self.options, self.config.reporting.reports_keep, list(self.keys.values()),
         )  # fmt: skip
-    result = RunResult(exit_code=report["exit_code"], report=report)
-    if fatal is not None:
-        result.message = f"run stopped: {fatal}"
-    elif engine is not None and engine.halted:
-        result.message = f"run stopped: {engine.halted}"
-    return result
+        result = RunResult(exit_code=report["exit_code"], report=report)
+        if fatal is not None:
+            result.message = f"run stopped: {fatal}"
+        elif engine is not None and engine.halted:
+            result.message = f"run stopped: {engine.halted}"
+        return result
 
 
 async def _finish(
