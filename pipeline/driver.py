@@ -250,8 +250,7 @@ class ItemDriver:
                 prepare_payload, self.item.input_path, limits, auto_fix
             )
             for name, path in self.item.variant.files.items():
-                extra = await anyio.to_thread.run_sync(prepare_payload, path, limits, auto_fix)
-                self.held.files[name] = extra.payload
+                self.held.files[name] = await self.engine.prepared_file(path, limits)
         except PermanentError as exc:
             info = error_info(exc)
             if info.code in _TRANSIENT_INPUT:

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -41,12 +42,13 @@ from pipeline.errors import (
     UsageError,
     VendorError,
 )
+from pipeline.images import prepare_payload
 from pipeline.journal import Change, ItemRecord, Journal
 from pipeline.manifest import Manifest
-from pipeline.operations import OperationSpec
+from pipeline.operations import ImageLimits, OperationSpec
 from pipeline.outputs import DiskReserve
 from pipeline.progress import Progress
-from pipeline.providers.base import Provider
+from pipeline.providers.base import ImagePayload, Provider
 from pipeline.runner import RunOptions, RunResult, run_job
 from pipeline.sources import InputSource, WorkItem
 
@@ -78,6 +80,7 @@ class Engine:
     _queued: set[str] = field(default_factory=set)  # sent to the workers, not finished
     _reach: dict[str, Reachability] = field(default_factory=dict)
     _task_slots: dict[str, anyio.CapacityLimiter] = field(default_factory=dict)
+    _files: dict[tuple[Path, ImageLimits], ImagePayload] = field(default_factory=dict)
     _uncollected: int = 0
     _scope: anyio.CancelScope | None = None
     usage_error: UsageError | None = None
@@ -357,6 +360,18 @@ class Engine:
             raise FatalError(error.message, code=error.code, vendor=item.variant.operation.vendor)
 
     # -- what the driver asks of the run ----------------------------------------------------
+
+    async def prepared_file(self, path: Path, limits: ImageLimits) -> ImagePayload:
+        """A variant's extra file (face swap's template), read and checked once per
+        run, not once per item (its content hash is part of every item's key)."""
+        key = (path, limits)
+        found = self._files.get(key)
+        if found is None:
+            prepared = await anyio.to_thread.run_sync(
+                prepare_payload, path, limits, self.manifest.auto_fix
+            )
+            found = self._files[key] = prepared.payload
+        return found
 
     def credits_refusal(self, key: str, op: OperationSpec) -> FatalError | None:
         if self.credits.holds(key):
