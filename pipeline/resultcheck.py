@@ -29,12 +29,10 @@ worker thread, so waiting checks never hold the thread pool.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import struct
 import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -45,6 +43,7 @@ import anyio.to_thread
 from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from pipeline.errors import ResultNotImageError
+from pipeline.perloop import PerLoop
 
 __all__ = [
     "FULL_DECODE_PIXELS",
@@ -70,8 +69,8 @@ FULL_DECODE_PIXELS: Final = 12_000_000
 
 _HEAD = 64
 _DECODES = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
-_LOOP_LIMITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter] = (
-    weakref.WeakKeyDictionary()
+_LIMITERS: PerLoop[anyio.CapacityLimiter] = PerLoop(
+    lambda: anyio.CapacityLimiter(MAX_CONCURRENT_DECODES)
 )
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -365,14 +364,6 @@ def check_result_image(
         src.close()
 
 
-def _loop_limiter() -> anyio.CapacityLimiter:
-    loop = asyncio.get_running_loop()
-    limiter = _LOOP_LIMITERS.get(loop)
-    if limiter is None:
-        limiter = _LOOP_LIMITERS[loop] = anyio.CapacityLimiter(MAX_CONCURRENT_DECODES)
-    return limiter
-
-
 async def check_result_image_async(
     data_or_path: ResultSource, *, max_bytes: int, max_pixels: int, vendor: str = ""
 ) -> str:
@@ -386,5 +377,5 @@ async def check_result_image_async(
             max_pixels=max_pixels,
             vendor=vendor,
         ),
-        limiter=_loop_limiter(),
+        limiter=_LIMITERS.get(),
     )

@@ -34,7 +34,6 @@ from pipeline.errors import (
     PermanentError,
     ResultNotImageError,
     RetryableError,
-    TransportError,
     VendorError,
 )
 from pipeline.providers.base import (
@@ -43,21 +42,15 @@ from pipeline.providers.base import (
     Submitted,
     TaskState,
 )
-from pipeline.providers.classify import (
-    AILAB_LOST_TASK_CODES,
-    classify_ailab,
-    is_rate_limit_code,
-    make_error,
-)
-from pipeline.providers.client import VendorClient
+from pipeline.providers.classify import AILAB_LOST_TASK_CODES, classify_ailab
+from pipeline.providers.client import VendorClient, VendorWire
+from pipeline.providers.envelope import Answer, as_int, as_text, unwrap, vendor_id
 from pipeline.providers.http import (
     FilePart,
     FormPart,
     HttpRequest,
-    HttpResponse,
     TextPart,
     as_float,
-    body_excerpt,
     clip,
     decode_base64_image,
     parse_json_object,
@@ -120,7 +113,6 @@ _QUEUED, _PROCESSING, _SUCCEEDED = 0, 1, 2
 # [unsure] the SDK treats 3 as failure (docs/vendors.md, "AILab: task failures at poll").
 _SDK_FAILED = 3
 
-_MALFORMED: Final = "MALFORMED_RESPONSE"
 # A value with a URL scheme ("ftp:", "file:", "javascript:", "data:text/html,…") is a
 # result URL, if a bad one: it is handed over so the download refuses it
 # (RESULT_URL_REFUSED) instead of the task looking result-less and being resubmitted.
@@ -225,23 +217,10 @@ def build_credits() -> HttpRequest:
 
 
 def _as_int(value: object) -> int | None:
-    """An int from a JSON int or an integral numeric string; never from a bool."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
+    """An int from a JSON int, an integral float or a numeric string; never from a bool."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _text(value: object) -> str:
-    return value.strip() if isinstance(value, str) else ""
+    return as_int(value)
 
 
 def _request_id(doc: Mapping[str, Any] | None) -> str | None:
@@ -259,16 +238,14 @@ def _message(doc: Mapping[str, Any], detail: Mapping[str, Any], status: int) -> 
     # error_msg is the oldest free text.
     pieces: list[str] = []
     for value in (detail.get("code_message"), detail.get("message"), doc.get("error_msg")):
-        text = _text(value)
+        text = as_text(value)
         if text and text not in pieces:
             pieces.append(text)
     return clip(" / ".join(pieces)) if pieces else f"HTTP {status}"
 
 
 def _malformed(what: str, status: int, request_id: str | None) -> RetryableError:
-    return RetryableError(
-        what, code=_MALFORMED, vendor=VENDOR, http_status=status, request_id=request_id
-    )
+    return Answer(VENDOR, status, request_id).malformed(what)
 
 
 def envelope_error(
@@ -283,35 +260,19 @@ def envelope_error(
     request_id = _request_id(doc)
     if 300 <= status < 400:
         return redirect_error(status, headers, vendor=VENDOR, request_id=request_id), doc
-    retry_after = parse_retry_after(headers)
+    answer = Answer(VENDOR, status, request_id, parse_retry_after(headers))
     if doc is None:
-        what = f"HTTP {status}, body is not a JSON object: {body_excerpt(body)}"
-        if 200 <= status < 300:
-            return _malformed(what, status, None), None  # a non-JSON 2xx is retryable
-        if status >= 500:
-            # A non-JSON 5xx (an HTML 502 page from a proxy) is a transport fault
-            # (docs/vendors.md, "AILab: response envelope").
-            return TransportError(
-                what, code=f"HTTP_{status}", vendor=VENDOR, http_status=status
-            ), None
+        # A non-JSON 2xx is retryable, a non-JSON 5xx (an HTML 502 page from a proxy)
+        # a transport fault (docs/vendors.md, "AILab: response envelope").
         code = f"HTTP_{status}"
-        kind = classify_ailab(status, code)
-        return make_error(
-            kind,
-            what,
-            code=code,
-            vendor=VENDOR,
-            http_status=status,
-            rate_limited=is_rate_limit_code(VENDOR, status, code),
-            retry_after=retry_after,
-        ), None
+        return answer.not_json(body, classify_ailab(status, code), code), None
 
     detail_raw = doc.get("error_detail")
     detail: Mapping[str, Any] = detail_raw if isinstance(detail_raw, dict) else {}
     # Current docs: error_detail.code. Oldest docs: error_code_str ("gradually deprecated").
-    code = _text(detail.get("code")) or _text(doc.get("error_code_str"))
+    code = as_text(detail.get("code")) or as_text(doc.get("error_code_str"))
     error_code = _as_int(doc.get("error_code"))  # older docs: 0 or the HTTP status
-    if status == 200 and not error_code and not _text(detail.get("code")):
+    if status == 200 and not error_code and not as_text(detail.get("code")):
         return None, doc
 
     # Unknown codes are classified by status (docs/vendors.md, "AILab: error codes").
@@ -325,27 +286,14 @@ def envelope_error(
                 break
     code = code or f"HTTP_{effective}"
     kind = classify_ailab(effective, code)
-    err = make_error(
-        kind,
-        _message(doc, detail, status),
-        code=code,
-        vendor=VENDOR,
-        http_status=status,
-        request_id=request_id,
-        rate_limited=is_rate_limit_code(VENDOR, effective, code),
-        retry_after=retry_after,
-    )
-    return err, doc
+    message = _message(doc, detail, status)
+    return answer.error(kind, message, code=code, rate_status=effective, rate_code=code), doc
 
 
 def parse_envelope(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
     """The response document on success (docs/vendors.md, "AILab: response envelope");
     raises the classified error otherwise."""
-    err, doc = envelope_error(status, headers, body)
-    if err is not None:
-        raise err
-    assert doc is not None
-    return doc
+    return unwrap(envelope_error(status, headers, body))
 
 
 def _decode_image(value: object, status: int, request_id: str | None, where: str) -> bytes:
@@ -362,15 +310,6 @@ def _decode_image(value: object, status: int, request_id: str | None, where: str
             request_id=request_id,
         )
     return image
-
-
-def _task_id(value: object) -> str | None:
-    # Keep ids as strings; a JSON number (never documented) is rendered exactly.
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return None
 
 
 def parse_submit(operation: str, status: int, headers: Mapping[str, str], body: bytes) -> Submitted:
@@ -393,7 +332,8 @@ def parse_submit(operation: str, status: int, headers: Mapping[str, str], body: 
         return Submitted(
             image=_decode_image(data.get("image"), status, rid, "data.image"), request_id=rid
         )
-    task_id = _task_id(doc.get("task_id"))
+    # Ids stay strings; a JSON number (never documented) is rendered exactly.
+    task_id = vendor_id(doc.get("task_id"))
     if task_id is not None:
         return Submitted(task_id=task_id, request_id=rid)
     if operation == FACE_BEAUTY_PRO and "result" in doc:
@@ -435,18 +375,7 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
     """
     err, doc = envelope_error(status, headers, body)
     if err is not None:
-        if err.code.upper() in AILAB_LOST_TASK_CODES and err.kind == "permanent":
-            lost = RetryableError(
-                f"task lost (unknown or expired id): {err.message}",
-                code=err.code,
-                vendor=VENDOR,
-                http_status=err.http_status,
-                request_id=err.request_id,
-            )
-            return TaskState(state="failed", error=lost)
-        if err.kind == "permanent":
-            return TaskState(state="failed", error=err)
-        raise err
+        return _poll_failure(err)
     assert doc is not None
     rid = _request_id(doc)
     task_status = _as_int(doc.get("task_status"))
@@ -457,31 +386,60 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
     if task_status in (_QUEUED, _PROCESSING):
         return TaskState(state="running")
     if task_status == _SUCCEEDED:
-        for value in _result_candidates(doc):
-            if not isinstance(value, str) or not value.strip():
-                continue
-            text = value.strip()
-            if text.lower().startswith(("http://", "https://")):
-                return TaskState(state="succeeded", result_url=text)
-            image = decode_base64_image(text)
-            if image is not None:
-                return TaskState(state="succeeded", image=image)
-            if _SCHEME.match(text):
-                return TaskState(state="succeeded", result_url=text)
-        # "AILab: task failures at poll": status 2 without a result is an R failure.
-        return TaskState(
-            state="failed",
-            error=RetryableError(
-                "task_status 2 but no result_url, data.result_url, data.image, "
-                "data.result_urls or data.images",
-                code="MISSING_RESULT",
-                vendor=VENDOR,
-                http_status=status,
-                request_id=rid,
-            ),
+        return _succeeded(doc, status, rid)
+    return _task_failed(doc, task_status, status, rid)
+
+
+def _poll_failure(err: VendorError) -> TaskState:
+    """A poll whose envelope is an error: S codes are task outcomes (a lost id is
+    retryable, code kept); anything else is raised (docs/vendors.md, "AILab: task
+    failures at poll")."""
+    if err.code.upper() in AILAB_LOST_TASK_CODES and err.kind == "permanent":
+        lost = RetryableError(
+            f"task lost (unknown or expired id): {err.message}",
+            code=err.code,
+            vendor=VENDOR,
+            http_status=err.http_status,
+            request_id=err.request_id,
         )
-    # "AILab: task failures at poll": 3 (the SDK's failure value) or anything outside
-    # 0-2 is an R failure.
+        return TaskState(state="failed", error=lost)
+    if err.kind == "permanent":
+        return TaskState(state="failed", error=err)
+    raise err
+
+
+def _succeeded(doc: Mapping[str, Any], status: int, rid: str | None) -> TaskState:
+    """``task_status`` 2: the first usable result among the candidates."""
+    for value in _result_candidates(doc):
+        if not isinstance(value, str) or not value.strip():
+            continue
+        text = value.strip()
+        if text.lower().startswith(("http://", "https://")):
+            return TaskState(state="succeeded", result_url=text)
+        image = decode_base64_image(text)
+        if image is not None:
+            return TaskState(state="succeeded", image=image)
+        if _SCHEME.match(text):
+            return TaskState(state="succeeded", result_url=text)
+    # "AILab: task failures at poll": status 2 without a result is an R failure.
+    return TaskState(
+        state="failed",
+        error=RetryableError(
+            "task_status 2 but no result_url, data.result_url, data.image, "
+            "data.result_urls or data.images",
+            code="MISSING_RESULT",
+            vendor=VENDOR,
+            http_status=status,
+            request_id=rid,
+        ),
+    )
+
+
+def _task_failed(
+    doc: Mapping[str, Any], task_status: int, status: int, rid: str | None
+) -> TaskState:
+    """A ``task_status`` of 3 (the SDK's failure value) or outside 0-2: an R failure
+    (docs/vendors.md, "AILab: task failures at poll")."""
     detail_raw = doc.get("error_detail")
     detail: Mapping[str, Any] = detail_raw if isinstance(detail_raw, dict) else {}
     code = "TASK_FAILED" if task_status == _SDK_FAILED else "UNKNOWN_TASK_STATUS"
@@ -513,7 +471,7 @@ def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> Credi
         if balance is None:
             raise _malformed(f"credits response: pool {i} has no numeric balance", status, rid)
         assert isinstance(pool, dict)
-        sign = _text(pool.get("unique_sign")) or f"pool_{i}"
+        sign = as_text(pool.get("unique_sign")) or f"pool_{i}"
         pools[sign] = pools.get(sign, 0.0) + balance
     return CreditBalance(vendor=VENDOR, balance=sum(pools.values()), unit="credits", pools=pools)
 
@@ -530,26 +488,9 @@ class AILabProvider(VendorClient):
     """
 
     vendor = VENDOR
-
-    def _auth_headers(self) -> Mapping[str, str]:
-        return auth_headers(self._api_key)
-
-    def _build_poll(self, task_id: str) -> HttpRequest:
-        return build_poll(task_id)
-
-    def _parse_poll(self, resp: HttpResponse) -> TaskState:
-        return parse_poll(resp.status, resp.headers, resp.body)
-
-    def _build_credits(self) -> HttpRequest:
-        return build_credits()
-
-    def _parse_credits(self, resp: HttpResponse) -> CreditBalance:
-        return parse_credits(resp.status, resp.headers, resp.body)
-
-    def _unread_error(self, status: int, headers: Mapping[str, str]) -> VendorError:
-        err, _ = envelope_error(status, headers, b"")
-        assert err is not None  # a non-2xx is never a success
-        return err
+    wire = VendorWire(
+        auth_headers, build_poll, parse_poll, build_credits, parse_credits, envelope_error
+    )
 
     async def submit(
         self,

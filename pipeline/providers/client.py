@@ -21,8 +21,8 @@ import inspect
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
-from typing import IO
+from dataclasses import dataclass, replace
+from typing import IO, Any, ClassVar, TypeVar
 
 import aiohttp
 import anyio
@@ -63,13 +63,32 @@ from pipeline.providers.http import (
 )
 from pipeline.resultcheck import check_result_image_async
 
-__all__ = ["UNSAFE_ID", "VendorClient"]
+__all__ = ["UNSAFE_ID", "VendorClient", "VendorWire"]
 
 # A vendor id (task id) that carries the API key: refused, so the key never reaches
 # the journal, results.jsonl or a log line through it.
 UNSAFE_ID = "UNSAFE_TASK_ID"
 _MALFORMED = "MALFORMED_RESPONSE"
 _MAX_ID = 512
+_T = TypeVar("_T")
+
+
+# A vendor module's parsers: (HTTP status, headers, body) -> what the answer means.
+_Parser = Callable[[int, Mapping[str, str], bytes], _T]
+
+
+@dataclass(frozen=True)
+class VendorWire:
+    """The pure functions of a vendor module that :class:`VendorClient` calls: the auth
+    header for a key, the poll and credit requests and their parsers, and the envelope
+    check (``(error, doc)``, ``error`` ``None`` on success)."""
+
+    auth_headers: Callable[[str], Mapping[str, str]]
+    build_poll: Callable[[str], HttpRequest]
+    parse_poll: _Parser[TaskState]
+    build_credits: Callable[[], HttpRequest]
+    parse_credits: _Parser[CreditBalance]
+    envelope_error: _Parser[tuple[VendorError | None, dict[str, Any] | None]]
 
 
 class VendorClient:
@@ -82,6 +101,7 @@ class VendorClient:
     """
 
     vendor: str
+    wire: ClassVar[VendorWire]
 
     def __init__(
         self,
@@ -113,24 +133,11 @@ class VendorClient:
 
     # -- the vendor's wire (pure functions of its module) ---------------------------
 
-    def _auth_headers(self) -> Mapping[str, str]:
-        raise NotImplementedError
-
-    def _build_poll(self, task_id: str) -> HttpRequest:
-        raise NotImplementedError
-
-    def _parse_poll(self, resp: HttpResponse) -> TaskState:
-        raise NotImplementedError
-
-    def _build_credits(self) -> HttpRequest:
-        raise NotImplementedError
-
-    def _parse_credits(self, resp: HttpResponse) -> CreditBalance:
-        raise NotImplementedError
-
     def _unread_error(self, status: int, headers: Mapping[str, str]) -> VendorError:
         """The error a non-2xx answer means when its body was too large to read."""
-        raise NotImplementedError
+        err, _ = self.wire.envelope_error(status, headers, b"")
+        assert err is not None  # a non-2xx is never a success
+        return err
 
     # -- scrubbing -----------------------------------------------------------------
 
@@ -210,7 +217,10 @@ class VendorClient:
                 join_url(self._config.base_url, request.target),
                 vendor=self.vendor,
                 client_timeout=api_timeout(self._timeouts),
-                extra_headers={"Accept": "application/json", **self._auth_headers()},
+                extra_headers={
+                    "Accept": "application/json",
+                    **self.wire.auth_headers(self._api_key),
+                },
                 max_bytes=self._network.max_response_bytes,
                 scope=scope,
             )
@@ -298,8 +308,8 @@ class VendorClient:
     async def poll(self, operation: str, task_id: str) -> TaskState:
         with self._scrubbed():
             async with BodyScope() as scope:
-                resp = await self._call("poll", self._build_poll(task_id), scope=scope)
-                state = self._parse_poll(resp)
+                resp = await self._call("poll", self.wire.build_poll(task_id), scope=scope)
+                state = self.wire.parse_poll(resp.status, resp.headers, resp.body)
                 del resp
                 if state.image is not None:
                     # A task that succeeded with an inline result was billed: one that
@@ -371,7 +381,8 @@ class VendorClient:
 
     async def credits(self) -> CreditBalance:
         with self._scrubbed():
-            balance = self._parse_credits(await self._call("credits", self._build_credits()))
+            resp = await self._call("credits", self.wire.build_credits())
+            balance = self.wire.parse_credits(resp.status, resp.headers, resp.body)
         # Pool names come from the vendor and reach the report: scrubbed like the rest.
         pools: dict[str, float] = {}
         for name, amount in balance.pools.items():

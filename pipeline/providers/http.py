@@ -33,7 +33,6 @@ at the moment they send to their own base URL, so a request value can be logged.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import email.utils
@@ -44,7 +43,6 @@ import json
 import re
 import tempfile
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -69,6 +67,7 @@ from pipeline.errors import (
     VendorError,
 )
 from pipeline.netguard import AddressRefused, ResolveError, UrlGuard, guarded_get
+from pipeline.perloop import PerLoop
 from pipeline.providers.base import ImagePayload, RequestStats, ResultSink
 
 __all__ = [
@@ -500,18 +499,7 @@ def transport_error(exc: BaseException, what: str, vendor: str) -> TransportErro
 # ------------------------------------------------------------------- body memory
 
 
-_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.Semaphore] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _large_body_slots() -> anyio.Semaphore:
-    # One semaphore per event loop: the pipeline runs one loop, tests run many.
-    loop = asyncio.get_running_loop()
-    sem = _SLOTS.get(loop)
-    if sem is None:
-        sem = _SLOTS[loop] = anyio.Semaphore(LARGE_BODY_SLOTS)
-    return sem
+_SLOTS: PerLoop[anyio.Semaphore] = PerLoop(lambda: anyio.Semaphore(LARGE_BODY_SLOTS))
 
 
 class BodyScope:
@@ -531,13 +519,13 @@ class BodyScope:
 
     async def hold(self) -> None:
         if not self._held:
-            await _large_body_slots().acquire()
+            await _SLOTS.get().acquire()
             self._held = True
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            _large_body_slots().release()
+            _SLOTS.get().release()
 
     async def __aenter__(self) -> BodyScope:
         return self
@@ -688,6 +676,19 @@ def _form_data(parts: tuple[FormPart, ...]) -> aiohttp.FormData:
     return form
 
 
+def _request_body(request: HttpRequest, headers: CIMultiDict[str]) -> Any:
+    """What aiohttp sends as the body of ``request`` (``None`` for none); a JSON body
+    sets its Content-Type in ``headers`` unless the request has one."""
+    if request.form is not None:
+        return _form_data(request.form)
+    if request.json is not None:
+        headers.setdefault("Content-Type", "application/json")
+        return json.dumps(request.json, separators=(",", ":")).encode()
+    if request.data is not None:
+        return io.BytesIO(request.data)  # see _form_data
+    return None
+
+
 async def send(
     session: aiohttp.ClientSession,
     request: HttpRequest,
@@ -716,14 +717,7 @@ async def send(
     headers = CIMultiDict(request.headers)
     if extra_headers:
         headers.update(extra_headers)
-    body: Any = None
-    if request.form is not None:
-        body = _form_data(request.form)
-    elif request.json is not None:
-        body = json.dumps(request.json, separators=(",", ":")).encode()
-        headers.setdefault("Content-Type", "application/json")
-    elif request.data is not None:
-        body = io.BytesIO(request.data)  # see _form_data
+    body = _request_body(request, headers)
     skip = [h for h in _AUTO_HEADERS if h not in headers] if exact_headers else None
     what = f"{request.method} {safe_url(url)}"
     own_scope = scope is None

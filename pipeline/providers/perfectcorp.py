@@ -36,9 +36,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote
 
-import aiohttp
-
-from pipeline.config import NetworkConfig, ProviderConfig, TimeoutConfig
 from pipeline.errors import (
     FatalError,
     PermanentError,
@@ -48,23 +45,20 @@ from pipeline.errors import (
 )
 from pipeline.netguard import RESULT_URL_REFUSED, ResolveError, guarded_session
 from pipeline.providers.base import (
-    AcquireSlot,
     CreditBalance,
     ImagePayload,
-    RequestStats,
     Submitted,
     TaskState,
 )
 from pipeline.providers.classify import (
     classify_perfectcorp,
     classify_perfectcorp_engine,
-    is_rate_limit_code,
     make_error,
 )
-from pipeline.providers.client import VendorClient
+from pipeline.providers.client import VendorClient, VendorWire
+from pipeline.providers.envelope import Answer, as_int, as_text, unwrap, vendor_id
 from pipeline.providers.http import (
     HttpRequest,
-    HttpResponse,
     ResponseTooLarge,
     api_timeout,
     as_float,
@@ -119,7 +113,6 @@ CREDIT_PATH: Final = "/s2s/v1.0/client/credit"  # "Perfect Corp: units and price
 
 _SCHEME: Final = re.compile(r"^[a-z][a-z0-9+.\-]*:", re.IGNORECASE)
 _REQUEST_ID_HEADER: Final = "x-request-id"  # [unsure]: seen on responses; log it
-_MALFORMED: Final = "MALFORMED_RESPONSE"
 
 # Step-2 failures of any kind mean "redo both steps" (docs/vendors.md, "Perfect Corp:
 # upload").
@@ -215,43 +208,13 @@ def build_credits() -> HttpRequest:
 # -------------------------------------------------------------------------- parsers
 
 
-def _text(value: object) -> str:
-    return value.strip() if isinstance(value, str) else ""
-
-
-def _as_int(value: object) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _id(value: object) -> str | None:
-    # Ids may exceed 2^53 ("Perfect Corp: transport and authentication"). json.loads
-    # keeps a big int exact, so str() is exact;
-    # a string id is kept verbatim.
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
 def _request_id(headers: Mapping[str, str]) -> str | None:
     rid = header(headers, _REQUEST_ID_HEADER)
     return rid.strip() if rid and rid.strip() else None
 
 
 def _malformed(what: str, status: int, request_id: str | None) -> RetryableError:
-    return RetryableError(
-        what, code=_MALFORMED, vendor=VENDOR, http_status=status, request_id=request_id
-    )
+    return Answer(VENDOR, status, request_id).malformed(what)
 
 
 def envelope_error(
@@ -268,32 +231,15 @@ def envelope_error(
     doc = parse_json_object(body)
     if 300 <= status < 400:
         return redirect_error(status, headers, vendor=VENDOR, request_id=rid), doc
-    retry_after = parse_retry_after(headers)
+    answer = Answer(VENDOR, status, rid, parse_retry_after(headers))
     if doc is None:
-        what = f"HTTP {status}, body is not a JSON object: {body_excerpt(body)}"
-        if 200 <= status < 300:
-            return _malformed(what, status, rid), None
-        if status >= 500:
-            # Other 5xx and network errors are R ("Perfect Corp: error codes"): an
-            # unreadable 5xx is a transport fault.
-            return TransportError(
-                what, code=f"HTTP_{status}", vendor=VENDOR, http_status=status, request_id=rid
-            ), None
-        kind = classify_perfectcorp(status, None)
-        return make_error(
-            kind,
-            what,
-            code=f"HTTP_{status}",
-            vendor=VENDOR,
-            http_status=status,
-            request_id=rid,
-            rate_limited=is_rate_limit_code(VENDOR, status, None),
-            retry_after=retry_after,
-        ), None
+        # Other 5xx and network errors are R ("Perfect Corp: error codes"): an
+        # unreadable 5xx is a transport fault.
+        return answer.not_json(body, classify_perfectcorp(status, None), None), None
 
-    body_status = _as_int(doc.get("status"))
-    error_code = _text(doc.get("error_code"))
-    error_text = _text(doc.get("error"))
+    body_status = as_int(doc.get("status"))
+    error_code = as_text(doc.get("error_code"))
+    error_text = as_text(doc.get("error"))
     ok_status = 200 <= status < 300 and (body_status is None or 200 <= body_status < 300)
     if ok_status and not error_code and not error_text:
         return None, doc
@@ -304,27 +250,14 @@ def envelope_error(
         effective = body_status
     kind = classify_perfectcorp(effective, error_code)
     message = clip(error_text) if error_text else f"HTTP {status}"
-    err = make_error(
-        kind,
-        message,
-        code=error_code or f"HTTP_{effective}",
-        vendor=VENDOR,
-        http_status=status,
-        request_id=rid,
-        rate_limited=is_rate_limit_code(VENDOR, effective, error_code),
-        retry_after=retry_after,
-    )
-    return err, doc
+    code = error_code or f"HTTP_{effective}"
+    return answer.error(kind, message, code=code, rate_status=effective, rate_code=error_code), doc
 
 
 def parse_envelope(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
     """The response document on success (docs/vendors.md, "Perfect Corp: response
     envelope"); raises the classified error otherwise."""
-    err, doc = envelope_error(status, headers, body)
-    if err is not None:
-        raise err
-    assert doc is not None
-    return doc
+    return unwrap(envelope_error(status, headers, body))
 
 
 def _data(doc: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -342,12 +275,12 @@ def parse_upload(status: int, headers: Mapping[str, str], body: bytes) -> Upload
     first = files[0] if isinstance(files, list) and files else None
     if not isinstance(first, dict):
         raise _malformed("upload response has no data.files[0]", status, rid)
-    file_id = _id(first.get("file_id"))
+    file_id = vendor_id(first.get("file_id"))
     requests = first.get("requests")
     req = requests[0] if isinstance(requests, list) and requests else None
     if file_id is None or not isinstance(req, dict):
         raise _malformed("upload response lacks file_id or requests[0]", status, rid)
-    url = _text(req.get("url"))
+    url = as_text(req.get("url"))
     if not url.lower().startswith(("http://", "https://")):
         raise _malformed("upload response: requests[0].url is not an http(s) URL", status, rid)
     raw_headers = req.get("headers")
@@ -355,7 +288,7 @@ def parse_upload(status: int, headers: Mapping[str, str], body: bytes) -> Upload
     if isinstance(raw_headers, dict):
         # Header values may come as JSON numbers ("Content-Length": 547541).
         put_headers = {str(k): str(v) for k, v in raw_headers.items() if v is not None}
-    method = _text(req.get("method")).upper() or "PUT"
+    method = as_text(req.get("method")).upper() or "PUT"
     return UploadTarget(file_id=file_id, url=url, headers=put_headers, method=method)
 
 
@@ -377,7 +310,7 @@ def parse_create_task(status: int, headers: Mapping[str, str], body: bytes) -> S
     (docs/vendors.md, "Perfect Corp: create task")."""
     doc = parse_envelope(status, headers, body)
     rid = _request_id(headers)
-    task_id = _id(_data(doc).get("task_id"))
+    task_id = vendor_id(_data(doc).get("task_id"))
     if task_id is None:
         raise _malformed("create-task response has no data.task_id", status, rid)
     return Submitted(task_id=task_id, request_id=rid)
@@ -394,7 +327,7 @@ def _result_url(data: Mapping[str, Any]) -> str | None:
         if isinstance(value, list) and value:
             value = value[0]
         if isinstance(value, dict):
-            url = _text(value.get("url"))
+            url = as_text(value.get("url"))
             if _SCHEME.match(url):
                 return url
     return None
@@ -436,18 +369,11 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
     """
     err, doc = envelope_error(status, headers, body)
     if err is not None:
-        norm = err.code.strip().lower()
-        if norm == _POLL_INVALID_TASK:
-            return TaskState(state="failed", error=err, maybe_billed=True)
-        if norm in _POLL_RESUBMIT:
-            return TaskState(state="failed", error=err)
-        if err.kind == "permanent":
-            return TaskState(state="failed", error=err)
-        raise err
+        return _poll_failure(err)
     assert doc is not None
     rid = _request_id(headers)
     data = _data(doc)
-    task_status = _text(data.get("task_status")).lower()
+    task_status = as_text(data.get("task_status")).lower()
     poll_after = _poll_after(data)
     if not task_status:
         raise _malformed("poll response has no data.task_status", status, rid)
@@ -460,24 +386,43 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
             raise _malformed("task_status success but no data.results.url", status, rid)
         return TaskState(state="succeeded", result_url=url, poll_after=poll_after)
     if task_status == "error":
-        raw = _text(data.get("error"))
-        code = raw.lower() or "unknown_engine_error"
-        detail = _text(data.get("error_message"))
-        kind = classify_perfectcorp_engine(code)
-        error = make_error(
-            kind,
-            clip(detail) if detail else f"task failed: {raw or 'no error code'}",
-            code=code,
-            vendor=VENDOR,
-            http_status=status,
-            request_id=rid,
+        return TaskState(
+            state="failed", error=_engine_error(data, status, rid), poll_after=poll_after
         )
-        return TaskState(state="failed", error=error, poll_after=poll_after)
     # "running", or a state word the docs do not list: keep polling. Treating an
     # unknown word as failure would resubmit tasks that may still succeed and be
     # charged (docs/vendors.md, "Perfect Corp: polling window"); the engine's per-task
     # deadline bounds the wait.
     return TaskState(state="running", poll_after=poll_after)
+
+
+def _poll_failure(err: VendorError) -> TaskState:
+    """A poll whose envelope is an error: InvalidTaskId (maybe billed), the resubmit
+    codes and other S codes are task outcomes; anything else is raised."""
+    norm = err.code.strip().lower()
+    if norm == _POLL_INVALID_TASK:
+        return TaskState(state="failed", error=err, maybe_billed=True)
+    if norm in _POLL_RESUBMIT:
+        return TaskState(state="failed", error=err)
+    if err.kind == "permanent":
+        return TaskState(state="failed", error=err)
+    raise err
+
+
+def _engine_error(data: Mapping[str, Any], status: int, rid: str | None) -> VendorError:
+    """``data.error`` of a task in state ``error``, classified per (docs/vendors.md,
+    "Perfect Corp: engine error codes")."""
+    raw = as_text(data.get("error"))
+    code = raw.lower() or "unknown_engine_error"
+    detail = as_text(data.get("error_message"))
+    return make_error(
+        classify_perfectcorp_engine(code),
+        clip(detail) if detail else f"task failed: {raw or 'no error code'}",
+        code=code,
+        vendor=VENDOR,
+        http_status=status,
+        request_id=rid,
+    )
 
 
 def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> CreditBalance:
@@ -494,7 +439,7 @@ def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> Credi
     for entry in results:
         if not isinstance(entry, dict):
             continue
-        kind = _text(entry.get("type"))
+        kind = as_text(entry.get("type"))
         if not kind.startswith("Api"):
             continue
         amount = as_float(entry.get("amount_dec"))
@@ -509,6 +454,35 @@ def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> Credi
 # ------------------------------------------------------------------------ the class
 
 
+def _expression_type(
+    operation: str, params: Mapping[str, int | str], files: Mapping[str, ImagePayload]
+) -> str:
+    """The one parameter AI Smile takes; raises :class:`FatalError` for another
+    operation and :class:`PermanentError` (``CLIENT_*`` codes, nothing sent) for a
+    missing or unknown parameter."""
+    if operation != AI_SMILE:
+        raise FatalError(
+            f"operation {operation!r} is not a Perfect Corp operation",
+            code="UNSUPPORTED_OPERATION",
+            vendor=VENDOR,
+        )
+    unknown = sorted(set(params) - {"expression_type"} - set(files))
+    if unknown:
+        raise PermanentError(
+            f"{operation} does not take {', '.join(unknown)}",
+            code="CLIENT_UNKNOWN_PARAMETER",
+            vendor=VENDOR,
+        )
+    expression = params.get("expression_type")
+    if not isinstance(expression, str) or not expression:
+        raise PermanentError(
+            f"{operation} needs expression_type",
+            code="CLIENT_MISSING_PARAMETER",
+            vendor=VENDOR,
+        )
+    return expression
+
+
 class PerfectCorpProvider(VendorClient):
     """The :class:`~pipeline.providers.base.Provider` for Perfect Corp AI Smile.
 
@@ -519,50 +493,21 @@ class PerfectCorpProvider(VendorClient):
     """
 
     vendor = VENDOR
-
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        config: ProviderConfig,
-        api_key: str,
-        timeouts: TimeoutConfig,
-        stats: RequestStats,
-        acquire: AcquireSlot,
-        *,
-        network: NetworkConfig | None = None,
-    ) -> None:
-        super().__init__(session, config, api_key, timeouts, stats, acquire, network=network)
-        # Configurable, default to the feature path, fall back on 404 and remember
-        # (docs/vendors.md, "Perfect Corp: upload path").
-        self._upload_path = config.upload_path or FEATURE_UPLOAD_PATH
+    wire = VendorWire(
+        auth_headers, build_poll, parse_poll, build_credits, parse_credits, envelope_error
+    )
+    # Set once the configured (or the feature) path answered 404 (docs/vendors.md,
+    # "Perfect Corp: upload path"): the universal path is used from then on.
+    _fallback_path: str | None = None
 
     @property
     def upload_path(self) -> str:
-        """The upload path in use (it switches to the universal one after a 404)."""
-        return self._upload_path
-
-    def _auth_headers(self) -> Mapping[str, str]:
-        return auth_headers(self._api_key)
-
-    def _build_poll(self, task_id: str) -> HttpRequest:
-        return build_poll(task_id)
-
-    def _parse_poll(self, resp: HttpResponse) -> TaskState:
-        return parse_poll(resp.status, resp.headers, resp.body)
-
-    def _build_credits(self) -> HttpRequest:
-        return build_credits()
-
-    def _parse_credits(self, resp: HttpResponse) -> CreditBalance:
-        return parse_credits(resp.status, resp.headers, resp.body)
-
-    def _unread_error(self, status: int, headers: Mapping[str, str]) -> VendorError:
-        err, _ = envelope_error(status, headers, b"")
-        assert err is not None  # a non-2xx is never a success
-        return err
+        """The upload path in use: configurable, by default the feature path; it
+        switches to the universal one after a 404 and remembers."""
+        return self._fallback_path or self._config.upload_path or FEATURE_UPLOAD_PATH
 
     async def _upload(self, image: ImagePayload) -> UploadTarget:
-        path = self._upload_path
+        path = self.upload_path
         resp = await self._call("upload", build_upload(image, path))
         if resp.status == 404 and path != UNIVERSAL_UPLOAD_PATH:
             # The feature path is gone (or never existed here): use the universal
@@ -570,7 +515,7 @@ class PerfectCorpProvider(VendorClient):
             _log.warning(
                 "perfectcorp: %s answered 404; using %s from now on", path, UNIVERSAL_UPLOAD_PATH
             )
-            self._upload_path = UNIVERSAL_UPLOAD_PATH
+            self._fallback_path = UNIVERSAL_UPLOAD_PATH
             resp = await self._call("upload", build_upload(image, UNIVERSAL_UPLOAD_PATH))
         return parse_upload(resp.status, resp.headers, resp.body)
 
@@ -614,26 +559,7 @@ class PerfectCorpProvider(VendorClient):
         params: Mapping[str, int | str],
         files: Mapping[str, ImagePayload],
     ) -> Submitted:
-        if operation != AI_SMILE:
-            raise FatalError(
-                f"operation {operation!r} is not a Perfect Corp operation",
-                code="UNSUPPORTED_OPERATION",
-                vendor=VENDOR,
-            )
-        unknown = sorted(set(params) - {"expression_type"} - set(files))
-        if unknown:
-            raise PermanentError(
-                f"{operation} does not take {', '.join(unknown)}",
-                code="CLIENT_UNKNOWN_PARAMETER",
-                vendor=VENDOR,
-            )
-        expression = params.get("expression_type")
-        if not isinstance(expression, str) or not expression:
-            raise PermanentError(
-                f"{operation} needs expression_type",
-                code="CLIENT_MISSING_PARAMETER",
-                vendor=VENDOR,
-            )
+        expression = _expression_type(operation, params, files)
         with self._scrubbed():
             try:
                 target = await self._upload(image)
