@@ -472,38 +472,46 @@ def _by_kind(vendor_name: str, code: str, kind: str) -> CodeHelp:
     return CodeHelp(f"{vendor_name} refused this input or request: {what}.", _RETRY_FAILED)
 
 
+# A vendor's classification sets, in the order they are tried, with the kind each means.
+_KindSets = tuple[tuple[frozenset[str], str], ...]
+_AILAB_KINDS: _KindSets = (
+    (AILAB_FATAL_CODES, "fatal"),
+    (AILAB_RATE_LIMIT_CODES, "retryable"),
+    (AILAB_LOST_TASK_CODES, "retryable"),
+    (AILAB_RETRYABLE_CODES, "retryable"),
+    (AILAB_PERMANENT_CODES, "permanent"),
+)
+_PERFECTCORP_KINDS: _KindSets = (
+    (PERFECTCORP_FATAL_CODES, "fatal"),
+    (PERFECTCORP_RETRYABLE_CODES, "retryable"),
+    (PERFECTCORP_ENGINE_RETRYABLE_CODES, "retryable"),
+    (PERFECTCORP_PERMANENT_CODES, "permanent"),
+    (PERFECTCORP_ENGINE_PERMANENT_CODES, "permanent"),
+)
+
+
+def _explain_vendor_code(
+    code: str, vendor_name: str, table: Mapping[str, CodeHelp], kinds: _KindSets
+) -> CodeHelp | None:
+    """The vendor's own help for ``code`` (already in the vendor's case), else the
+    generic help for the kind its classification gives, else ``None``."""
+    if code in table:
+        return table[code]
+    for codes, kind in kinds:
+        if code in codes:
+            return _by_kind(vendor_name, code, kind)
+    return None
+
+
 def explain_ailab_code(code: str, vendor_name: str) -> CodeHelp | None:
     """AILabTools' help for ``code`` (upper case), or ``None`` (its registry hook)."""
-    upper = code.strip().upper()
-    if upper in _AILAB_CODES:
-        return _AILAB_CODES[upper]
-    for codes, kind in (
-        (AILAB_FATAL_CODES, "fatal"),
-        (AILAB_RATE_LIMIT_CODES, "retryable"),
-        (AILAB_LOST_TASK_CODES, "retryable"),
-        (AILAB_RETRYABLE_CODES, "retryable"),
-        (AILAB_PERMANENT_CODES, "permanent"),
-    ):
-        if upper in codes:
-            return _by_kind(vendor_name, upper, kind)
-    return None
+    return _explain_vendor_code(code.strip().upper(), vendor_name, _AILAB_CODES, _AILAB_KINDS)
 
 
 def explain_perfectcorp_code(code: str, vendor_name: str) -> CodeHelp | None:
     """Perfect Corp's help for ``code`` (lower case), or ``None`` (its registry hook)."""
     lower = code.strip().lower()
-    if lower in _PERFECTCORP_CODES:
-        return _PERFECTCORP_CODES[lower]
-    for pc_codes, kind in (
-        (PERFECTCORP_FATAL_CODES, "fatal"),
-        (PERFECTCORP_RETRYABLE_CODES, "retryable"),
-        (PERFECTCORP_ENGINE_RETRYABLE_CODES, "retryable"),
-        (PERFECTCORP_PERMANENT_CODES, "permanent"),
-        (PERFECTCORP_ENGINE_PERMANENT_CODES, "permanent"),
-    ):
-        if lower in pc_codes:
-            return _by_kind(vendor_name, lower, kind)
-    return None
+    return _explain_vendor_code(lower, vendor_name, _PERFECTCORP_CODES, _PERFECTCORP_KINDS)
 
 
 def explain_code(code: str, vendor: str | None = None) -> CodeHelp:
@@ -719,6 +727,29 @@ def _str(value: object) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
+@dataclass(frozen=True)
+class _Row:
+    """The fields of one ``results.jsonl`` line that every section reads."""
+
+    line: Mapping[str, Any]
+    status: str
+    carried: bool
+    operation: str
+    variant: str
+    input_rel: str
+
+    @classmethod
+    def of(cls, line: Mapping[str, Any]) -> _Row:
+        return cls(
+            line=line,
+            status=_str(line.get("status")) or "unknown",
+            carried=bool(line.get("carried_over")),
+            operation=_str(line.get("operation")),
+            variant=_str(line.get("variant")),
+            input_rel=_str(line.get("input_rel") or line.get("input")),
+        )
+
+
 def _collect(
     results: Iterable[Mapping[str, Any]], output_dir: Path, gallery_max: int
 ) -> _Collected:
@@ -727,81 +758,93 @@ def _collect(
     for line in results:
         if not isinstance(line, Mapping):
             continue
+        row = _Row.of(line)
         got.lines += 1
-        status = _str(line.get("status")) or "unknown"
-        got.statuses[status] += 1
-        carried = bool(line.get("carried_over"))
-        got.carried_over += carried
-        operation = _str(line.get("operation"))
-        variant = _str(line.get("variant"))
-        input_rel = _str(line.get("input_rel") or line.get("input"))
+        got.statuses[row.status] += 1
+        got.carried_over += row.carried
         error = line.get("error")
-        if isinstance(error, Mapping) and status != "succeeded":
-            code = _str(error.get("code")) or "UNKNOWN"
-            kind = _str(error.get("kind")) or "permanent"
-            message = _str(error.get("message"))
-            if status == "failed" and not carried:
-                got.kinds[kind] += 1  # this run's failures, for the outcome's advice
-            group = got.groups.get(code)
-            if group is None:
-                group = got.groups[code] = _Group()
-            group.count += 1
-            group.carried_over += carried
-            group.kinds[kind] += 1
-            group.vendors[_vendor_of(operation)] += 1
-            # Examples are distinct inputs: one bad file failing in every variant is one
-            # example, not five.
-            example = group.examples.get(input_rel)
-            if example is None and len(group.examples) < EXAMPLES_PER_CODE:
-                example = group.examples[input_rel] = _Example(input_rel, message, carried)
-            if example is not None:
-                group.example_lines += 1
-                if len(example.variants) < _VARIANTS_PER_EXAMPLE:
-                    example.variants.append(f"{operation} {variant}".strip())
-                else:
-                    example.more_variants += 1
-            if code in ("RESULT_LOST", "RESULT_NOT_IMAGE"):
-                got.lost_total += 1
-                spec = OPERATIONS.get(operation)
-                if spec is not None:
-                    unit = (spec.vendor, spec.price_unit)
-                    got.lost_spend[unit] = got.lost_spend.get(unit, 0.0) + spec.price
-                if len(got.lost) < MAX_LISTED:
-                    got.lost.append(
-                        {
-                            "input_rel": input_rel,
-                            "operation": operation,
-                            "variant": variant,
-                            "task_id": _str(line.get("task_id")),
-                            "code": code,
-                            "message": message,
-                        }
-                    )
+        if isinstance(error, Mapping) and row.status != "succeeded":
+            _add_error(got, row, error)
         changes = line.get("changes")
         if isinstance(changes, list) and changes:
             got.changed_total += 1
             if len(got.changed) < MAX_LISTED:
-                got.changed.append((input_rel, operation, variant, [_str(c) for c in changes]))
-        if status in ("succeeded", "skipped") and not line.get("duplicate_of"):
-            rel = _output_rel(line, output_dir, resolved)
-            if rel is None:
-                continue
-            got.with_result += 1
-            target = got.gallery_new if status == "succeeded" else got.gallery_old
-            if len(target) < gallery_max:
-                input_path = line.get("input")
-                target.append(
-                    _GalleryItem(
-                        key=_str(line.get("key")) or None,
-                        input_rel=input_rel,
-                        input_path=input_path if isinstance(input_path, str) else None,
-                        operation=operation,
-                        variant=variant,
-                        status=status,
-                        output_rel=rel,
-                    )
-                )
+                entry = (row.input_rel, row.operation, row.variant, [_str(c) for c in changes])
+                got.changed.append(entry)
+        if row.status in ("succeeded", "skipped") and not line.get("duplicate_of"):
+            _add_result(got, row, _output_rel(line, output_dir, resolved), gallery_max)
     return got
+
+
+def _add_error(got: _Collected, row: _Row, error: Mapping[str, Any]) -> None:
+    """Count a line that carries an error in its code's group (and as lost if its
+    result was paid for and lost)."""
+    code = _str(error.get("code")) or "UNKNOWN"
+    kind = _str(error.get("kind")) or "permanent"
+    message = _str(error.get("message"))
+    if row.status == "failed" and not row.carried:
+        got.kinds[kind] += 1  # this run's failures, for the outcome's advice
+    group = got.groups.get(code)
+    if group is None:
+        group = got.groups[code] = _Group()
+    group.count += 1
+    group.carried_over += row.carried
+    group.kinds[kind] += 1
+    group.vendors[_vendor_of(row.operation)] += 1
+    # Examples are distinct inputs: one bad file failing in every variant is one
+    # example, not five.
+    example = group.examples.get(row.input_rel)
+    if example is None and len(group.examples) < EXAMPLES_PER_CODE:
+        example = group.examples[row.input_rel] = _Example(row.input_rel, message, row.carried)
+    if example is not None:
+        group.example_lines += 1
+        if len(example.variants) < _VARIANTS_PER_EXAMPLE:
+            example.variants.append(f"{row.operation} {row.variant}".strip())
+        else:
+            example.more_variants += 1
+    if code in ("RESULT_LOST", "RESULT_NOT_IMAGE"):
+        _add_lost(got, row, code, message)
+
+
+def _add_lost(got: _Collected, row: _Row, code: str, message: str) -> None:
+    got.lost_total += 1
+    spec = OPERATIONS.get(row.operation)
+    if spec is not None:
+        unit = (spec.vendor, spec.price_unit)
+        got.lost_spend[unit] = got.lost_spend.get(unit, 0.0) + spec.price
+    if len(got.lost) < MAX_LISTED:
+        got.lost.append(
+            {
+                "input_rel": row.input_rel,
+                "operation": row.operation,
+                "variant": row.variant,
+                "task_id": _str(row.line.get("task_id")),
+                "code": code,
+                "message": message,
+            }
+        )
+
+
+def _add_result(got: _Collected, row: _Row, rel: str | None, gallery_max: int) -> None:
+    """A line with a result on disk: counted, and shown in the gallery while it has room
+    (this run's results first, then the ones carried over)."""
+    if rel is None:
+        return
+    got.with_result += 1
+    target = got.gallery_new if row.status == "succeeded" else got.gallery_old
+    if len(target) < gallery_max:
+        input_path = row.line.get("input")
+        target.append(
+            _GalleryItem(
+                key=_str(row.line.get("key")) or None,
+                input_rel=row.input_rel,
+                input_path=input_path if isinstance(input_path, str) else None,
+                operation=row.operation,
+                variant=row.variant,
+                status=row.status,
+                output_rel=rel,
+            )
+        )
 
 
 def _attach_thumbnails(items: Sequence[_GalleryItem], output_dir: Path, size: int) -> None:
@@ -1326,15 +1369,21 @@ def _pages_nav(t: _Text, pages: int, current: int | None, prefix: str) -> str:
     return f'<p class="pages">Pages: {" ".join(links)}</p>'
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where a main page stands: ``prefix`` leads from it to the output folder;
+    ``pages_prefix`` to the gallery pages, ``None`` in an archived copy (which points
+    to the latest report instead); the gallery shows ``page_size`` items a page."""
+
+    prefix: str
+    page_size: int
+    pages_prefix: str | None
+
+
 def _section_gallery(
-    t: _Text,
-    got: _Collected,
-    gallery: Sequence[_GalleryItem],
-    *,
-    prefix: str,
-    page_size: int,
-    pages_prefix: str | None,
+    t: _Text, got: _Collected, gallery: Sequence[_GalleryItem], layout: _Layout
 ) -> str:
+    prefix, page_size, pages_prefix = layout.prefix, layout.page_size, layout.pages_prefix
     parts = ['<section id="gallery"><h2>Before and after</h2>']
     if not gallery:
         parts.append("<p>No results to show.</p></section>")
@@ -1366,11 +1415,9 @@ def _render_main(
     report: Mapping[str, Any],
     got: _Collected,
     gallery: Sequence[_GalleryItem],
-    *,
-    prefix: str,
-    page_size: int,
-    pages_prefix: str | None,
+    layout: _Layout,
 ) -> str:
+    prefix = layout.prefix
     cls, outcome = outcome_text(report, got.kinds)
     run_id = report.get("run_id")
     exit_code = report.get("exit_code")
@@ -1400,11 +1447,7 @@ def _render_main(
     parts.append(_section_lost(t, report, got))
     parts.append(_section_changes(t, report, got))
     parts.append(_section_rate(t, report))
-    parts.append(
-        _section_gallery(
-            t, got, gallery, prefix=prefix, page_size=page_size, pages_prefix=pages_prefix
-        )
-    )
+    parts.append(_section_gallery(t, got, gallery, layout))
     parts.append(
         f'<footer><p class="muted">Built from <a href="{t(_href(prefix, "report.json"))}">'
         f'report.json</a> and <a href="{t(_href(prefix, "results.jsonl"))}">results.jsonl'
@@ -1470,9 +1513,7 @@ def write_html_report(
     pages = math.ceil(len(gallery) / page_size) if gallery else 0
     reports_dir = output_dir / REPORTS_DIR
 
-    page = _render_main(
-        t, report, got, gallery, prefix="", page_size=page_size, pages_prefix=f"{REPORTS_DIR}/"
-    )
+    page = _render_main(t, report, got, gallery, _Layout("", page_size, f"{REPORTS_DIR}/"))
     target = output_dir / REPORT_HTML_NAME
     atomic_write_text(target, page)
 
@@ -1488,17 +1529,24 @@ def write_html_report(
 
     run_id = report.get("run_id")
     if isinstance(run_id, int) and not isinstance(run_id, bool) and run_id >= 0:
-        atomic_write_text(
-            reports_dir / f"run-{run_id}.json",
-            json.dumps(report, indent=2, sort_keys=True, default=str) + "\n",
-            root=output_dir,
-        )
-        archived = _render_main(
-            t, report, got, gallery, prefix="../", page_size=page_size, pages_prefix=None
-        )
-        atomic_write_text(reports_dir / f"run-{run_id}.html", archived, root=output_dir)
-        prune_reports(reports_dir, reports_keep, keep_id=run_id)
+        archived = _render_main(t, report, got, gallery, _Layout("../", page_size, None))
+        _archive_run(output_dir, report, run_id, archived, reports_keep)
     return target
+
+
+def _archive_run(
+    output_dir: Path, report: Mapping[str, Any], run_id: int, page: str, keep: int
+) -> None:
+    """``reports/run-<id>.json`` and ``.html`` for this run; older runs beyond ``keep``
+    are pruned."""
+    reports_dir = output_dir / REPORTS_DIR
+    atomic_write_text(
+        reports_dir / f"run-{run_id}.json",
+        json.dumps(report, indent=2, sort_keys=True, default=str) + "\n",
+        root=output_dir,
+    )
+    atomic_write_text(reports_dir / f"run-{run_id}.html", page, root=output_dir)
+    prune_reports(reports_dir, keep, keep_id=run_id)
 
 
 def _remove_stale_gallery_pages(reports_dir: Path, pages: int) -> None:
