@@ -297,28 +297,31 @@ def _check_name(name: str, display: Path | str) -> None:
 
 
 def _rel_parts(relpath: str, display: str) -> list[str]:
-    if relpath.startswith("/") or "\0" in relpath:
-        raise UnsafePathError(
-            errno.EINVAL, display, f"refusing to write outside the output folder: {relpath!r}"
-        )
     parts = [p for p in relpath.split("/") if p not in ("", ".")]
-    if ".." in parts:
+    if relpath.startswith("/") or "\0" in relpath or ".." in parts:
         raise UnsafePathError(
             errno.EINVAL, display, f"refusing to write outside the output folder: {relpath!r}"
         )
     return parts
 
 
-def _refuse_symlink(path: Path) -> None:
-    """Raise if ``path`` is a symlink; return quietly if it is anything else or absent."""
+def _lstat_no_link(path: Path) -> os.stat_result | None:
+    """``lstat(path)``, ``None`` if it is absent; raises :class:`UnsafePathError`
+    (``ELOOP``) if it is a symlink, or the wrapped error if it cannot be read."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return None
     except OSError as exc:
         raise _wrap(exc, path) from None
     if stat.S_ISLNK(st.st_mode):
         raise UnsafePathError(errno.ELOOP, path)
+    return st
+
+
+def _refuse_symlink(path: Path) -> None:
+    """Raise if ``path`` is a symlink; return quietly if it is anything else or absent."""
+    _lstat_no_link(path)
 
 
 def check_no_symlink(path: Path, *, sqlite: bool = False) -> None:
@@ -333,14 +336,9 @@ def check_no_symlink(path: Path, *, sqlite: bool = False) -> None:
     if sqlite:
         paths += [path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal")]
     for p in paths:
-        try:
-            st = os.lstat(p)
-        except FileNotFoundError:
+        st = _lstat_no_link(p)
+        if st is None:
             continue
-        except OSError as exc:
-            raise _wrap(exc, p) from None
-        if stat.S_ISLNK(st.st_mode):
-            raise UnsafePathError(errno.ELOOP, p)
         if stat.S_ISDIR(st.st_mode):
             raise UnsafePathError(errno.EISDIR, p)
         if not stat.S_ISREG(st.st_mode):
@@ -366,15 +364,10 @@ def resolve_inside(output_dir: Path, relpath: str) -> Path:
     current = root
     for i, part in enumerate(parts):
         current = current / part
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
+        st = _lstat_no_link(current)
+        if st is None:
             break
-        except OSError as exc:
-            raise _wrap(exc, current) from None
         last = i == len(parts) - 1
-        if stat.S_ISLNK(st.st_mode):
-            raise UnsafePathError(errno.ELOOP, current)
         if not last and not stat.S_ISDIR(st.st_mode):
             raise UnsafePathError(errno.ENOTDIR, current)
         if last and stat.S_ISDIR(st.st_mode):
