@@ -90,7 +90,13 @@ def _parser() -> _Parser:
     )
     parser.add_argument("--log-json", action="store_true", default=False, help="JSON log lines")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_parser(sub, common)
+    _add_other_parsers(sub, common)
+    _add_export_parser(sub, common)
+    return parser
 
+
+def _add_run_parser(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
     run = sub.add_parser(
         "run", parents=[common], help="run a job (resumes from the journal in the output folder)"
     )
@@ -125,6 +131,9 @@ def _parser() -> _Parser:
         help="process at most N new items (a trial run); a rerun continues",
     )
 
+
+def _add_other_parsers(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    """validate, emulate, report, status and ops."""
     validate = sub.add_parser(
         "validate", parents=[common], help="check manifest, config and inputs; sends nothing"
     )
@@ -158,8 +167,6 @@ def _parser() -> _Parser:
     sub.add_parser(
         "ops", parents=[common], help="every operation, its params, ranges, enum names and price"
     )
-    _add_export_parser(sub, common)
-    return parser
 
 
 def _add_export_parser(sub: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
