@@ -26,7 +26,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -42,6 +42,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.yamlsrc import YamlDoc
 
 __all__ = [
     "BUILTIN_SOURCE",
@@ -401,18 +404,7 @@ def load_config(path: Path | None) -> Config:
         if path is None:
             return Config()
     shown = display_path(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise ConfigError(f"{shown}: config is a link to nothing; fix or remove it") from None
-        raise ConfigError(
-            f"{shown}: config file not found; pass an existing file to --config"
-        ) from None
-    except (OSError, ValueError):
-        st = None  # load_yaml_with_lines says what is wrong
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{shown}: is a folder; pass the config's .yaml file to --config")
+    _check_config_file(path, shown)
     doc = load_yaml_with_lines(path, ConfigError, what="config")
     source = os.path.realpath(path)
     if doc.data is None:
@@ -431,18 +423,7 @@ def load_config(path: Path | None) -> Config:
         config = Config.model_validate({**_merge_providers(doc.data), "source": source})
     except ValidationError as exc:
         raise ConfigError(validation_error_message(path, doc, exc, model=Config)) from None
-    for i, entry in enumerate(config.network.allow_result_hosts):
-        if _is_link_local(entry):
-            # Link-local (169.254.0.0/16, fe80::/10) holds cloud metadata services:
-            # the fetcher refuses it whatever the config says, so listing it is a
-            # mistake to report now rather than a setting silently ignored. (Checked
-            # here, not in the model, so code may build such a config to test that
-            # refusal.)
-            line = doc.line_of(("network", "allow_result_hosts", i))
-            raise ConfigError(
-                f"{shown}:{line}: network.allow_result_hosts[{i}]: {entry!r}: link-local "
-                f"addresses (cloud metadata services) are always refused; remove it"
-            )
+    _refuse_link_local_hosts(config, doc, shown)
     lines = {
         f"providers.{vendor}.{key}": doc.line_of(("providers", vendor, key))
         for vendor in config.providers
@@ -453,6 +434,37 @@ def load_config(path: Path | None) -> Config:
     }
     config._lines.update(lines)
     return config
+
+
+def _check_config_file(path: Path, shown: str) -> None:
+    """Refuse a config path that is missing, a link to nothing or a folder; anything
+    else unreadable is left for the YAML loader to name."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ConfigError(f"{shown}: config is a link to nothing; fix or remove it") from None
+        raise ConfigError(
+            f"{shown}: config file not found; pass an existing file to --config"
+        ) from None
+    except (OSError, ValueError):
+        return  # load_yaml_with_lines says what is wrong
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{shown}: is a folder; pass the config's .yaml file to --config")
+
+
+def _refuse_link_local_hosts(config: Config, doc: YamlDoc, shown: str) -> None:
+    # Link-local (169.254.0.0/16, fe80::/10) holds cloud metadata services: the
+    # fetcher refuses it whatever the config says, so listing it is a mistake to
+    # report now rather than a setting silently ignored. (Checked here, not in the
+    # model, so code may build such a config to test that refusal.)
+    for i, entry in enumerate(config.network.allow_result_hosts):
+        if _is_link_local(entry):
+            line = doc.line_of(("network", "allow_result_hosts", i))
+            raise ConfigError(
+                f"{shown}:{line}: network.allow_result_hosts[{i}]: {entry!r}: link-local "
+                f"addresses (cloud metadata services) are always refused; remove it"
+            )
 
 
 def api_key(config: Config, vendor: str) -> str:
