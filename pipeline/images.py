@@ -587,26 +587,37 @@ def prepare_payload(path: Path, limits: ImageLimits, auto_fix: bool) -> Prepared
     problems = _problems(info, limits)
     notes = _naming_notes(path, info)
     if not problems:
-        fmt = info.wire_format
-        if fmt not in _WIRE:  # a limits table naming a format we can't label
-            raise PermanentError(
-                f"{display_path(path)}: {fmt} has no known file extension/Content-Type to send it with; "
-                f"convert it to JPEG or PNG",
-                code="PREFLIGHT_FORMAT",
-            )
-        if info.decodable:
-            _verify_decodable(path, data)
-        if auto_fix and info.orientation != 1 and info.decodable:
-            # Whether the vendors honour the EXIF tag is undocumented; a face lying on
-            # its side may not be found. auto_fix opted in to changed pixels: send it
-            # upright.
-            out, fmt, changes = _auto_fix(path, data, info, limits)
-            return PreparedImage(_payload(path, out, fmt), info, changes, notes)
-        return PreparedImage(_payload(path, data, fmt), info, [], notes)
+        return _within_limits(path, data, info, limits, auto_fix, notes)
     if not auto_fix or not all(p.fixable for p in problems) or not info.decodable:
         raise _refuse(path, problems, auto_fix)
     out, fmt, changes = _auto_fix(path, data, info, limits)
     return PreparedImage(_payload(path, out, fmt), info, changes, notes)
+
+
+def _within_limits(
+    path: Path,
+    data: bytes,
+    info: ImageInfo,
+    limits: ImageLimits,
+    auto_fix: bool,
+    notes: list[str],
+) -> PreparedImage:
+    """An image within the limits: sent as it is, or upright when ``auto_fix``."""
+    fmt = info.wire_format
+    if fmt not in _WIRE:  # a limits table naming a format we can't label
+        raise PermanentError(
+            f"{display_path(path)}: {fmt} has no known file extension/Content-Type to send it with; "
+            f"convert it to JPEG or PNG",
+            code="PREFLIGHT_FORMAT",
+        )
+    if info.decodable:
+        _verify_decodable(path, data)
+    if auto_fix and info.orientation != 1 and info.decodable:
+        # Whether the vendors honour the EXIF tag is undocumented; a face lying on its
+        # side may not be found. auto_fix opted in to changed pixels: send it upright.
+        out, fmt, changes = _auto_fix(path, data, info, limits)
+        return PreparedImage(_payload(path, out, fmt), info, changes, notes)
+    return PreparedImage(_payload(path, data, fmt), info, [], notes)
 
 
 def _read_bounded(path: Path, cap: int, why: str) -> bytes:
@@ -692,104 +703,152 @@ def _fit(w: int, h: int, long_side: int) -> tuple[int, int]:
 def _auto_fix(
     path: Path, data: bytes, info: ImageInfo, limits: ImageLimits
 ) -> tuple[bytes, str, list[str]]:
-    changes: list[str] = []
-    whose = limits.label or "this operation"
-    target_long = _target_long_side(limits)
-    min_side = limits.min_side_exclusive or 0
-    try:
-        with Image.open(io.BytesIO(data)) as src:
-            if info.frames > 1:
-                src.seek(0)
-                if info.format != "MPO":  # MPO's extra frames are previews/depth maps
-                    changes.append(f"used the first of {info.frames} frames")
-            icc = src.info.get("icc_profile")
-            stored = src.size
-            oriented = stored[::-1] if info.orientation in _SWAPS_SIDES else stored
-            if src.format in ("JPEG", "MPO") and target_long and max(oriented) > target_long:
-                # Decode at a reduced DCT scale no smaller than the target: faster and
-                # uses far less memory for 50-megapixel phone shots.
-                want = _fit(*stored, target_long)
-                src.draft(src.mode, want)
-            src.load()
-            im: Image.Image = src.copy()
-    except _PIL_ERRORS as exc:
-        raise _unreadable(path, str(exc) or type(exc).__name__) from None
-
+    """Re-encode ``data`` to meet ``limits``: first frame, upright, a format the
+    operation takes, sides that fit, then bytes that fit. Returns the bytes, their
+    format and what was changed, in words."""
+    fix = _Fix(path, info, limits)
+    im, oriented = fix.decode(data)
     if info.orientation != 1:
         im = ImageOps.exif_transpose(im)
-        changes.append(f"applied EXIF orientation {info.orientation}")
-
-    wire = info.wire_format
+        fix.changes.append(f"applied EXIF orientation {info.orientation}")
     alpha = _real_alpha(im)
-    if wire in limits.formats and wire in ("JPEG", "PNG"):
-        fmt = wire
-    else:
-        fmt = "PNG" if alpha and "PNG" in limits.formats else "JPEG"
-        changes.append(f"re-encoded {info.format} as {fmt}")
+    fmt = fix.target_format(alpha)
+    im = fix.fit_sides(im, oriented)
+    out, fmt = fix.fit_bytes(im, fmt, alpha)
+    return out, fmt, fix.changes
 
-    w, h = oriented
-    if target_long and max(w, h) > target_long:
+
+@dataclass
+class _Fix:
+    """One auto-fix under way: the image's facts, the limits it must meet, its ICC
+    profile (kept through re-encoding) and the changes made so far."""
+
+    path: Path
+    info: ImageInfo
+    limits: ImageLimits
+    icc: bytes | None = None
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def whose(self) -> str:
+        return self.limits.label or "this operation"
+
+    def decode(self, data: bytes) -> tuple[Image.Image, tuple[int, int]]:
+        """The first frame, loaded, and its size as shown (EXIF orientation applied)."""
+        info = self.info
+        target_long = _target_long_side(self.limits)
+        try:
+            with Image.open(io.BytesIO(data)) as src:
+                if info.frames > 1:
+                    src.seek(0)
+                    if info.format != "MPO":  # MPO's extra frames are previews/depth maps
+                        self.changes.append(f"used the first of {info.frames} frames")
+                self.icc = src.info.get("icc_profile")
+                stored = src.size
+                oriented = stored[::-1] if info.orientation in _SWAPS_SIDES else stored
+                if src.format in ("JPEG", "MPO") and target_long and max(oriented) > target_long:
+                    # Decode at a reduced DCT scale no smaller than the target: faster
+                    # and uses far less memory for 50-megapixel phone shots.
+                    want = _fit(*stored, target_long)
+                    src.draft(src.mode, want)
+                src.load()
+                im: Image.Image = src.copy()
+        except _PIL_ERRORS as exc:
+            raise _unreadable(self.path, str(exc) or type(exc).__name__) from None
+        return im, oriented
+
+    def target_format(self, alpha: bool) -> str:
+        """JPEG or PNG as they are when accepted; else JPEG, or PNG for an image with
+        real transparency when PNG is accepted."""
+        wire = self.info.wire_format
+        if wire in self.limits.formats and wire in ("JPEG", "PNG"):
+            return wire
+        fmt = "PNG" if alpha and "PNG" in self.limits.formats else "JPEG"
+        self.changes.append(f"re-encoded {self.info.format} as {fmt}")
+        return fmt
+
+    def fit_sides(self, im: Image.Image, size: tuple[int, int]) -> Image.Image:
+        """``im`` shrunk so its long side fits; refused if a side would then drop to
+        the minimum or below."""
+        target_long = _target_long_side(self.limits)
+        min_side = self.limits.min_side_exclusive or 0
+        w, h = size
+        if not target_long or max(w, h) <= target_long:
+            return im
         nw, nh = _fit(w, h, target_long)
         if min(nw, nh) <= min_side:
             raise PermanentError(
-                f"{display_path(path)}: {w}x{h} px can't be shrunk to fit {whose} (long side "
+                f"{display_path(self.path)}: {w}x{h} px can't be shrunk to fit {self.whose} (long side "
                 f"<= {target_long} px) without a side dropping to {min_side} px or less; "
                 f"crop it to a less extreme aspect ratio",
                 code="PREFLIGHT_DIMENSIONS",
             )
         im = im.resize((nw, nh), Image.Resampling.LANCZOS)
-        changes.append(f"resized {w}x{h} -> {nw}x{nh}")
+        self.changes.append(f"resized {w}x{h} -> {nw}x{nh}")
+        return im
 
-    limit_text = _limit_text(limits.max_bytes)
-    # A file over the byte limit that fits once re-encoded as it is (same format, best
-    # quality) still had its bytes changed: say so, or ``changes`` would be empty for
-    # an image that was not sent as it is.
-    over_bytes = not _bytes_ok(info.size_bytes, limits)
-
-    def recompressed(how: str, out: bytes) -> str:
+    def _recompressed(self, how: str, out: bytes) -> str:
         return (
-            f"re-compressed {how} to fit the {limit_text} limit "
-            f"({_bytes_text(info.size_bytes)} -> {_bytes_text(len(out))})"
+            f"re-compressed {how} to fit the {_limit_text(self.limits.max_bytes)} limit "
+            f"({_bytes_text(self.info.size_bytes)} -> {_bytes_text(len(out))})"
         )
 
-    # 1. As decided: JPEG at the best quality / PNG lossless.
-    if fmt == "PNG":
-        out = _encode(im, "PNG", 0, icc)
-        if _bytes_ok(len(out), limits):
-            if over_bytes:
-                changes.append(recompressed("as PNG", out))
-            return out, fmt, changes
-        if not alpha and "JPEG" in limits.formats:
-            fmt = "JPEG"
-            changes.append(f"re-encoded PNG as JPEG to fit the {limit_text} limit")
-            over_bytes = False  # noted
-    if fmt == "JPEG":
-        # 2. Lower JPEG quality stepwise.
-        for quality in _JPEG_QUALITIES:
-            out = _encode(im, "JPEG", quality, icc)
+    def fit_bytes(self, im: Image.Image, fmt: str, alpha: bool) -> tuple[bytes, str]:
+        """``im`` encoded within the byte limit: as decided (JPEG at the best quality,
+        PNG lossless), then JPEG at lower qualities, then scaled down."""
+        limits = self.limits
+        limit_text = _limit_text(limits.max_bytes)
+        # A file over the byte limit that fits once re-encoded as it is (same format,
+        # best quality) still had its bytes changed: say so, or ``changes`` would be
+        # empty for an image that was not sent as it is.
+        over_bytes = not _bytes_ok(self.info.size_bytes, limits)
+        # 1. As decided: JPEG at the best quality / PNG lossless.
+        if fmt == "PNG":
+            out = _encode(im, "PNG", 0, self.icc)
             if _bytes_ok(len(out), limits):
-                if quality != _JPEG_QUALITIES[0]:
-                    changes.append(
-                        f"lowered JPEG quality to {quality} to fit the {limit_text} limit"
-                    )
-                elif over_bytes:
-                    changes.append(recompressed(f"as JPEG at quality {quality}", out))
-                return out, fmt, changes
-    # 3. Scale down further (from the fitted image, one resample each time).
-    base = im
-    scale = 1.0
-    while True:
-        scale *= _SHRINK_STEP
-        nw, nh = max(1, round(base.width * scale)), max(1, round(base.height * scale))
-        if min(nw, nh) <= max(min_side, 1) or min(nw, nh) < 16:
-            raise PermanentError(
-                f"{display_path(path)}: can't get the file under the {limit_text} limit of {whose} even "
-                f"after shrinking it; compress it yourself or remove it from the inputs",
-                code="PREFLIGHT_FILE_SIZE",
-            )
-        smaller = base.resize((nw, nh), Image.Resampling.LANCZOS)
-        out = _encode(smaller, fmt, _SHRINK_QUALITY, icc)
-        if _bytes_ok(len(out), limits):
-            quality_note = f" at JPEG quality {_SHRINK_QUALITY}" if fmt == "JPEG" else ""
-            changes.append(f"scaled down to {nw}x{nh}{quality_note} to fit the {limit_text} limit")
-            return out, fmt, changes
+                if over_bytes:
+                    self.changes.append(self._recompressed("as PNG", out))
+                return out, fmt
+            if not alpha and "JPEG" in limits.formats:
+                fmt = "JPEG"
+                self.changes.append(f"re-encoded PNG as JPEG to fit the {limit_text} limit")
+                over_bytes = False  # noted
+        if fmt == "JPEG":
+            # 2. Lower JPEG quality stepwise.
+            for quality in _JPEG_QUALITIES:
+                out = _encode(im, "JPEG", quality, self.icc)
+                if _bytes_ok(len(out), limits):
+                    if quality != _JPEG_QUALITIES[0]:
+                        self.changes.append(
+                            f"lowered JPEG quality to {quality} to fit the {limit_text} limit"
+                        )
+                    elif over_bytes:
+                        self.changes.append(
+                            self._recompressed(f"as JPEG at quality {quality}", out)
+                        )
+                    return out, fmt
+        return self.scale_down(im, fmt), fmt
+
+    def scale_down(self, base: Image.Image, fmt: str) -> bytes:
+        """3. Scale down further (from the fitted image, one resample each time)."""
+        limits = self.limits
+        limit_text = _limit_text(limits.max_bytes)
+        min_side = limits.min_side_exclusive or 0
+        scale = 1.0
+        while True:
+            scale *= _SHRINK_STEP
+            nw, nh = max(1, round(base.width * scale)), max(1, round(base.height * scale))
+            if min(nw, nh) <= max(min_side, 1) or min(nw, nh) < 16:
+                raise PermanentError(
+                    f"{display_path(self.path)}: can't get the file under the {limit_text} limit of {self.whose} even "
+                    f"after shrinking it; compress it yourself or remove it from the inputs",
+                    code="PREFLIGHT_FILE_SIZE",
+                )
+            smaller = base.resize((nw, nh), Image.Resampling.LANCZOS)
+            out = _encode(smaller, fmt, _SHRINK_QUALITY, self.icc)
+            if _bytes_ok(len(out), limits):
+                quality_note = f" at JPEG quality {_SHRINK_QUALITY}" if fmt == "JPEG" else ""
+                self.changes.append(
+                    f"scaled down to {nw}x{nh}{quality_note} to fit the {limit_text} limit"
+                )
+                return out
