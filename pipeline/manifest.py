@@ -516,6 +516,17 @@ def _canonical_values(d: _Draft) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class _Problems:
+    """Where the problems of a manifest go: ``(line, "key.path: what is wrong")``."""
+
+    doc: YamlDoc
+    found: list[tuple[int, str]]
+
+    def add(self, where: KeyPath, text: str) -> None:
+        self.found.append((self.doc.line_of(where), f"{format_keypath(where)}: {text}"))
+
+
 def _expand_operation(
     doc: YamlDoc,
     index: int,
@@ -527,65 +538,82 @@ def _expand_operation(
 ) -> list[_Draft]:
     """Validate one ``operations[index]`` entry and expand its lists (cross product)."""
     at: KeyPath = ("operations", index)
+    found = _Problems(doc, problems)
     spec = OPERATIONS.get(entry.op)
     if spec is None:
         close = difflib.get_close_matches(entry.op[:100], list(OPERATIONS), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        problems.append(
-            (
-                doc.line_of((*at, "op")),
-                f"{format_keypath((*at, 'op'))}: unknown operation {short_repr(entry.op)}; "
-                f"{hint}known: {', '.join(OPERATIONS)}",
-            )
+        found.add(
+            (*at, "op"),
+            f"unknown operation {short_repr(entry.op)}; {hint}known: {', '.join(OPERATIONS)}",
         )
         return []
     ctx = _Context(base_dir=base_dir, limits=spec.limits, auto_fix=auto_fix)
-
     axes: list[tuple[str, list[_Value]]] = []
     ok = True
     for name, raw in entry.params.items():
-        where = (*at, "params", name)
-        pspec = spec.param(name)
-        if pspec is None:
-            known = ", ".join(p.name for p in spec.params)
-            close = difflib.get_close_matches(name[:100], [p.name for p in spec.params], n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            problems.append(
-                (
-                    doc.line_of(where),
-                    f"{format_keypath(where)}: unknown param for {spec.name}; {hint}known: {known}",
-                )
-            )
+        values = _parse_axis(spec, name, raw, ctx, (*at, "params", name), found)
+        if values is None:
             ok = False
-            continue
-        raw_values = raw if isinstance(raw, list) else [raw]
-        if isinstance(raw, list) and not raw:
-            problems.append(
-                (
-                    doc.line_of(where),
-                    f"{format_keypath(where)}: empty list; give at least one value "
-                    f"(or remove the param)",
-                )
-            )
-            ok = False
-            continue
-        parsed: list[_Value] = []
-        for j, item in enumerate(raw_values):
-            item_at = (*where, j) if isinstance(raw, list) else where
-            try:
-                if isinstance(item, list | dict):
-                    raise _ParamProblem(
-                        "expected a single value or a list of values (lists don't nest)"
-                    )
-                value = _parse_value(pspec, item, ctx)
-            except _ParamProblem as exc:
-                problems.append((doc.line_of(item_at), f"{format_keypath(item_at)}: {exc}"))
-                ok = False
-                continue
-            if value not in parsed:  # [big_grin, 12] is one value
-                parsed.append(value)
-        axes.append((name, parsed))
+        else:
+            axes.append((name, values))
+    ok = _required_given(spec, entry, (*at, "params"), found) and ok
+    if not ok:
+        return []
+    combos_count = math.prod(len(values) for _, values in axes)
+    if combos_count > MAX_VARIANTS:
+        found.add(
+            (*at, "params"),
+            f"the lists expand into {combos_count} variants (their cross product); at most "
+            f"{MAX_VARIANTS} per operation: split the job or shorten the lists",
+        )
+        return []
+    names = [name for name, _ in axes]
+    combos = itertools.product(*(values for _, values in axes))
+    return [_Draft(spec, dict(zip(names, combo, strict=True))) for combo in combos]
 
+
+def _parse_axis(
+    spec: OperationSpec, name: str, raw: Any, ctx: _Context, where: KeyPath, found: _Problems
+) -> list[_Value] | None:
+    """The distinct values of one param (one value or a list), or ``None`` when the
+    param is unknown or any value is wrong (every problem reported)."""
+    pspec = spec.param(name)
+    if pspec is None:
+        known = ", ".join(p.name for p in spec.params)
+        close = difflib.get_close_matches(name[:100], [p.name for p in spec.params], n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        found.add(where, f"unknown param for {spec.name}; {hint}known: {known}")
+        return None
+    if isinstance(raw, list) and not raw:
+        found.add(where, "empty list; give at least one value (or remove the param)")
+        return None
+    raw_values = raw if isinstance(raw, list) else [raw]
+    parsed: list[_Value] = []
+    ok = True
+    for j, item in enumerate(raw_values):
+        item_at = (*where, j) if isinstance(raw, list) else where
+        try:
+            if isinstance(item, list | dict):
+                raise _ParamProblem(
+                    "expected a single value or a list of values (lists don't nest)"
+                )
+            value = _parse_value(pspec, item, ctx)
+        except _ParamProblem as exc:
+            found.add(item_at, str(exc))
+            ok = False
+            continue
+        if value not in parsed:  # [big_grin, 12] is one value
+            parsed.append(value)
+    return parsed if ok else None
+
+
+def _required_given(
+    spec: OperationSpec, entry: _OperationModel, where: KeyPath, found: _Problems
+) -> bool:
+    """Whether every required param of ``spec`` is given; each missing one is reported
+    with an example value."""
+    ok = True
     for pspec in spec.params:
         if pspec.required and pspec.name not in entry.params:
             example = (
@@ -595,32 +623,13 @@ def _expand_operation(
                 if pspec.kind == "path"
                 else str(pspec.default if pspec.default is not None else pspec.minimum)
             )
-            where = (*at, "params")
-            problems.append(
-                (
-                    doc.line_of(where),
-                    f"{format_keypath(where)}: {pspec.name} is required for {spec.name} "
-                    f"({pspec.help}), e.g. {pspec.name}: {example}",
-                )
+            found.add(
+                where,
+                f"{pspec.name} is required for {spec.name} ({pspec.help}), "
+                f"e.g. {pspec.name}: {example}",
             )
             ok = False
-    if not ok:
-        return []
-
-    combos_count = math.prod(len(values) for _, values in axes)
-    if combos_count > MAX_VARIANTS:
-        problems.append(
-            (
-                doc.line_of((*at, "params")),
-                f"{format_keypath((*at, 'params'))}: the lists expand into {combos_count} "
-                f"variants (their cross product); at most {MAX_VARIANTS} per operation: "
-                f"split the job or shorten the lists",
-            )
-        )
-        return []
-    names = [name for name, _ in axes]
-    combos = itertools.product(*(values for _, values in axes))
-    return [_Draft(spec, dict(zip(names, combo, strict=True))) for combo in combos]
+    return ok
 
 
 def _to_variants(drafts: list[_Draft]) -> tuple[Variant, ...]:
