@@ -191,11 +191,39 @@ def print_plan(manifest: Manifest, config: Config, options: RunOptions) -> int:
     credit endpoints.
     """
     inputs = list(iter_inputs(manifest.base_dir, manifest.inputs, manifest.output))
+    print(f"plan for {manifest.path} -> {manifest.output} (dry run: nothing billable is sent)")
+    print(f"  inputs: {len(inputs)}; variants: {len(manifest.variants)}")
+    requests, spend, units = _print_variants(manifest, inputs)
+    _print_pace(requests, config)
+    for vendor in sorted(spend):
+        cap = manifest.max_credits.get(vendor)
+        capped = f" (max_credits caps it at {cap:g})" if cap is not None else ""
+        print(
+            f"  {vendor}: expected spend if every item succeeds: {_amount(spend[vendor])} "
+            f"{units[vendor]}{capped}"
+        )
+    emulate = options.emulate or manifest.emulator
+    balances = anyio.run(fetch_balances, manifest, config, emulate)
+    for vendor, balance in sorted(balances.items()):
+        if isinstance(balance, str):
+            print(f"  {vendor} balance: {balance}")
+            continue
+        where = " (emulator)" if emulate else ""
+        need = spend.get(vendor, 0.0)
+        verdict = "enough" if balance.balance >= need else f"NOT enough: {_amount(need)} needed"
+        print(f"  {vendor} balance{where}: {_amount(balance.balance)} {balance.unit}; {verdict}")
+    print("  nothing was sent (dry run)")
+    return 0
+
+
+def _print_variants(
+    manifest: Manifest, inputs: list[Path]
+) -> tuple[Counter[str], dict[str, float], dict[str, str]]:
+    """One line per variant (items, already done, to send, requests, price); returns
+    the requests, the spend and the price unit per vendor."""
     requests: Counter[str] = Counter()
     spend: dict[str, float] = defaultdict(float)
     units: dict[str, str] = {}
-    print(f"plan for {manifest.path} -> {manifest.output} (dry run: nothing billable is sent)")
-    print(f"  inputs: {len(inputs)}; variants: {len(manifest.variants)}")
     view = _JournalView(manifest)
     try:
         # Items are keyed by content, as the run keys them: hash each input once.
@@ -229,6 +257,11 @@ def print_plan(manifest: Manifest, config: Config, options: RunOptions) -> int:
     finally:
         view.close()
     print(f"  work items: {total_items}; to send: {total_todo}")
+    return requests, spend, units
+
+
+def _print_pace(requests: Counter[str], config: Config) -> None:
+    """The least time each vendor's rate budget needs for its requests."""
     for vendor in sorted(requests):
         n = requests[vendor]
         limit = config.provider(vendor).rate_limit
@@ -246,25 +279,6 @@ def print_plan(manifest: Manifest, config: Config, options: RunOptions) -> int:
             f"  {vendor}: ~{n} API requests; at least {_duration(seconds)} under its budget "
             f"of {' and '.join(parts)}"
         )
-    for vendor in sorted(spend):
-        cap = manifest.max_credits.get(vendor)
-        capped = f" (max_credits caps it at {cap:g})" if cap is not None else ""
-        print(
-            f"  {vendor}: expected spend if every item succeeds: {_amount(spend[vendor])} "
-            f"{units[vendor]}{capped}"
-        )
-    emulate = options.emulate or manifest.emulator
-    balances = anyio.run(fetch_balances, manifest, config, emulate)
-    for vendor, balance in sorted(balances.items()):
-        if isinstance(balance, str):
-            print(f"  {vendor} balance: {balance}")
-            continue
-        where = " (emulator)" if emulate else ""
-        need = spend.get(vendor, 0.0)
-        verdict = "enough" if balance.balance >= need else f"NOT enough: {_amount(need)} needed"
-        print(f"  {vendor} balance{where}: {_amount(balance.balance)} {balance.unit}; {verdict}")
-    print("  nothing was sent (dry run)")
-    return 0
 
 
 def _duration(seconds: float) -> str:
