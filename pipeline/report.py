@@ -230,6 +230,13 @@ ITEM_FIELDS = (
 LINE_FIELDS = FIXED_FIELDS + ITEM_FIELDS
 
 
+def _error_fields(row: RunRow) -> dict[str, Any]:
+    """The ``error`` of a results line for an item that failed (or is failing)."""
+    code = row.error_code or "UNKNOWN"
+    kind = row.error_kind if row.error_kind in _KINDS else "permanent"
+    return {"code": code, "message": row.error_message or "", "kind": kind}
+
+
 class _Lines:
     """Turns journal rows into ``results.jsonl`` lines and tallies them.
 
@@ -305,27 +312,59 @@ class _Lines:
         changes = json.loads(row.changes) if row.changes else []
         if changes:
             tally.auto_fixed += 1
+        rest = self._rest(
+            row.key,
+            row.input_path,
+            row.input_rel,
+            output,
+            error,
+            attempts=row.attempts,
+            polls=row.polls,
+            task_id=row.task_id,
+            billed=bool(row.billed),
+            possibly_billed=row.unknown_total > 0,
+            changes=changes,
+        )
+        return self._fixed(op, row, count) + "," + rest
+
+    def _rest(
+        self,
+        key: str,
+        input_path: str,
+        input_rel: str,
+        output: str | None,
+        error: dict[str, Any] | None,
+        *,
+        attempts: int = 0,
+        polls: int = 0,
+        task_id: str | None = None,
+        billed: bool = False,
+        possibly_billed: bool = False,
+        changes: list[Any] | None = None,
+    ) -> str:
+        """A line's fields after the fixed ones, encoded, without the opening brace
+        (the defaults: an input that sent nothing)."""
         rest = _encode(
             {
-                "key": row.key,
-                "input": row.input_path,
-                "input_rel": row.input_rel,
+                "key": key,
+                "input": input_path,
+                "input_rel": input_rel,
                 "output": self.prefix + output if output else None,
                 "output_rel": output or None,
-                "attempts": row.attempts,
-                "polls": row.polls,
-                "task_id": row.task_id,
+                "attempts": attempts,
+                "polls": polls,
+                "task_id": task_id,
                 "error": error,
-                "billed": bool(row.billed),
-                "possibly_billed": row.unknown_total > 0,
-                "changes": changes,
+                "billed": billed,
+                "possibly_billed": possibly_billed,
+                "changes": changes or [],
             }
         )
-        return self._fixed(op, row, count) + "," + rest[1:]
+        return rest[1:]
 
     def _error(self, row: RunRow, count: str) -> dict[str, Any]:
-        code = row.error_code or "UNKNOWN"
-        kind = row.error_kind if row.error_kind in _KINDS else "permanent"
+        error = _error_fields(row)
+        code, kind = error["code"], error["kind"]
         tally = self.tally
         tally.errors[(count, code, kind)] += 1
         examples = tally.examples.setdefault(code, [])
@@ -337,7 +376,7 @@ class _Lines:
                 tally.paid_lost.append(
                     {"input_rel": row.input_rel, "operation": row.operation, "code": code}
                 )
-        return {"code": code, "message": row.error_message or "", "kind": kind}
+        return error
 
     def duplicate(self, dup: DuplicateRow) -> str:
         """The line of a duplicate input: it shares its carrier's output, sent nothing."""
@@ -360,29 +399,11 @@ class _Lines:
             elif count == "interrupted":
                 error = INTERRUPTED
             else:
-                code = carrier.error_code or "UNKNOWN"
-                kind = carrier.error_kind if carrier.error_kind in _KINDS else "permanent"
-                error = {"code": code, "message": carrier.error_message or "", "kind": kind}
+                error = _error_fields(carrier)
             self.tally.counts[(carrier.operation, count)] += 1
             op = self._op(carrier.operation)
             fixed = self._fixed(op, carrier, count, carrier.input_path)
-        rest = _encode(
-            {
-                "key": dup.key,
-                "input": dup.input_path,
-                "input_rel": dup.input_rel,
-                "output": self.prefix + output if output else None,
-                "output_rel": output or None,
-                "attempts": 0,
-                "polls": 0,
-                "task_id": None,
-                "error": error,
-                "billed": False,
-                "possibly_billed": False,
-                "changes": [],
-            }
-        )
-        return fixed + "," + rest[1:]
+        return fixed + "," + self._rest(dup.key, dup.input_path, dup.input_rel, output, error)
 
 
 def _write_lines(handle: IO[str], lines: Iterable[str]) -> None:
