@@ -323,20 +323,27 @@ def _bracket_end(s: str, i: int) -> int | None:
     return None if end == -1 else end + 1
 
 
+def _outside_brackets(s: str, j: int, stop: int) -> Iterator[tuple[int, str]]:
+    """Each index and character of ``s[j:stop]`` that is not inside a ``[...]``
+    bracket expression closing by ``stop`` (an unclosed ``[`` is an ordinary one)."""
+    while j < stop:
+        ch = s[j]
+        if ch == "[":
+            end = _bracket_end(s, j)
+            if end is not None and end <= stop:
+                j = end
+                continue
+        yield j, ch
+        j += 1
+
+
 def _group_end(s: str, i: int) -> int | None:
     """Index just past the ``}`` closing the ``{`` at ``s[i]`` when it is a brace
     group (a comma at its own level), else None."""
     depth = 0
     comma = False
-    j = i
-    while j < len(s):
-        ch = s[j]
-        if ch == "[":
-            end = _bracket_end(s, j)
-            if end is not None:
-                j = end
-                continue
-        elif ch == "{":
+    for j, ch in _outside_brackets(s, i, len(s)):
+        if ch == "{":
             depth += 1
         elif ch == "}":
             depth -= 1
@@ -344,7 +351,6 @@ def _group_end(s: str, i: int) -> int | None:
                 return j + 1 if comma else None
         elif ch == "," and depth == 1:
             comma = True
-        j += 1
     return None
 
 
@@ -352,23 +358,15 @@ def _alternatives(s: str, start: int, end: int) -> list[str]:
     """The comma-separated alternatives of the group ``s[start:end]`` (braces included)."""
     out: list[str] = []
     depth = 0
-    j = start + 1
-    last = j
-    while j < end - 1:
-        ch = s[j]
-        if ch == "[":
-            stop = _bracket_end(s, j)
-            if stop is not None and stop <= end - 1:
-                j = stop
-                continue
-        elif ch == "{":
+    last = start + 1
+    for j, ch in _outside_brackets(s, start + 1, end - 1):
+        if ch == "{":
             depth += 1
         elif ch == "}":
             depth -= 1
         elif ch == "," and depth == 0:
             out.append(s[last:j])
             last = j + 1
-        j += 1
     out.append(s[last : end - 1])
     return out
 
