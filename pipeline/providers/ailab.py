@@ -38,9 +38,11 @@ from pipeline.errors import (
 )
 from pipeline.providers.base import (
     CreditBalance,
+    ExtraFiles,
     ImagePayload,
     Submitted,
     TaskState,
+    VendorParams,
 )
 from pipeline.providers.classify import AILAB_LOST_TASK_CODES, classify_ailab
 from pipeline.providers.client import VendorClient, VendorWire
@@ -143,10 +145,7 @@ def _client_error(code: str, message: str) -> PermanentError:
 
 
 def build_submit(
-    operation: str,
-    image: ImagePayload,
-    params: Mapping[str, int | str],
-    files: Mapping[str, ImagePayload],
+    operation: str, image: ImagePayload, params: VendorParams, files: ExtraFiles
 ) -> HttpRequest:
     """The multipart POST that submits one item.
 
@@ -493,11 +492,7 @@ class AILabProvider(VendorClient):
     )
 
     async def submit(
-        self,
-        operation: str,
-        image: ImagePayload,
-        params: Mapping[str, int | str],
-        files: Mapping[str, ImagePayload],
+        self, operation: str, image: ImagePayload, params: VendorParams, files: ExtraFiles
     ) -> Submitted:
         with self._scrubbed():
             request = build_submit(operation, image, params, files)

@@ -38,12 +38,14 @@ from pipeline.errors import VendorError
 __all__ = [
     "BEFORE_BILLABLE_SEND",
     "CreditBalance",
+    "ExtraFiles",
     "ImagePayload",
     "Provider",
     "RequestStats",
     "ResultSink",
     "Submitted",
     "TaskState",
+    "VendorParams",
 ]
 
 
@@ -55,6 +57,12 @@ class ImagePayload:
     data: bytes
     filename: str  # e.g. "portrait.jpg"; the extension matches content_type
     content_type: str  # "image/jpeg" | "image/png" | "image/heic"
+
+
+# A submit's parameters, already vendor codes (``service_choice: 12``), and its extra
+# image fields by form name (face swap's ``image_template``).
+VendorParams = Mapping[str, int | str]
+ExtraFiles = Mapping[str, ImagePayload]
 
 
 @dataclass(frozen=True)
@@ -136,11 +144,7 @@ class Provider(Protocol):
     vendor: str
 
     async def submit(
-        self,
-        operation: str,
-        image: ImagePayload,
-        params: Mapping[str, int | str],
-        files: Mapping[str, ImagePayload],
+        self, operation: str, image: ImagePayload, params: VendorParams, files: ExtraFiles
     ) -> Submitted:
         """Send one item. ``params`` are vendor codes; ``files`` extra image fields."""
         ...

@@ -46,9 +46,11 @@ from pipeline.errors import (
 from pipeline.netguard import RESULT_URL_REFUSED, ResolveError, guarded_session
 from pipeline.providers.base import (
     CreditBalance,
+    ExtraFiles,
     ImagePayload,
     Submitted,
     TaskState,
+    VendorParams,
 )
 from pipeline.providers.classify import (
     classify_perfectcorp,
@@ -454,9 +456,7 @@ def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> Credi
 # ------------------------------------------------------------------------ the class
 
 
-def _expression_type(
-    operation: str, params: Mapping[str, int | str], files: Mapping[str, ImagePayload]
-) -> str:
+def _expression_type(operation: str, params: VendorParams, files: ExtraFiles) -> str:
     """The one parameter AI Smile takes; raises :class:`FatalError` for another
     operation and :class:`PermanentError` (``CLIENT_*`` codes, nothing sent) for a
     missing or unknown parameter."""
@@ -553,11 +553,7 @@ class PerfectCorpProvider(VendorClient):
         parse_put(resp.status, resp.headers, resp.body, url=target.url)
 
     async def submit(
-        self,
-        operation: str,
-        image: ImagePayload,
-        params: Mapping[str, int | str],
-        files: Mapping[str, ImagePayload],
+        self, operation: str, image: ImagePayload, params: VendorParams, files: ExtraFiles
     ) -> Submitted:
         expression = _expression_type(operation, params, files)
         with self._scrubbed():
