@@ -1,7 +1,7 @@
 """The built-in emulator of both vendors' APIs (``pipeline emulate``, ``--emulate``).
 
 One aiohttp server speaks AILabTools (``/api/...``) and Perfect Corp (``/s2s/...``) as
-``shared/vendor-protocols.md`` describes them, serves their storage (``/_storage/...``)
+``docs/vendors.md`` describes them, serves their storage (``/_storage/...``)
 and counts what it saw (``GET /_emulator/stats``). A :class:`Scenario` sets its timing,
 faults, limits and accounts.
 """

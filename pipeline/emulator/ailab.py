@@ -1,4 +1,4 @@
-"""The AILabTools API as the emulator serves it (vendor-protocols.md §1).
+"""The AILabTools API as the emulator serves it (docs/vendors.md, the AILab sections).
 
 Routes (header ``ailabapi-api-key`` on every one, multipart bodies)::
 
@@ -9,9 +9,10 @@ Routes (header ``ailabapi-api-key`` on every one, multipart bodies)::
     GET  /api/common/query-credits
 
 Every answer is the superset envelope with HTTP status = ``error_code`` =
-``error_detail.status_code`` (§1.1 [R] Emulator). Credits are held at submit and
-debited only when the work succeeds: when a sync call returns, or when an async task
-reaches ``task_status`` 2, polled or not (§1.6 "only successes are billed").
+``error_detail.status_code`` (docs/vendors.md, "AILab: emulator behaviour"). Credits are
+held at submit and debited only when the work succeeds: when a sync call returns, or when
+an async task reaches ``task_status`` 2, polled or not (docs/vendors.md, "Both vendors:
+billing").
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ from pipeline.emulator.storage import Link
 __all__ = ["AilabAPI"]
 
 MB = 1024 * 1024
-# Cap on a whole multipart body; above it: 413 ERROR_REQUEST_BODY_TOO_LARGE (§1.8).
+# Cap on a whole multipart body; above it: 413 ERROR_REQUEST_BODY_TOO_LARGE
+# (docs/vendors.md, "AILab: emulator behaviour").
 MAX_BODY_BYTES = 32 * MB
 
 
 @dataclass(frozen=True)
 class _Limits:
-    """Input limits of one image field (§1.2-§1.4)."""
+    """Input limits of one image field (docs/vendors.md, "AILab: image limits")."""
 
     max_bytes: int  # "no more than": inclusive
     max_side_exclusive: int = 4096  # "less than 4096x4096px"
@@ -57,7 +59,10 @@ class _Limits:
 
 @dataclass(frozen=True)
 class _Api:
-    """One billable API: its path, price (universal credits) and own pool (§1.2-§1.4, §1.6)."""
+    """One billable API: its path, price (universal credits) and own pool.
+
+    (docs/vendors.md, "The four operations" and "AILab: credits and prices")
+    """
 
     path: str
     price: float
@@ -71,11 +76,13 @@ EMOTION = _Api("/api/portrait/effects/emotion-editor", 12, "portrait_expression_
 FACE_SWAP = _Api("/api/portrait/editing/ai-face-swap", 5, "portrait_ai_face_swap")
 BEAUTY = _Api("/api/portrait/effects/face-beauty-pro", 15, "portrait_facial_beautification_pro")
 
-# §1.2: current codes (V1.1.0) and the legacy V1.0 codes 0-3 (Q7).
+# Current codes (V1.1.0) and the legacy V1.0 codes 0-3 (docs/vendors.md, "AILab: emotion
+# editor" and "AILab: legacy expression codes").
 _SERVICE_CHOICES = frozenset({10, 11, 12, 13, 14, 15, 16, 100})
 _LEGACY_SERVICE_CHOICES = frozenset({0, 1, 2, 3})
 
-# §1.4: the six sliders and the 400 code the emulator uses for each out-of-range value.
+# The six sliders and the 400 code the emulator uses for each out-of-range value
+# (docs/vendors.md, "AILab: face beauty pro").
 _SLIDERS = {
     "whitening": "ERROR_INVALID_SKIN_WHITENING_PARAMETER",
     "smoothing": "ERROR_INVALID_SMOOTHING_PARAMETER",
@@ -116,7 +123,8 @@ _CODE_MESSAGES = {
     "ERROR_INSUFFICIENT_RESOURCES": "Insufficient resources.",
 }
 
-# Retryable answers for ``transient_error_rate``: the §1.8 R codes at their 2026 statuses.
+# Retryable answers for ``transient_error_rate``: the R codes at their 2026 statuses
+# (docs/vendors.md, "AILab: error codes" and "AILab: decide by code, not by status").
 _TRANSIENT = (
     (503, "ERROR_INSUFFICIENT_RESOURCES", "Insufficient resources, please try again later."),
     (502, "AI_SERVICE_ERROR", "AI service error, please try again later."),
@@ -124,14 +132,16 @@ _TRANSIENT = (
     (429, "EXCEEDING_LIMITS", "Request or concurrency limits exceeded."),
 )
 
-# ``permanent_error_rate`` answers, by ``ailab_permanent_error`` (§1.8 table).
+# ``permanent_error_rate`` answers, by ``ailab_permanent_error`` (docs/vendors.md, "AILab:
+# error codes").
 _PERMANENT: dict[str, tuple[int, str]] = {
     "ERROR_NO_FACE_IN_FILE": (422, "pic not has face"),
     "ERROR_INVALID_PARAMETER": (400, "Invalid parameter."),
     "UNSUPPORTED_FILE_TYPES": (415, "Unsupported file types."),
 }
 
-# ``fatal_error`` codes: status and the request kinds they hit (§1.8 "Fault knobs").
+# ``fatal_error`` codes: status and the request kinds they hit (the fault switches of
+# docs/vendors.md, "AILab: emulator behaviour").
 _FATAL: dict[str, tuple[int, frozenset[Kind] | None]] = {
     "ERROR_USER_LOCKED": (403, None),  # the account: every request
     "ERROR_USER_NOT_EXISTS": (401, None),
@@ -148,7 +158,7 @@ _POOL_NAMES = {
 
 
 def envelope(status: int = 200, code: str = "", message: str = "", **fields: Any) -> web.Response:
-    """The superset envelope of §1.1 plus ``fields``."""
+    """The superset envelope (docs/vendors.md, "AILab: response envelope") plus ``fields``."""
     body: dict[str, Any] = {
         "request_id": str(uuid.uuid4()),
         "log_id": secrets.token_hex(16).upper(),
@@ -218,7 +228,10 @@ def _text(parts: dict[str, _Part], name: str) -> str | None:
 
 
 def _int(text: str) -> int | None:
-    """Decimal text as int (§1.1 "Scalars are sent as decimal text"); ``None`` if not one."""
+    """Decimal text as int; ``None`` if not one.
+
+    Scalars are sent as decimal text (docs/vendors.md, "AILab: transport and authentication").
+    """
     try:
         return int(text, 10)
     except ValueError:
@@ -275,7 +288,8 @@ class AilabAPI(VendorAPI):
     # --- gate wording --------------------------------------------------------------
 
     def authenticate(self, request: web.Request) -> str:
-        # §1.8 [R] Emulator: "Missing or unknown key → 401 ERROR_USER_NOT_EXISTS".
+        # A missing or unknown key → 401 ERROR_USER_NOT_EXISTS (docs/vendors.md, "AILab:
+        # emulator behaviour").
         key = request.headers.get("ailabapi-api-key", "").strip()
         allowed = self.scenario.ailab_api_keys
         if not key or (allowed is not None and key not in allowed):
@@ -283,7 +297,8 @@ class AilabAPI(VendorAPI):
         return key
 
     def rate_limited(self) -> web.Response:
-        # §1.7: "429 EXCEEDING_LIMITS"; no Retry-After header is documented.
+        # 429 EXCEEDING_LIMITS; no Retry-After header is documented (docs/vendors.md, "AILab:
+        # rate limits" and "Both vendors: Retry-After").
         return envelope(429, "EXCEEDING_LIMITS", "Request or concurrency limits exceeded.")
 
     def transient(self, kind: Kind) -> web.Response:
@@ -308,7 +323,8 @@ class AilabAPI(VendorAPI):
         return ledger
 
     def _hold(self, key: str, api: _Api) -> Hold:
-        # §1.8 [R] Emulator: the API's own pool first, then common; empty → 429.
+        # The API's own pool first, then common; empty → 429 (docs/vendors.md, "AILab:
+        # emulator behaviour").
         hold = self._ledger(key).hold(api.price, (api.pool, "common"))
         if hold is None:
             raise error(429, "ERROR_NOT_ENOUGH_CREDITS", "Not enough credits, please recharge.")
@@ -332,7 +348,10 @@ class AilabAPI(VendorAPI):
                 self._charge(task.key, task.hold, task.input_digest)
 
     async def _image(self, parts: dict[str, _Part], name: str, limits: _Limits) -> bytes:
-        """The bytes of image field ``name``, checked as §1.8 [R] Emulator says."""
+        """The bytes of image field ``name``, checked as the emulator's rules say.
+
+        (docs/vendors.md, "AILab: image limits" and "AILab: emulator behaviour")
+        """
         part = parts.get(name)
         if part is None:
             raise error(400, "MISSING_PARAMETERS", f"Missing parameter: {name}.")
@@ -377,7 +396,8 @@ class AilabAPI(VendorAPI):
         return data
 
     def _refuse_faceless(self, input_digest: str) -> None:
-        # permanent_error_rate, fixed per input: the §1.1 failure example.
+        # permanent_error_rate, fixed per input: the failure example of (docs/vendors.md, "AILab:
+        # response envelope").
         if self.shared.faults.permanent(input_digest, self.scenario.permanent_error_rate):
             code = self.scenario.ailab_permanent_error
             status, message = _PERMANENT[code]
@@ -432,7 +452,10 @@ class AilabAPI(VendorAPI):
     # --- handlers -------------------------------------------------------------------
 
     async def emotion_editor(self, request: web.Request, key: str) -> web.StreamResponse:
-        """§1.2: sync; ``data.image`` is the bare base64 of the result."""
+        """Sync; ``data.image`` is the bare base64 of the result.
+
+        (docs/vendors.md, "AILab: emotion editor")
+        """
         parts = await _read_form(request)
         raw = _text(parts, "service_choice")
         if raw is None:  # required since V1.0.1
@@ -456,7 +479,10 @@ class AilabAPI(VendorAPI):
         )
 
     async def face_swap(self, request: web.Request, key: str) -> web.StreamResponse:
-        """§1.3: async; two required files, no ``task_type`` field."""
+        """Async; two required files, no ``task_type`` field.
+
+        (docs/vendors.md, "AILab: face swap")
+        """
         parts = await _read_form(request)
         for name in ("image_target", "image_template"):
             if name not in parts:
@@ -471,7 +497,10 @@ class AilabAPI(VendorAPI):
         return self.lose_response(request) or envelope(task_type="async", task_id=task.id)
 
     async def face_beauty_pro(self, request: web.Request, key: str) -> web.StreamResponse:
-        """§1.4: ``task_type`` sync (default, top-level ``result``) or async (``task_id``)."""
+        """``task_type`` sync (default, top-level ``result``) or async (``task_id``).
+
+        (docs/vendors.md, "AILab: face beauty pro")
+        """
         parts = await _read_form(request)
         task_type = _text(parts, "task_type") or "sync"
         if task_type not in ("sync", "async"):
@@ -511,7 +540,10 @@ class AilabAPI(VendorAPI):
         return self.lose_response(request) or envelope(task_type="async", task_id=task.id)
 
     async def poll(self, request: web.Request, key: str) -> web.StreamResponse:
-        """§1.5: ``task_status`` 0 → 1 → 2 over ``task_seconds``; failures per Q1."""
+        """``task_status`` 0 → 1 → 2 over ``task_seconds``; failures as the scenario says.
+
+        (docs/vendors.md, "AILab: polling and task states" and "AILab: task failures at poll")
+        """
         task_id = request.query.get("task_id", "").strip()
         if not task_id:
             raise error(400, "MISSING_PARAMETERS", "Missing parameter: task_id.")
@@ -521,25 +553,30 @@ class AilabAPI(VendorAPI):
             raise error(404, "ERROR_RESOURCE_NOT_FOUND", f"Task {task_id} not found.")
         now = self.shared.clock()
         ttl = self.scenario.ailab_result_url_ttl_seconds
-        if now > task.completes_at + ttl:  # §1.5 "Results remain queryable for 24 h"
+        if now > task.completes_at + ttl:  # (docs/vendors.md, "AILab: task lifetimes")
             raise error(410, "ERROR_RESOURCE_RECLAIMED", f"Task {task_id} has expired.")
         if task.fails and self.scenario.ailab_task_failure_style == "http422":
-            # Q1: the third-party observation, an accepted task refused at its first poll.
+            # The third-party observation, an accepted task refused at its first poll
+            # (docs/vendors.md, "AILab: task failures at poll").
             raise error(422, "ERROR_NO_FACE_IN_FILE", "No face detected.")
         if now < task.completes_at:
             queued = now - task.created < self.scenario.task_seconds / 2
             return envelope(task_status=0 if queued else 1)
         if task.fails:
-            return envelope(task_status=3)  # Q1: the SDK's failure value
+            return envelope(task_status=3)  # the SDK's failure value, same section
         url = await self._result_url(request, task)
-        if task.api is FACE_SWAP:  # §1.3
+        if task.api is FACE_SWAP:  # (docs/vendors.md, "AILab: face swap")
             return envelope(task_status=2, data={"image": url})
-        if self.scenario.beauty_result_field == "result_url":  # §1.4 async page, Q5
+        # (docs/vendors.md, "AILab: face beauty pro result field")
+        if self.scenario.beauty_result_field == "result_url":
             return envelope(task_status=2, result_url=url)
         return envelope(task_status=2, data={"image": url})
 
     async def _result_url(self, request: web.Request, task: _Task) -> str:
-        """Render the result once; its URL is fixed and lives 24 h from completion (§1.3)."""
+        """Render the result once; its URL is fixed and lives 24 h from completion.
+
+        (docs/vendors.md, "AILab: task lifetimes")
+        """
         async with task.lock:
             if task.link is None:
                 blobs = self.shared.blobs
@@ -559,7 +596,10 @@ class AilabAPI(VendorAPI):
         return self.shared.links.url(base_url(request), task.link)
 
     async def credits(self, request: web.Request, key: str) -> web.StreamResponse:
-        """§1.6: ``data`` is an array of pools; every field present."""
+        """``data`` is an array of pools; every field present.
+
+        (docs/vendors.md, "AILab: credits and prices")
+        """
         ledger = self._ledger(key)
         first_buy = int(self.shared.started_epoch)
         pools = [

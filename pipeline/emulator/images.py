@@ -157,7 +157,7 @@ def _mouth(img: Image.Image, *, smile: bool, teeth: bool, color: tuple[int, int,
         )
 
 
-# AILab emotion editor codes (vendor-protocols.md §1.2), for the banner.
+# AILab emotion editor codes (docs/vendors.md, "AILab: emotion editor"), for the banner.
 _EXPRESSIONS = {
     0: "big laugh", 1: "pouting", 2: "feel sad", 3: "smile",
     10: "dimple smile", 11: "pear dimple smile", 12: "big grin", 13: "standard grin",

@@ -1,10 +1,10 @@
 """One account's balances, debited on success only.
 
-Both vendors bill only successful work (vendor-protocols.md §1.6 "only successes are
-billed", §2.4 "No unit is used" on error). A submit *holds* the price so that work in
-flight can never overdraw the account; the hold is debited when the work succeeds and
-released when it fails. AILab takes from the API's own pool first, then ``common``
-(§1.8 [R] Emulator).
+Both vendors bill only successful work: AILab bills only successes, Perfect Corp uses
+no unit on error (docs/vendors.md, "Both vendors: billing"). A submit *holds* the price so
+that work in flight can never overdraw the account; the hold is debited when the work
+succeeds and released when it fails. AILab takes from the API's own pool first, then
+``common`` (docs/vendors.md, "AILab: emulator behaviour").
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The Perfect Corp YouCam API (AI Smile) as the emulator serves it (vendor-protocols.md §2).
+"""The Perfect Corp YouCam API (AI Smile) as the emulator serves it.
+
+The vendor is described in docs/vendors.md, the Perfect Corp sections.
 
 Routes (``Authorization: Bearer <key>`` on every one, JSON bodies)::
 
@@ -10,10 +12,13 @@ Routes (``Authorization: Bearer <key>`` on every one, JSON bodies)::
     GET  /s2s/v1.0/client/credit/history, GET /s2s/v2.0/credit/feature-cost
 
 Success is ``{"status":200,"data":{…}}``; errors are ``{"status":…,"error":…,
-"error_code":…}`` (no code on 429 and on some 401s, §2.1). Engine failures are HTTP 200
-with a lower-case code in ``data.error`` (§2.4, Q12). One unit is held at create and
-debited when the task succeeds, polled or not (§2.4 "1 unit is used"; "consumed units
-may still be charged" for a task that expires unpolled after finishing).
+"error_code":…}`` (no code on 429 and on some 401s: docs/vendors.md, "Perfect Corp:
+response envelope"). Engine failures are HTTP 200 with a lower-case code in ``data.error``
+(docs/vendors.md, "Perfect Corp: polling and task states" and "Perfect Corp: engine error
+codes"). One unit is held at create and debited when the task succeeds, polled or not ("1
+unit is used"; "consumed units may still be charged" for a task that expires unpolled
+after finishing: docs/vendors.md, "Perfect Corp: polling and task states" and "Perfect
+Corp: polling window").
 """
 
 from __future__ import annotations
@@ -43,23 +48,29 @@ __all__ = ["PerfectCorpAPI"]
 
 MB = 1024 * 1024
 UNIT_POOL = "units"
-PRICE = 1.0  # §2.5: 1 unit per successful task (AI Smile V1.0)
+# 1 unit per successful task (AI Smile V1.0; docs/vendors.md, "Perfect Corp: units and prices")
+PRICE = 1.0
 
 FEATURE_UPLOAD_PATH = "/s2s/v2.0/file/ai-smile"
-UNIVERSAL_UPLOAD_PATH = "/s2s/v2.0/file"  # release v1.14 (§2.2, Q11)
+# Release v1.14 (docs/vendors.md, "Perfect Corp: upload path")
+UNIVERSAL_UPLOAD_PATH = "/s2s/v2.0/file"
 TASK_PATH = "/s2s/v2.0/task/ai-smile"
 
-# §2.2/§2.5: jpg/jpeg/png/heic, < 10 MB; the vendor's own examples write image/jpg.
+# jpg/jpeg/png/heic, < 10 MB; the vendor's own examples write image/jpg (docs/vendors.md,
+# "Perfect Corp: upload" and "Perfect Corp: image limits").
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/jpg", "image/png", "image/heic", "image/heif"})
-_VIDEO_TYPES = frozenset({"video/mp4", "video/quicktime"})  # universal path only (§2.2)
+# Universal path only (docs/vendors.md, "Perfect Corp: upload")
+_VIDEO_TYPES = frozenset({"video/mp4", "video/quicktime"})
 _IMAGE_MAX_BYTES = 10 * MB  # exclusive ("< 10MB")
 _VIDEO_MAX_BYTES = 100 * MB
 
-# §2.3: the two documented values; anything else in the body is "Unexpected".
+# The two documented values; anything else in the body is "Unexpected" (docs/vendors.md,
+# "Perfect Corp: create task").
 _EXPRESSIONS = frozenset({"smile_with_teeth_visible", "closed_mouth_smile"})
 _TASK_FIELDS = frozenset({"src_file_id", "src_file_url", "expression_type"})
 
-# §2.9 engine codes the emulator produces (lower case, Q12) and their details.
+# Engine codes the emulator produces (lower case) and their details (docs/vendors.md,
+# "Perfect Corp: engine error codes").
 _ENGINE_MESSAGES = {
     "error_no_face": "No face was detected in the provided image.",
     "error_inference": "The inference process failed due to a workflow issue, execution error, "
@@ -69,7 +80,8 @@ _ENGINE_MESSAGES = {
     "error_download_image": "The source image could not be downloaded.",
 }
 
-_CREATE_FAILED = "The operation could not be completed"  # §2.3 error text
+# Error text (docs/vendors.md, "Perfect Corp: create task")
+_CREATE_FAILED = "The operation could not be completed"
 
 # ``fatal_error`` codes: (status, message, kinds they hit; None = every request).
 _FATAL: dict[str, tuple[int, str, frozenset[Kind] | None]] = {
@@ -91,7 +103,10 @@ def ok(data: Any = None, **top: Any) -> web.Response:
 def failure(
     status: int, message: str, code: str | None = None, *, reason: str = ""
 ) -> web.Response:
-    """A §2.1 error body. ``reason`` goes to an ``X-Emulator-Reason`` header for humans."""
+    """An error body (docs/vendors.md, "Perfect Corp: response envelope").
+
+    ``reason`` goes to an ``X-Emulator-Reason`` header for humans.
+    """
     body: dict[str, Any] = {"status": status, "error": message}
     if code is not None:
         body["error_code"] = code
@@ -120,7 +135,10 @@ async def _json_object(request: web.Request, message: str) -> dict[str, Any]:
 
 
 def _file_id() -> str:
-    """A file id shaped like the vendor's: it contains ``/`` and ``+`` (§2.2)."""
+    """A file id shaped like the vendor's: it contains ``/`` and ``+``.
+
+    (docs/vendors.md, "Perfect Corp: upload")
+    """
 
     def part(n: int) -> str:
         return base64.b64encode(secrets.token_bytes(n)).decode().rstrip("=")
@@ -210,7 +228,8 @@ class PerfectCorpAPI(VendorAPI):
     # --- gate wording --------------------------------------------------------------
 
     def authenticate(self, request: web.Request) -> str:
-        # §2.1: "Authorization: Bearer <API_KEY>", one space; a missing prefix is a 401.
+        # "Authorization: Bearer <API_KEY>", one space; a missing prefix is a 401
+        # (docs/vendors.md, "Perfect Corp: transport and authentication").
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key or key != key.strip():
             raise error(401, "Invalid API key", reason="expected 'Authorization: Bearer <API_KEY>'")
@@ -220,7 +239,8 @@ class PerfectCorpAPI(VendorAPI):
         return key
 
     def rate_limited(self) -> web.Response:
-        return failure(429, "Too many requests")  # §2.6: no error_code, no Retry-After
+        # No error_code, no Retry-After (docs/vendors.md, "Perfect Corp: rate limits")
+        return failure(429, "Too many requests")
 
     def transient(self, kind: Kind) -> web.Response:
         options: list[tuple[int, str, str | None]] = [
@@ -228,7 +248,8 @@ class PerfectCorpAPI(VendorAPI):
             (503, "Service Unavailable", None),
             (429, "Too many requests", None),
         ]
-        if kind == "submit":  # §2.4/§2.9: TaskTimeout, "resubmit"
+        # TaskTimeout, "resubmit" (docs/vendors.md, "Perfect Corp: error codes")
+        if kind == "submit":
             options.append((500, "Task execution timed out", "TaskTimeout"))
         status, message, code = self.shared.faults.pick(options)
         return failure(status, message, code, reason="transient_error_rate")
@@ -240,7 +261,8 @@ class PerfectCorpAPI(VendorAPI):
         return failure(status, message, code, reason="fatal_error")
 
     def decorate(self, response: web.StreamResponse) -> None:
-        response.headers["x-request-id"] = str(uuid.uuid4())  # §2.1: seen live; log it
+        # Seen live; log it (docs/vendors.md, "Perfect Corp: transport and authentication")
+        response.headers["x-request-id"] = str(uuid.uuid4())
 
     # --- accounts and tasks ---------------------------------------------------------
 
@@ -289,7 +311,8 @@ class PerfectCorpAPI(VendorAPI):
                 400, "Invalid task ID", "InvalidTaskId", reason="unknown, deleted or expired task"
             )
         if self._lapsed(task, self.shared.clock()):
-            # §2.4 polling window: left unpolled too long, the task is gone.
+            # Left unpolled too long, the task is gone (docs/vendors.md, "Perfect Corp: polling
+            # window").
             self._expire(task)
             raise error(
                 400,
@@ -300,7 +323,10 @@ class PerfectCorpAPI(VendorAPI):
         return task
 
     def _lapsed(self, task: _Task, now: float) -> bool:
-        """Left unpolled past the window before its result was seen (§2.4)."""
+        """Left unpolled past the window before its result was seen.
+
+        (docs/vendors.md, "Perfect Corp: polling window")
+        """
         return (
             not task.terminal_seen
             and not task.gone
@@ -326,7 +352,10 @@ class PerfectCorpAPI(VendorAPI):
     # --- handlers -------------------------------------------------------------------
 
     async def create_file(self, request: web.Request, key: str) -> web.StreamResponse:
-        """§2.2 step 1: one file record and one presigned PUT per requested file."""
+        """Upload step 1: one file record and one presigned PUT per requested file.
+
+        (docs/vendors.md, "Perfect Corp: upload")
+        """
         body = await _json_object(request, "Invalid parameter value")
         files = body.get("files")
         if not isinstance(files, list) or not files:
@@ -351,7 +380,7 @@ class PerfectCorpAPI(VendorAPI):
                         {
                             "method": "PUT",
                             "url": self.shared.links.url(base_url(request), link),
-                            # Send exactly these (§2.2 step 2); the PUT checks both.
+                            # Send exactly these (upload step 2); the PUT checks both.
                             "headers": {"Content-Type": content_type, "Content-Length": str(size)},
                         }
                     ],
@@ -385,10 +414,13 @@ class PerfectCorpAPI(VendorAPI):
         return content_type, file_name, size
 
     async def create_task(self, request: web.Request, key: str) -> web.StreamResponse:
-        """§2.3: exactly one source, a documented ``expression_type``, nothing else."""
+        """Exactly one source, a documented ``expression_type``, nothing else.
+
+        (docs/vendors.md, "Perfect Corp: create task")
+        """
         body = await _json_object(request, _CREATE_FAILED)
         unexpected = sorted(set(body) - _TASK_FIELDS)
-        if unexpected:  # §2.3 [R]: unknown fields are BadRequest
+        if unexpected:  # unknown fields are BadRequest (same section)
             raise error(
                 400,
                 _CREATE_FAILED,
@@ -411,7 +443,7 @@ class PerfectCorpAPI(VendorAPI):
         # Inputs are counted by their bytes; a stand-in source by its URL.
         input_digest = digest(source.data if source.data is not None else str(url).encode())
         hold = self._ledger(key).hold(PRICE, (UNIT_POOL,))
-        if hold is None:  # §2.3: "observed when units run out"
+        if hold is None:  # "observed when units run out" (same section)
             raise error(400, "Insufficient unit to run", "CreditInsufficiency")
         outcome = await self._outcome(source, input_digest)
         now = self.shared.clock()
@@ -437,7 +469,10 @@ class PerfectCorpAPI(VendorAPI):
         return self.lose_response(request) or ok({"task_id": task.id})
 
     async def _uploaded(self, file_id: object, key: str) -> _Source:
-        """The bytes behind ``src_file_id``; §2.2 "If this step is skipped ... 404 or 500"."""
+        """The bytes behind ``src_file_id``.
+
+        "If this step is skipped ... 404 or 500" (docs/vendors.md, "Perfect Corp: upload").
+        """
         record = self.files.get(file_id) if isinstance(file_id, str) else None
         if record is None or record.key != key:
             raise error(
@@ -482,7 +517,10 @@ class PerfectCorpAPI(VendorAPI):
         return _Source(data, await self.shared.blobs.put(data))
 
     async def _outcome(self, source: _Source, input_digest: str) -> str:
-        """How the engine will end this task (§2.9 engine codes)."""
+        """How the engine will end this task.
+
+        (docs/vendors.md, "Perfect Corp: engine error codes")
+        """
         if source.download_failed:
             return "error_download_image"
         if source.data is not None:
@@ -491,7 +529,8 @@ class PerfectCorpAPI(VendorAPI):
                 info.decodes or info.format == "HEIF"
             ):
                 return "error_decode_image"
-            if info.long_side > 4096:  # §2.5: long side <= 4096
+            # Long side <= 4096 (docs/vendors.md, "Perfect Corp: image limits")
+            if info.long_side > 4096:
                 return "error_exceed_max_image_size"
         faults = self.shared.faults
         if faults.permanent(input_digest, self.scenario.permanent_error_rate):
@@ -501,9 +540,13 @@ class PerfectCorpAPI(VendorAPI):
         return "success"
 
     async def poll(self, request: web.Request, key: str) -> web.StreamResponse:
-        """§2.4: running → success (fresh URL each poll) | error, all HTTP 200."""
+        """Running → success (fresh URL each poll) | error, all HTTP 200.
+
+        (docs/vendors.md, "Perfect Corp: polling and task states")
+        """
         self.stats.polls += 1
-        task = self._task(unquote(request.match_info["task_id"]), key)  # Q9: ids may arrive encoded
+        # Ids may arrive encoded (docs/vendors.md, "Perfect Corp: polling and task states").
+        task = self._task(unquote(request.match_info["task_id"]), key)
         now = self.shared.clock()
         task.last_polled = now
         data: dict[str, Any]
@@ -535,14 +578,18 @@ class PerfectCorpAPI(VendorAPI):
                     render_smile, source, task.expression_type, task.note
                 )
                 task.result_blob = await self.shared.blobs.put(rendered)
-        # §2.4: "A re-poll gives a fresh one", valid result_url_ttl_seconds (2 h).
+        # "A re-poll gives a fresh one", valid result_url_ttl_seconds (2 h) (docs/vendors.md,
+        # "Perfect Corp: result URLs").
         link = self.shared.links.result(
             "perfectcorp", task.result_blob, self.scenario.result_url_ttl_seconds
         )
         return self.shared.links.url(base_url(request), link)
 
     async def delete_task(self, request: web.Request, key: str) -> web.StreamResponse:
-        """§2.7: delete a finished task; a running one is ``OperationInvalid``."""
+        """Delete a finished task; a running one is ``OperationInvalid``.
+
+        (docs/vendors.md, "Perfect Corp: task lifetimes")
+        """
         body = await _json_object(request, _CREATE_FAILED)
         task_id = body.get("task_id")
         if not isinstance(task_id, str) or not task_id:
@@ -556,7 +603,10 @@ class PerfectCorpAPI(VendorAPI):
         return web.json_response({"status": 200})
 
     async def credit(self, request: web.Request, key: str) -> web.StreamResponse:
-        """§2.5: the list is in ``results``; ``amount`` is deprecated, ``expiry`` in ms."""
+        """The list is in ``results``; ``amount`` is deprecated, ``expiry`` in ms.
+
+        (docs/vendors.md, "Perfect Corp: units and prices")
+        """
         balance = self._ledger(key).balances[UNIT_POOL]
         expiry_ms = int((self.shared.started_epoch + 365 * 86400) * 1000)
         entry = {
@@ -569,7 +619,10 @@ class PerfectCorpAPI(VendorAPI):
         return web.json_response({"status": 200, "results": [entry]})
 
     async def credit_history(self, request: web.Request, key: str) -> web.StreamResponse:
-        """§2.5: ``result.history[]`` newest first, paged by ``starting_token``."""
+        """``result.history[]`` newest first, paged by ``starting_token``.
+
+        (docs/vendors.md, "Perfect Corp: units and prices")
+        """
         page_size = _page_param(request, "page_size", 1, 30, default=30)
         start = _page_param(request, "starting_token", 0, 10**9, default=0)
         entries = list(reversed(self.history.get(key, [])))
@@ -580,7 +633,10 @@ class PerfectCorpAPI(VendorAPI):
         )
 
     async def feature_cost(self, request: web.Request, key: str) -> web.StreamResponse:
-        """§2.5: what each feature costs; only AI Smile here."""
+        """What each feature costs; only AI Smile here.
+
+        (docs/vendors.md, "Perfect Corp: units and prices")
+        """
         _page_param(request, "page_size", 1, 20, default=20)
         sku = {
             "description": "AI Smile",
@@ -596,7 +652,10 @@ class PerfectCorpAPI(VendorAPI):
 
 
 def _credit_id(key: str) -> int:
-    """A stable credit-batch id above 2**53, as the vendor's are (§2.1 "IDs")."""
+    """A stable credit-batch id above 2**53, as the vendor's are.
+
+    (docs/vendors.md, "Perfect Corp: transport and authentication")
+    """
     return 10**16 + int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) % 10**15
 
 

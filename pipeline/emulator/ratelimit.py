@@ -1,8 +1,9 @@
 """The vendors' request budgets, enforced per API key and per client IP.
 
 Perfect Corp publishes "250 requests per 300 s and 5 QPS, applied per IP and,
-separately, per access token" and "Both conditions must be met" (vendor-protocols.md
-§2.6); AILab publishes nothing (§1.7), so the scenario decides. Only admitted requests
+separately, per access token" and "Both conditions must be met" (docs/vendors.md,
+"Perfect Corp: rate limits"); AILab publishes nothing (docs/vendors.md, "AILab: rate
+limits"), so the scenario decides. Only admitted requests
 use up budget: a client that backs off after a 429 is not punished for the 429s.
 """
 

@@ -43,10 +43,11 @@ __all__ = ["FatalCode", "RateLimitSpec", "Scenario", "load_scenario"]
 
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
 
-# Codes the ``fatal_error`` knob can inject. AILab codes (vendor-protocols.md §1.8,
-# "Fault knobs ... 403 ERROR_USER_LOCKED, 404 ERROR_AI_NOT_EXISTS") affect the AILab
-# API; the Perfect Corp codes (§2.9: 401 key states, 400 CreditInsufficiency) affect
-# the Perfect Corp API.
+# Codes the ``fatal_error`` knob can inject. AILab codes (the fault switches "403
+# ERROR_USER_LOCKED, 404 ERROR_AI_NOT_EXISTS" of docs/vendors.md, "AILab: emulator
+# behaviour") affect the AILab API; the Perfect Corp codes (401 key states, 400
+# CreditInsufficiency: docs/vendors.md, "Perfect Corp: error codes") affect the Perfect
+# Corp API.
 FatalCode = Literal[
     "ERROR_USER_LOCKED",
     "ERROR_AI_NOT_EXISTS",
@@ -106,8 +107,9 @@ class Scenario(_Frozen):
     ailab_permanent_error: Literal[
         "ERROR_NO_FACE_IN_FILE", "ERROR_INVALID_PARAMETER", "UNSUPPORTED_FILE_TYPES"
     ] = "ERROR_NO_FACE_IN_FILE"
-    """The AILab code ``permanent_error_rate`` answers with (422, 400 or 415, §1.8): the
-    400/415 ones look like a client bug and trip the client's repeated-rejection brake."""
+    """The AILab code ``permanent_error_rate`` answers with (422, 400 or 415; docs/vendors.md,
+    "AILab: error codes"): the 400/415 ones look like a client bug and trip the client's
+    repeated-rejection brake."""
     task_failure_rate: Rate = 0.0
     """Share of accepted async tasks that end failed (never billed)."""
     disconnect_rate: Rate = 0.0
@@ -115,7 +117,7 @@ class Scenario(_Frozen):
     lost_response_rate: Rate = 0.0
     """Share of submits processed in full (task created, sync job billed) whose response
     is then lost to a dropped connection: the "re-POST after a timeout may create a second
-    task" case of vendor-protocols.md §1.1/§2.1/Q17."""
+    task" case of (docs/vendors.md, "Both vendors: no idempotency key")."""
     fatal_error: FatalCode | None = None
     """Answer the owning vendor's requests with this fatal code (see ``fatal_after_requests``)."""
     fatal_after_requests: NonNegativeInt = 0
@@ -124,47 +126,60 @@ class Scenario(_Frozen):
     """Share of result downloads that stall ``download_stall_seconds`` before answering."""
     download_stall_seconds: NonNegativeFloat = 30.0
     ailab_task_failure_style: Literal["status3", "http422"] = "status3"
-    """How a failed AILab task shows at poll (vendor-protocols.md Q1): ``task_status: 3``
-    once its time is up, or ``422 ERROR_NO_FACE_IN_FILE`` from the first poll."""
+    """How a failed AILab task shows at poll (docs/vendors.md, "AILab: task failures at
+    poll"): ``task_status: 3`` once its time is up, or ``422 ERROR_NO_FACE_IN_FILE`` from
+    the first poll."""
 
     # --- limits and accounts ----------------------------------------------------------
     rate_limit: RateLimitSpec | None = None
     """Budget per API key and, separately, per client IP, per vendor. ``None``: unlimited."""
     rate_limit_vendors: tuple[Literal["ailab", "perfectcorp"], ...] = ("ailab", "perfectcorp")
-    """Which vendors ``rate_limit`` applies to (AILab publishes no numbers, §1.7)."""
+    """Which vendors ``rate_limit`` applies to (AILab publishes no numbers: docs/vendors.md,
+    "AILab: rate limits")."""
     rate_limit_retry_after_seconds: NonNegativeFloat | None = None
-    """Send ``Retry-After`` with rate-limit 429s. Neither vendor documents one (§1.7,
-    §2.6), so the default sends none; set it to test that clients honour it."""
+    """Send ``Retry-After`` with rate-limit 429s. Neither vendor documents one
+    (docs/vendors.md, "Both vendors: Retry-After"), so the default sends none; set it to
+    test that clients honour it."""
     rate_limit_per_ip: bool = True
-    """Also enforce ``rate_limit`` per client IP (Perfect Corp §2.6: "Both conditions")."""
+    """Also enforce ``rate_limit`` per client IP ("Both conditions": docs/vendors.md,
+    "Perfect Corp: rate limits")."""
     ailab_api_keys: tuple[str, ...] | None = None
     """Accepted AILab keys; ``None`` accepts any non-empty key."""
     perfectcorp_api_keys: tuple[str, ...] | None = None
     """Accepted Perfect Corp keys; ``None`` accepts any non-empty key."""
     ailab_credits: dict[str, NonNegativeFloat] = Field(default_factory=_default_ailab_credits)
-    """Starting AILab pools per key: ``common`` and/or per-API pools (§1.6)."""
+    """Starting AILab pools per key: ``common`` and/or per-API pools (docs/vendors.md,
+    "AILab: credits and prices")."""
     perfectcorp_units: NonNegativeFloat = 100_000.0
-    """Starting Perfect Corp units per key (§2.5)."""
+    """Starting Perfect Corp units per key (docs/vendors.md, "Perfect Corp: units and
+    prices")."""
 
     # --- protocol switches --------------------------------------------------------------
     legacy_service_choice: Literal["accept", "reject"] = "accept"
-    """Emotion editor codes 0-3 (§1.2, Q7): accept, or refuse as UNSUPPORTED_PARAMETER_VALUES."""
+    """Emotion editor codes 0-3 (docs/vendors.md, "AILab: legacy expression codes"): accept,
+    or refuse as UNSUPPORTED_PARAMETER_VALUES."""
     beauty_result_field: Literal["result_url", "data.image"] = "result_url"
-    """Where a finished async Face Beauty Pro poll puts its URL (§1.4, Q5)."""
+    """Where a finished async Face Beauty Pro poll puts its URL (docs/vendors.md, "AILab:
+    face beauty pro result field")."""
     polling_interval_ms: PositiveInt | None = None
-    """Perfect Corp: also return ``data.polling_interval`` (ms) on polls (§2.4, Q9)."""
+    """Perfect Corp: also return ``data.polling_interval`` (ms) on polls (docs/vendors.md,
+    "Perfect Corp: polling interval")."""
     unpolled_window_seconds: PositiveFloat = 600.0
-    """Perfect Corp: a running task not polled for this long expires as InvalidTaskId (§2.4)."""
+    """Perfect Corp: a running task not polled for this long expires as InvalidTaskId
+    (docs/vendors.md, "Perfect Corp: polling window")."""
     fetch_src_urls: bool = False
     """Perfect Corp ``src_file_url``: fetch foreign URLs (True), or use a stand-in portrait."""
 
     # --- retention ----------------------------------------------------------------------
     result_url_ttl_seconds: PositiveFloat = 7200.0
-    """Perfect Corp result URL lifetime; each poll issues a fresh one (§2.4)."""
+    """Perfect Corp result URL lifetime; each poll issues a fresh one (docs/vendors.md,
+    "Perfect Corp: result URLs")."""
     ailab_result_url_ttl_seconds: PositiveFloat = 86400.0
-    """AILab result URL and task lifetime from completion (§1.3, §1.7: 24 h)."""
+    """AILab result URL and task lifetime from completion: 24 h (docs/vendors.md, "AILab:
+    task lifetimes")."""
     upload_url_ttl_seconds: PositiveFloat = 3600.0
-    """Perfect Corp presigned PUT URL lifetime (undocumented, Q15)."""
+    """Perfect Corp presigned PUT URL lifetime (undocumented: docs/vendors.md, "Perfect
+    Corp: upload")."""
 
     seed: int = 1
     """Seed of every random choice, so a scenario replays the same way."""

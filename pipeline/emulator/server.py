@@ -37,7 +37,8 @@ from pipeline.emulator.storage import BlobStore, Links, StorageRoutes
 
 __all__ = ["RunningEmulator", "create_app", "running_emulator", "serve", "start_emulator"]
 
-# Room for a 100 MB Perfect Corp video PUT (§2.2); AILab bodies have their own cap.
+# Room for a 100 MB Perfect Corp video PUT (docs/vendors.md, "Perfect Corp: upload");
+# AILab bodies have their own cap.
 _CLIENT_MAX_SIZE = 110 * 1024 * 1024
 # In-flight requests (e.g. a stalled download) get this long at shutdown.
 _SHUTDOWN_TIMEOUT = 2.0

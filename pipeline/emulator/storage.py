@@ -1,8 +1,9 @@
 """The emulated object stores: presigned PUTs and expiring result downloads.
 
 The real result and upload URLs live on storage hosts, not on the API host
-(AILab: an Aliyun OSS bucket, §1.7; Perfect Corp: S3, §2.2/§2.4). They need no API key,
-do not count against the API rate budget, expire, and answer errors the S3 way
+(AILab: an Aliyun OSS bucket; Perfect Corp: S3; docs/vendors.md, "AILab: downloads",
+"Perfect Corp: upload" and "Perfect Corp: result URLs"). They need no API key, do not count
+against the API rate budget, expire, and answer errors the S3 way
 (XML ``<Error><Code>…``). Here they share the emulator's port under ``/_storage``::
 
     PUT {base}/_storage/perfectcorp/upload/{token}?X-Amz-Algorithm=…&X-Amz-Expires=…&X-Amz-Signature=…
@@ -177,7 +178,8 @@ class StorageRoutes:
         if link is None or link.kind != kind or link.vendor != request.match_info["vendor"]:
             return s3_error(404, "NoSuchKey", "The specified key does not exist.", Key=name)
         if self._clock() > link.expires_at:
-            # S3's answer to an expired presigned URL (§2.4 "valid for 2 h", §1.3 "24 h").
+            # S3's answer to an expired presigned URL: Perfect Corp's are valid for 2 h, AILab's
+            # 24 h (docs/vendors.md, "Perfect Corp: result URLs" and "AILab: task lifetimes").
             return s3_error(
                 403,
                 "AccessDenied",
@@ -187,7 +189,10 @@ class StorageRoutes:
         return link
 
     async def download(self, request: web.Request) -> web.StreamResponse:
-        """Serve result bytes; no key needed; optionally stall first (§1.7 "sometimes stalls")."""
+        """Serve result bytes; no key needed; optionally stall first.
+
+        AILab's storage "sometimes stalls" (docs/vendors.md, "AILab: downloads").
+        """
         found = self._find(request, "result")
         if isinstance(found, web.Response):
             return found
@@ -202,12 +207,12 @@ class StorageRoutes:
         return web.Response(body=data, content_type="image/jpeg", headers={"ETag": _etag(data)})
 
     async def upload(self, request: web.Request) -> web.StreamResponse:
-        """The presigned PUT of §2.2 step 2, enforcing the signed headers exactly.
+        """The presigned PUT of upload step 2, enforcing the signed headers exactly.
 
         S3 refuses a second auth mechanism (an ``Authorization`` header next to a
         presigned query), and the signature covers ``Content-Type`` and
         ``Content-Length``, so any difference from what the file record declared is a
-        ``SignatureDoesNotMatch``.
+        ``SignatureDoesNotMatch`` (docs/vendors.md, "Perfect Corp: upload").
         """
         if "Authorization" in request.headers:
             return s3_error(
