@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.errors import ErrorKind, RetryableError, TransportError, VendorError
 from pipeline.providers.classify import is_rate_limit_code, make_error
@@ -20,6 +20,7 @@ from pipeline.providers.http import body_excerpt
 __all__ = ["MALFORMED", "Answer", "as_int", "as_text", "unwrap", "vendor_id"]
 
 MALFORMED = "MALFORMED_RESPONSE"
+_E = TypeVar("_E", bound=VendorError)
 
 
 def as_text(value: object) -> str:
@@ -68,15 +69,15 @@ class Answer:
     request_id: str | None = None
     retry_after: float | None = None
 
+    def _raw(self, cls: type[_E], what: str, code: str) -> _E:
+        """An error of class ``cls`` about this answer (a kind chosen, not classified)."""
+        return cls(
+            what, code=code, vendor=self.vendor, http_status=self.status, request_id=self.request_id
+        )
+
     def malformed(self, what: str) -> RetryableError:
         """A success envelope we cannot read (no task id, no status): retryable."""
-        return RetryableError(
-            what,
-            code=MALFORMED,
-            vendor=self.vendor,
-            http_status=self.status,
-            request_id=self.request_id,
-        )
+        return self._raw(RetryableError, what, MALFORMED)
 
     def error(
         self,
@@ -116,11 +117,5 @@ class Answer:
         if 200 <= self.status < 300:
             return self.malformed(what)
         if self.status >= 500:
-            return TransportError(
-                what,
-                code=code,
-                vendor=self.vendor,
-                http_status=self.status,
-                request_id=self.request_id,
-            )
+            return self._raw(TransportError, what, code)
         return self.error(kind, what, code=code, rate_code=rate_code)
