@@ -287,6 +287,7 @@ class ItemDriver:
             return lc.TaskCreated(submitted.task_id, engine.estimates[self.op.name].expected())
         if submitted.image is not None:
             self.held.result = submitted.image
+            self.held.payload, self.held.files = None, {}  # never sent again: let it go
             return lc.SyncResult()
         # Answered "ok" without a task id or a result: it may have been billed.
         error = lc.ErrorInfo("NO_TASK_ID", "the vendor answered without a task id", "retryable")
@@ -341,6 +342,8 @@ class ItemDriver:
         file can be made (a name the folder refuses, a planted file), fetch it into
         memory instead, so the paid bytes can still be spooled to the journal."""
         rel = self._output_rel("jpg")
+        if self.engine.disk_full:
+            return _store_failed(rel, OSError(errno.ENOSPC, "No space left on device"))
         try:
             sink = await anyio.to_thread.run_sync(open_result, self.engine.output_dir, rel)
         except (OSError, ValueError):
@@ -394,6 +397,8 @@ class ItemDriver:
                 return lc.Stored(rel)
             except (OSError, ValueError) as exc:
                 full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+                if full:
+                    self.engine.disk_full = True
                 # A full disk: the space held back lets a paid result in, once.
                 if last or not full or not self.engine.reserve.release():
                     return _store_failed(rel, exc)

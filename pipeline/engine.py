@@ -46,7 +46,7 @@ from pipeline.images import prepare_payload
 from pipeline.journal import Change, ItemRecord, Journal
 from pipeline.manifest import Manifest
 from pipeline.operations import ImageLimits, OperationSpec
-from pipeline.outputs import DiskReserve
+from pipeline.outputs import DiskReserve, result_relpath
 from pipeline.progress import Progress
 from pipeline.providers.base import ImagePayload, Provider
 from pipeline.runner import RunOptions, RunResult, run_job
@@ -55,6 +55,10 @@ from pipeline.sources import InputSource, WorkItem
 __all__ = ["Engine", "RunOptions", "RunResult", "WorkItem", "run_job"]
 
 log = logging.getLogger("pipeline")
+
+
+# Journal writes made before anything is sent: on a full disk, nothing is sent.
+_BEFORE_SEND = frozenset({lc.Status.PENDING, lc.Status.SUBMITTING})
 
 
 @dataclass
@@ -84,6 +88,9 @@ class Engine:
     _uncollected: int = 0
     _scope: anyio.CancelScope | None = None
     usage_error: UsageError | None = None
+    # The disk filled: what is left of it goes to the journal (task ids, billed
+    # results), not to downloads that a rerun can make from the kept task ids.
+    disk_full: bool = False
 
     def __post_init__(self) -> None:
         self.output_dir = self.manifest.output
@@ -255,6 +262,7 @@ class Engine:
             time.monotonic(),
             retry_failed=self.options.retry_failed,
             output_exists=bool(rec and rec.output and (self.output_dir / rec.output).is_file()),
+            unjournaled_output=await self._unjournaled(item, rec),
         )
         if self.stopping and isinstance(state, lc.Prepare):
             return  # not started: a rerun picks it up (created tasks are still collected)
@@ -267,6 +275,21 @@ class Engine:
             await self._carry(item, state)
             return
         await self._drive(item, rec, state)
+
+    async def _unjournaled(self, item: WorkItem, rec: ItemRecord | None) -> str | None:
+        """A sync result written by a run killed before it journaled it, if any."""
+        if rec is None or rec.status != "submitting" or item.variant.operation.is_async:
+            return None
+        v = item.variant
+
+        def look() -> str | None:
+            for ext in ("jpg", "png", "webp"):
+                rel = result_relpath(v.operation.name, v.label, item.input_rel, ext)
+                if (self.output_dir / rel).is_file():
+                    return rel
+            return None
+
+        return await anyio.to_thread.run_sync(look)
 
     async def _see(self, item: WorkItem) -> None:
         await self.journal.see(
@@ -320,12 +343,16 @@ class Engine:
             self.progress.stopped()
 
     async def record(self, key: str, change: Change) -> None:
-        """Journal one change; on a full disk, release the reserve and try once more
-        (what was paid must reach the journal), then stop the run."""
+        """Journal one change. On a full disk the run stops sending at once; a change
+        that records what the vendor answered (a task id, a billed result) gets the
+        space held in reserve and one more try, one made before a send does not: the
+        send is never made."""
         try:
             await self.journal.change(key, change)
-        except DiskFullError:
-            if not self.reserve.release():
+        except DiskFullError as exc:
+            self.stop_starting(exc)
+            self.disk_full = True
+            if change.status in _BEFORE_SEND or not self.reserve.release():
                 raise
             await self.journal.change(key, change)
 

@@ -530,10 +530,11 @@ def checkpoint(state: State) -> Checkpoint | None:
         return Checkpoint(status, task_id=state.task_id)
     if isinstance(state, Fetch):
         return Checkpoint(Status.READY, task_id=state.task_id)
-    if isinstance(state, Store) and state.source == "memory":
-        # A paid result held only in memory is spooled to the journal before it is
-        # written out: a kill while writing it can't make a rerun pay again.
-        return Checkpoint(Status.READY, task_id=state.task_id, spool=True)
+    # A paid result held in memory (a sync answer) is written out first and journaled
+    # with it: spooling it into the journal before would write every result twice and
+    # shorten no window (either write takes as long). It is spooled only when it
+    # cannot be stored (see _on_store). A kill in those milliseconds is the one window
+    # of a sync send whose outcome the rerun does not know.
     return None
 
 
@@ -850,8 +851,13 @@ def resume(
     *,
     retry_failed: bool = False,
     output_exists: bool = False,
+    unjournaled_output: str | None = None,
 ) -> State:
     """The state a run starts an item in, from what the journal recorded.
+
+    ``unjournaled_output``: a result file found at the item's path although the
+    journal still says ``submitting`` (the last run was killed between writing a sync
+    result, atomically, and journaling it): it is adopted, not paid for again.
 
     Attempts are counted per run: a rerun after retryable failures tries again with
     a full set. Unknown-outcome sends are counted across runs. A task id or a billed
@@ -864,6 +870,8 @@ def resume(
     if status is Status.SUCCEEDED and snap.output and output_exists:
         return Skipped()
     if status is Status.SUBMITTING:
+        if unjournaled_output is not None:
+            return Succeeded(unjournaled_output, snap.tally())
         # The last run stopped mid-send: that send's outcome is unknown.
         return Prepare(snap.tally(extra_unknown=1))
     if collectable(status, snap.task_id, snap.error.kind if snap.error else None) or (

@@ -666,11 +666,14 @@ class DiskReserve:
         self.max_bytes = max_bytes
         self.size = 0
 
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.path.parent)
+        return st.f_bavail * st.f_frsize
+
     def hold(self) -> int:
         """Create the reserve (best effort: a disk already full holds nothing)."""
         try:
-            st = os.statvfs(self.path.parent)
-            size = min(self.max_bytes, st.f_bavail * st.f_frsize // 8)
+            size = min(self.max_bytes, self.free_bytes() // 8)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)  # a reserve left by a killed run
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

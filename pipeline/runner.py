@@ -54,6 +54,7 @@ __all__ = [
 log = logging.getLogger("pipeline")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+MIN_FREE_BYTES = 1024 * 1024  # below this on the output's disk, a run does not start
 EMULATOR_KEY = "emulator-key"
 
 
@@ -247,7 +248,7 @@ class _Run:
             for v, key in self.keys.items()
         }
         policies = {v: build_policy(config, manifest, v, options) for v in self.keys}
-        await anyio.to_thread.run_sync(self.reserve.hold)
+        await anyio.to_thread.run_sync(self._hold_reserve)
         engine = self.engine = Engine(
             manifest=manifest, config=config, providers=providers, budgets=self.budgets,
             journal=self.journal, run_id=self.run_id, options=options, progress=progress,
@@ -261,6 +262,17 @@ class _Run:
                 await engine.run()
             finally:
                 tg.cancel_scope.cancel()
+
+    def _hold_reserve(self) -> None:
+        """Refuse to start on a disk too full to store what would be paid for."""
+        free = self.reserve.free_bytes()
+        if free < MIN_FREE_BYTES:
+            raise DiskFullError(
+                f"{self.manifest.output}: only {free // 1024} KiB free on its disk; the run "
+                f"needs at least {MIN_FREE_BYTES // 1024 // 1024} MiB to store results and "
+                "journal them. Free some space and rerun (nothing was sent)"
+            )
+        self.reserve.hold()
 
     def absorb(self, caught: BaseException) -> None:
         """Turn what stopped the run into the report's terms, or re-raise it."""
@@ -332,7 +344,16 @@ async def _finish(
 
     await journal.finish_run(run_id, None, run_stats)
     await journal.flush()
-    report = await anyio.to_thread.run_sync(build_reports, manifest.output, exit_code_for)
+    try:
+        report = await anyio.to_thread.run_sync(build_reports, manifest.output, exit_code_for)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise DiskFullError(
+            f"{manifest.output}: the disk is full: the reports could not be written (the "
+            f"journal has every result); free some space, then run `pipeline report "
+            f"{manifest.output}`"
+        ) from None
     await journal.finish_run(run_id, report["exit_code"], run_stats)
     await journal.flush()
     await anyio.to_thread.run_sync(_write_html, manifest.output, report, reports_keep, secrets)

@@ -70,6 +70,7 @@ __all__ = ["UNSAFE_ID", "VendorClient", "VendorWire"]
 UNSAFE_ID = "UNSAFE_TASK_ID"
 _MALFORMED = "MALFORMED_RESPONSE"
 _MAX_ID = 512
+_MIN_SECRET = 8  # keys shorter than this are not looked for inside vendor ids
 _T = TypeVar("_T")
 
 
@@ -157,7 +158,10 @@ class VendorClient:
         (any form) or is absurdly long; ids are never altered (polls need them)."""
         if value is None:
             return None
-        if contains_secret(value, self._api_key) or len(value) > _MAX_ID or not value.isprintable():
+        # A key of a few characters turns up inside random ids by chance: refusing
+        # those would give up tasks already billed, to hide a key that short.
+        echoes = len(self._api_key) >= _MIN_SECRET and contains_secret(value, self._api_key)
+        if echoes or len(value) > _MAX_ID or not value.isprintable():
             raise PermanentError(
                 f"the vendor's {what} is unusable (it echoes the API key, holds control "
                 f"characters or is over {_MAX_ID} characters); it is not stored. The task may have been created "

@@ -100,6 +100,7 @@ class World:
     steps: int = 0
     unknown_window: int = 0  # sends whose outcome the client could not know
     consented: int = 0  # payments made before the user's last --retry-failed
+    written: bool = False  # a result file is on disk
     outcomes: list[str] = field(default_factory=list)
 
     def choice(self) -> int | None:
@@ -180,6 +181,7 @@ def _perform(world: World, state: lc.State) -> lc.Event:
             return lc.StoreFailed(_err("STORE_FAILED", "retryable"))
         if c == 2:
             return lc.StoreFailed(_err("DISK_FULL", "fatal"), disk_full=True)
+        world.written = True
         return lc.Stored("out.jpg")
     raise AssertionError(state)
 
@@ -250,15 +252,24 @@ def _poll(world: World, state: lc.Poll, c: int | None) -> lc.Event:
     return lc.TaskFailed(_err("RECLAIMED", "permanent"))
 
 
+def j_sub(world: World) -> bool:
+    """The journal still says the send is in flight (its answer is not journaled)."""
+    return world.journal.status is lc.Status.SUBMITTING
+
+
 def run_once(
     world: World, resume: Resume, *, retry_failed: bool, crash_at: frozenset[tuple[int, str]]
 ) -> str:
     """One run of the item: resume, then drive to a terminal state or a crash."""
     snap = world.journal.snapshot()
+    found = "out.jpg" if world.written and world.journal.status is lc.Status.SUBMITTING else None
     if retry_failed and world.journal.status is lc.Status.FAILED:
         world.consented = world.vendor.billed  # the user agreed to pay again
     output_exists = world.journal.output is not None
-    state = resume(snap, POLICY, world.now, retry_failed=retry_failed, output_exists=output_exists)
+    state = resume(
+        snap, POLICY, world.now, retry_failed=retry_failed, output_exists=output_exists,
+        unjournaled_output=found,
+    )  # fmt: skip
     if world.journal.status is None:
         world.journal.move(lc.Status.PENDING)  # the run's "see" inserts the item
     attempts_this_run = fetches = 0
@@ -271,6 +282,8 @@ def run_once(
         if cp is not None:
             _apply_checkpoint(world, cp)
         if (world.steps, "before") in crash_at:
+            if isinstance(state, lc.Store) and state.source == "memory" and j_sub(world):
+                world.unknown_window += 1  # killed holding a sync answer not yet stored
             return "crash"
         if isinstance(state, lc.Send):
             attempts_this_run += 1

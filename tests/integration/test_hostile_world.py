@@ -755,18 +755,7 @@ def _fill(folder: Path, leave: int) -> Path:
     [
         0,
         16 * 1024,
-        pytest.param(
-            128 * 1024,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 8 defect (second payment): the disk reserve is released (once, "
-                "whole) for the 'submitting' checkpoint that precedes a billable send, so the "
-                "send goes out on a full disk; the next paid sync result finds the reserve "
-                "gone, its spool write fails, it stays 'submitting' and the rerun pays again "
-                "(submits_by_input 2); and the reports' ENOSPC ends the CLI with a generic "
-                "OSError line, no DISK_FULL",
-            ),
-        ),
+        128 * 1024,
     ],
 )
 async def test_a_full_disk_stops_the_run_with_disk_full_and_the_rerun_pays_nothing_twice(
@@ -1742,14 +1731,6 @@ async def test_a_fatal_answer_to_a_poll_keeps_the_task_id_and_the_rerun_collects
     assert _charges(emu)[vendor] == Counter({_sha(source): 1})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 defect (second payment): when the disk fills, the first ENOSPC is met "
-    "by the 'submitting' checkpoint before a billable send; Engine.record releases the "
-    "whole reserve for it and the send goes out; a later paid sync result's spool write "
-    "(Store checkpoint) then finds no reserve (release() False), the item stays "
-    "'submitting' and the rerun pays again; the reports' ENOSPC is a generic OSError line",
-)
 async def test_a_disk_that_fills_during_the_run_stops_it_and_nothing_is_paid_twice(
     tmp_path: Path,
     emulator_factory: Callable[..., Any],
@@ -1798,13 +1779,6 @@ async def _fill_during_a_run(base: Path, emulator_factory: Callable[..., Any], r
     assert _charges(emu) == _once_each(inputs, BOTH), f"round {round_}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 defect (paid and given up): http.contains_secret matches any key by "
-    "substring, so a short key found by chance in a random task id makes "
-    "VendorClient._safe_id refuse it (UNSAFE_TASK_ID, permanent) after the vendor created "
-    "and billed the task: 6 of 8 items with the key 'Q'",
-)
 async def test_a_short_key_met_by_chance_inside_a_task_id_costs_nothing(
     tmp_path: Path,
     emulator: RunningEmulator,
