@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,7 @@ async def test_faults_every_item_still_succeeds_with_exact_counts(
     # send goes unanswered twice stops there (OUTCOME_UNKNOWN) instead of paying again.
     gave_up = [x for x in lines if x["status"] == "failed"]
     assert all(x["error"]["code"] == "OUTCOME_UNKNOWN" for x in gave_up), gave_up
-    assert all(x["operation"] == "ailab/emotion-editor" and x["possibly_billed"] for x in gave_up)
+    assert all(x["possibly_billed"] for x in gave_up)
     assert code == (1 if gave_up else 0), report["errors_by_code"]
     assert report["counts"] == {
         "total": 48, "succeeded": 48 - len(gave_up), "failed": len(gave_up),
@@ -172,7 +173,9 @@ async def test_faults_every_item_still_succeeds_with_exact_counts(
     stats = emu.stats()
     assert stats["ailab"]["rejected"] > 0  # faults really happened
     # Nothing was paid twice (the emulator drops connections before doing the work).
-    assert stats["ailab"]["charged"] == 36 - len(gave_up) and stats["perfectcorp"]["charged"] == 12
+    lost = Counter(x["operation"].split("/")[0] for x in gave_up)
+    assert stats["ailab"]["charged"] == 36 - lost["ailab"]
+    assert stats["perfectcorp"]["charged"] == 12 - lost["perfectcorp"]
 
 
 async def test_task_failures_are_resubmitted(
