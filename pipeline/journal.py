@@ -858,3 +858,50 @@ def folder_counts(conn: sqlite3.Connection) -> FolderCounts:
         lost += n_lost
         unknown += n_unknown
     return FolderCounts(by_status, billed, lost, unknown)
+
+
+def mean_polls_per_task(conn: sqlite3.Connection) -> dict[str, float]:
+    """Polls per task the folder's succeeded async items took, per operation."""
+    return {
+        str(op): float(mean)
+        for op, mean in conn.execute(
+            "SELECT operation, AVG(polls) FROM items"
+            " WHERE status = 'succeeded' AND polls > 0 GROUP BY operation"
+        )
+    }
+
+
+def succeeded_output(conn: sqlite3.Connection, key: str) -> str | None:
+    """The recorded output of ``key`` if it succeeded, else None."""
+    row = conn.execute(
+        "SELECT output FROM items WHERE key = ? AND status = 'succeeded'", (key,)
+    ).fetchone()
+    return str(row[0]) if row is not None and row[0] else None
+
+
+def run_count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+
+
+def failure_counts(
+    conn: sqlite3.Connection,
+) -> Iterator[tuple[str | None, str | None, str, int]]:
+    """``(error_code, error_kind, operation, items)`` over the folder's failed items."""
+    yield from conn.execute(
+        "SELECT error_code, error_kind, operation, COUNT(*) FROM items WHERE status = 'failed'"
+        " GROUP BY error_code, error_kind, operation"
+    )
+
+
+def failure_examples(
+    conn: sqlite3.Connection, code: str | None, kind: str | None, limit: int
+) -> list[tuple[str, str | None]]:
+    """``(input_rel, error_message)`` of the first failed items with that code and kind."""
+    return [
+        (str(rel), msg)
+        for rel, msg in conn.execute(
+            "SELECT input_rel, error_message FROM items WHERE status = 'failed'"
+            " AND error_code IS ? AND error_kind IS ? ORDER BY rowid LIMIT ?",
+            (code, kind, limit),
+        )
+    ]

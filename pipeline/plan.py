@@ -15,7 +15,7 @@ from pipeline.errors import PermanentError, VendorError
 from pipeline.identity import hash_file, item_key
 from pipeline.images import check_limits_fixable, inspect_image, max_input_bytes
 from pipeline.inputs import NoInputsMatched, display_path, iter_input_entries, iter_inputs
-from pipeline.journal import JOURNAL_NAME, Journal
+from pipeline.journal import JOURNAL_NAME, Journal, mean_polls_per_task, succeeded_output
 from pipeline.manifest import Manifest
 from pipeline.operations import OperationSpec
 from pipeline.providers.base import CreditBalance
@@ -109,21 +109,13 @@ class _JournalView:
         path = manifest.output / JOURNAL_NAME
         if path.exists():
             self._conn = Journal.open_sync(path, create=False)
-            self.mean_polls = {
-                row[0]: float(row[1])
-                for row in self._conn.execute(
-                    "SELECT operation, AVG(polls) FROM items"
-                    " WHERE status = 'succeeded' AND polls > 0 GROUP BY operation"
-                )
-            }
+            self.mean_polls = mean_polls_per_task(self._conn)
 
     def done(self, key: str) -> bool:
         if self._conn is None:
             return False
-        row = self._conn.execute(
-            "SELECT output FROM items WHERE key = ? AND status = 'succeeded'", (key,)
-        ).fetchone()
-        return row is not None and bool(row[0]) and (self.output / row[0]).is_file()
+        output = succeeded_output(self._conn, key)
+        return output is not None and (self.output / output).is_file()
 
     def close(self) -> None:
         if self._conn is not None:

@@ -26,8 +26,11 @@ from pipeline.journal import (
     FolderCounts,
     Journal,
     RunRecord,
+    failure_counts,
+    failure_examples,
     folder_counts,
     latest_run,
+    run_count,
 )
 from pipeline.lock import LOCK_NAME
 from pipeline.logs import format_amount, format_duration, format_spend
@@ -94,20 +97,13 @@ def _failure_groups(conn: sqlite3.Connection) -> tuple[FailureGroup, ...]:
     One aggregate scan, then one short query per code (LIMIT, in journal order).
     """
     groups: dict[tuple[str | None, str | None], tuple[int, set[str]]] = {}
-    for code, kind, operation, n in conn.execute(
-        "SELECT error_code, error_kind, operation, COUNT(*) FROM items WHERE status = 'failed'"
-        " GROUP BY error_code, error_kind, operation"
-    ):
+    for code, kind, operation, n in failure_counts(conn):
         count, ops = groups.get((code, kind), (0, set()))
         ops.add(operation)
         groups[(code, kind)] = (count + n, ops)
     out = []
     for (code, kind), (count, ops) in groups.items():
-        rows = conn.execute(
-            "SELECT input_rel, error_message FROM items WHERE status = 'failed'"
-            " AND error_code IS ? AND error_kind IS ? ORDER BY rowid LIMIT ?",
-            (code, kind, EXAMPLES),
-        ).fetchall()
+        rows = failure_examples(conn, code, kind, EXAMPLES)
         out.append(
             FailureGroup(
                 code=code or "UNKNOWN",
@@ -163,7 +159,7 @@ def read_status(output_dir: Path) -> FolderStatus:
         counts = folder_counts(conn)
         failures = _failure_groups(conn)
         run = latest_run(conn)
-        runs = int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+        runs = run_count(conn)
     finally:
         conn.close()
     pid = _lock_pid(output_dir)
