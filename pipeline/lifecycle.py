@@ -883,21 +883,8 @@ def resume(
             snap.tally(), snap.task_id, due=now,
             deadline=now + policy.poll.deadline, billed=billed,
         )  # fmt: skip
-    if status is Status.READY:
-        if snap.has_spool:
-            return Store(snap.tally(), "spool")
-        return Failed(
-            _error("RESULT_LOST", "paid for in an earlier run, but the result was not kept"),
-            billed=True,
-        )
-    if status is Status.SUCCEEDED:
-        # A sync result whose file was deleted: paid for, and gone.
-        lost = _error(
-            "RESULT_LOST",
-            f"the result {snap.output} was paid for but its file is gone; rerun with "
-            "--retry-failed to pay for it once more",
-        )
-        return Failed(lost, billed=True)
+    if status in (Status.READY, Status.SUCCEEDED):
+        return _paid_without_task(snap)
     # FAILED, without a task to collect.
     error = snap.error or _error("UNKNOWN", "failed in an earlier run")
     if retry_failed:
@@ -906,3 +893,17 @@ def resume(
     if error.kind == "permanent":
         return CarriedOver(error)
     return Prepare(snap.tally())
+
+
+def _paid_without_task(snap: Snapshot) -> State:
+    """A billed result with no task to fetch it again: spooled, or lost."""
+    if snap.status is Status.READY and snap.has_spool:
+        return Store(snap.tally(), "spool")
+    if snap.status is Status.READY:
+        detail = "paid for in an earlier run, but the result was not kept"
+    else:  # a sync result whose file was deleted
+        detail = (
+            f"the result {snap.output} was paid for but its file is gone; rerun with "
+            "--retry-failed to pay for it once more"
+        )
+    return Failed(_error("RESULT_LOST", detail), billed=True)

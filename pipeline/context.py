@@ -1,0 +1,174 @@
+"""What one run shares between its work queue and its items' drivers.
+
+The run's settings and connections, its brakes and budgets, and the services a
+driver asks of the run: journaling a change (with the disk-full rule), the prepared
+template, credit holds, rate-limit pauses, the rejection and reachability brakes.
+:class:`pipeline.engine.Engine` builds on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from pipeline import lifecycle as lc
+from pipeline.brakes import FailureRatio, Reachability, RejectionBrake, in_flight_cap
+from pipeline.budget import RateBudget
+from pipeline.config import Config
+from pipeline.credits import CreditGuard
+from pipeline.driver import Estimates
+from pipeline.errors import (
+    DiskFullError,
+    FatalError,
+    PermanentError,
+    RateLimitedError,
+    UsageError,
+    VendorError,
+)
+from pipeline.images import prepare_payload
+from pipeline.journal import Change, Journal
+from pipeline.manifest import Manifest
+from pipeline.operations import ImageLimits, OperationSpec
+from pipeline.outputs import DiskReserve
+from pipeline.progress import Progress
+from pipeline.providers.base import ImagePayload, Provider
+from pipeline.runner import RunOptions
+
+__all__ = ["RunContext"]
+
+log = logging.getLogger("pipeline")
+
+# Journal writes made before anything is sent: on a full disk, nothing is sent.
+_BEFORE_SEND = frozenset({lc.Status.PENDING, lc.Status.SUBMITTING})
+
+
+@dataclass
+class RunContext:
+    """The state of one run that its workers and drivers share."""
+
+    manifest: Manifest
+    config: Config
+    providers: Mapping[str, Provider]
+    budgets: Mapping[str, RateBudget]
+    journal: Journal
+    run_id: int
+    options: RunOptions
+    progress: Progress
+    policies: Mapping[str, lc.Policy]
+    reserve: DiskReserve
+    fatal: FatalError | None = None
+    halted: str | None = None  # why the run stopped starting items (not fatal)
+    stopping: bool = False
+    duplicates: int = 0
+    started_new: int = 0  # items this run started from nothing (for --limit)
+    _inflight: set[str] = field(default_factory=set)
+    _queued: set[str] = field(default_factory=set)  # sent to the workers, not finished
+    _reach: dict[str, Reachability] = field(default_factory=dict)
+    _task_slots: dict[str, anyio.CapacityLimiter] = field(default_factory=dict)
+    _files: dict[tuple[Path, ImageLimits], ImagePayload] = field(default_factory=dict)
+    _uncollected: int = 0
+    _scope: anyio.CancelScope | None = None
+    usage_error: UsageError | None = None
+    # The disk filled: what is left of it goes to the journal (task ids, billed
+    # results), not to downloads that a rerun can make from the kept task ids.
+    disk_full: bool = False
+
+    def __post_init__(self) -> None:
+        self.output_dir = self.manifest.output
+        self.credits = CreditGuard(self.manifest.max_credits)
+        self.rejections = RejectionBrake(self.config.retry.stop_after_identical_rejections)
+        self.failures = FailureRatio(
+            self.manifest.max_failure_ratio, self.manifest.min_items_for_failure_ratio
+        )
+        self.estimates = Estimates({v: p.poll.interval for v, p in self.policies.items()})
+        for vendor in self.providers:
+            poll = self.policies[vendor].poll
+            cap = in_flight_cap(self.config.provider(vendor).rate_limit, poll.max_gap, poll.window)
+            if cap is not None:
+                self._task_slots[vendor] = anyio.CapacityLimiter(cap)
+            base_url = self.config.provider(vendor).base_url
+            self._reach[vendor] = Reachability(base_url, vendor, self.config.network)
+
+    def stop_run(self, reason: FatalError) -> None:
+        """Stop now: cancel every worker (what is journaled stays journaled)."""
+        if self.fatal is None:
+            self.fatal = reason
+            log.info("stopping the run: %s", reason)  # the CLI reports it once
+        self.stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def stop_starting(self, reason: FatalError | None, halted: str | None = None) -> None:
+        """Start no more items; let those in flight finish."""
+        if reason is not None and self.fatal is None:
+            self.fatal = reason
+            log.info("stopping the run: %s", reason)  # the CLI reports it once
+        if halted and self.halted is None:
+            self.halted = halted
+            log.info("stopping the run: %s", halted)
+        self.stopping = True
+
+    async def record(self, key: str, change: Change) -> None:
+        """Journal one change. On a full disk the run stops sending at once; a change
+        that records what the vendor answered (a task id, a billed result) gets the
+        space held in reserve and one more try, one made before a send does not: the
+        send is never made."""
+        try:
+            await self.journal.change(key, change)
+        except DiskFullError as exc:
+            self.stop_starting(exc)
+            self.disk_full = True
+            if change.status in _BEFORE_SEND or not self.reserve.release():
+                raise
+            await self.journal.change(key, change)
+
+    async def prepared_file(self, path: Path, limits: ImageLimits) -> ImagePayload:
+        """A variant's extra file (face swap's template), read and checked once per
+        run, not once per item (its content hash is part of every item's key)."""
+        key = (path, limits)
+        found = self._files.get(key)
+        if found is None:
+            prepared = await anyio.to_thread.run_sync(
+                prepare_payload, path, limits, self.manifest.auto_fix
+            )
+            found = self._files[key] = prepared.payload
+        return found
+
+    def credits_refusal(self, key: str, op: OperationSpec) -> FatalError | None:
+        if self.credits.holds(key):
+            return None
+        refusal = self.credits.refuse(op.vendor, op.price, op.price_unit)
+        if refusal is None:
+            self.credits.hold(key, op.vendor, op.price)
+        return refusal
+
+    def rate_limited(self, vendor: str, exc: RateLimitedError, count: int = 1) -> None:
+        """Pause every request to the vendor (at least ``Retry-After``, capped; longer
+        for an item refused ``count`` times) and lower its rate (AIMD): the retry
+        queues at the budget again."""
+        policy = self.policies[vendor]
+        wait = policy.backoff(min(count, 8), hint=exc.retry_after)
+        retry_after = (
+            None if exc.retry_after is None else min(exc.retry_after, policy.retry_after_max)
+        )
+        self.budgets[vendor].rate_limited(wait, retry_after)
+        self.progress.rate_limited()
+
+    def note_rejection(self, exc: PermanentError) -> None:
+        """A streak of identical 400/415 rejections points at the request: stop starting."""
+        brake = self.rejections.observe(exc)
+        if brake is not None:
+            self.stop_starting(brake)
+
+    def reachability(self, vendor: str, exc: VendorError | None) -> None:
+        """Stop the run (VENDOR_UNREACHABLE) when a vendor answers nothing for long
+        enough. Any answer, even an error or a rate limit, proves it reachable."""
+        stop = self._reach[vendor].observe(exc, time.monotonic())
+        if stop is not None:
+            self.stop_run(stop)
