@@ -1202,7 +1202,7 @@ def _section_errors(t: _Text, got: _Collected) -> str:
         )
         for ex in group.examples.values():
             tag = " (earlier run)" if ex.carried_over else ""
-            variants = ", ".join(ex.variants)
+            variants = ", ".join(sorted(ex.variants))  # results.jsonl order varies by run
             if ex.more_variants:
                 variants += f" and {ex.more_variants:,} more"
             parts.append(

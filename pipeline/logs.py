@@ -156,6 +156,22 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of each record (a library
+    caller, or a test runner, may replace it after the CLI configured logging)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def configure(
     *,
     verbosity: int = 0,
@@ -166,7 +182,7 @@ def configure(
     """Set up the ``pipeline`` loggers (replacing any earlier set-up) and return the
     settings. ``stream`` defaults to the current ``sys.stderr``."""
     global _settings
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root = logging.getLogger(ROOT)
     root.handlers[:] = [handler]

@@ -572,7 +572,7 @@ def test_progress_bar_total_is_the_count_and_log_lines_print_above_it(
         p.counted(7)
         assert p._bar.total == 7
         log.warning("a line above the bar")
-    assert type(log.handlers[0]) is logging.StreamHandler  # restored
+    assert isinstance(log.handlers[0], logging.StreamHandler)  # restored
     err = capsys.readouterr().err
     assert re.search(rf"{TS} pipeline: warning: a line above the bar", err)
     assert " pipeline: progress: " not in err  # the bar replaces progress lines
