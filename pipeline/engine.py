@@ -150,6 +150,13 @@ class Engine(RunContext):
                 except FatalError as exc:
                     self.stop_run(exc)
                     return
+                except Exception as exc:  # a bug: this item stops where it is journaled
+                    log.error(
+                        "%s: unexpected error, the item is left as journaled (a rerun "
+                        "resumes it): %s: %s", item.input_rel, type(exc).__name__, exc,
+                    )  # fmt: skip
+                    log.debug("the unexpected error in full", exc_info=True)
+                    self.progress.failed()
 
     # -- one item -----------------------------------------------------------------------
 

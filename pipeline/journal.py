@@ -524,7 +524,9 @@ class Journal:
             for row in rows:
                 rec = ItemRecord(*row)
                 out[rec.key] = rec
-                self._status[rec.key] = Status(rec.status)
+                # Never over what this run wrote itself: an item in flight is ahead
+                # of a row read while its newest change was still being committed.
+                self._status.setdefault(rec.key, Status(rec.status))
         return out
 
     async def has_spool(self, key: str) -> bool:

@@ -211,3 +211,20 @@ def test_lock_names_holder_and_frees_on_exit(tmp_path: Path) -> None:
     # The kernel dropped the dead holder's lock: it is taken over.
     with OutputLock(tmp_path):
         pass
+
+
+async def test_a_read_never_rolls_back_the_status_this_run_wrote(tmp_path: Path) -> None:
+    """A batch read can see a row older than the change this run just made (its commit
+    still in flight); the moves this run checks must follow what it wrote."""
+    async with Journal(tmp_path) as journal:
+        run_id = await journal.begin_run("m.yaml", os.getpid())
+        await _seed(journal, run_id)
+        await journal.change("k1", Change(Status.SUBMITTING, attempts=1))
+        await journal.change("k1", Change(Status.SUBMITTED, task_id="T-1"))
+        # What a read taken before those commits returned:
+        other = sqlite3.connect(tmp_path / JOURNAL_NAME)
+        other.execute("UPDATE items SET status = 'pending' WHERE key = 'k1'")
+        other.commit()
+        other.close()
+        await journal.lookup_many(["k1"])
+        await journal.change("k1", Change(Status.READY))  # submitted -> ready: legal

@@ -205,3 +205,31 @@ async def test_emulate_option_runs_in_process(
 
     result = await run_job(manifest, Config(), RunOptions(quiet=True, emulate=True))
     assert result.exit_code == 0 and result.report["counts"]["succeeded"] == 2
+
+
+async def test_many_copies_of_few_photos_are_sent_once_each_without_a_hitch(
+    emulator_factory: Callable[..., Any],
+    write_manifest: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    # Copies of one photo land in different batches while the first is in flight: a
+    # later batch's journal read must not roll back the status this run holds for it
+    # (that made the next change an illegal move and crashed the run).
+    from tests.conftest import make_portrait
+
+    emu = await emulator_factory(sync_seconds=0.02)
+    originals = [make_portrait(tmp_path / f"o{i}.jpg", seed=i) for i in range(4)]
+    for n in range(1200):
+        target = tmp_path / "in" / f"d{n % 7}" / f"copy{n:05d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(originals[n % 4].read_bytes())
+    code, report, lines = await _run(
+        write_manifest([{"op": "ailab/emotion-editor", "params": {"service_choice": "big_grin"}}],
+                       concurrency=32),
+        emu,
+    )  # fmt: skip
+    assert code == 0, report["errors_by_code"]
+    assert len(lines) == 1200
+    assert report["counts"]["succeeded"] == 4 and report["counts"]["skipped"] == 1196
+    assert sum(x["duplicate_of"] is not None for x in lines) == 1196
+    assert emu.stats()["ailab"]["submits"] == 4 and emu.stats()["ailab"]["charged"] == 4
