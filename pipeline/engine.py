@@ -129,8 +129,10 @@ class Engine(RunContext):
                 self.progress.skipped()
             else:
                 self.progress.carried_over()
-        for item in duplicates:
-            await self._duplicate(item)
+        self.duplicates += len(duplicates)
+        await self.journal.record_duplicates(
+            self.run_id, [(i.input_rel, str(i.input_path), i.key) for i in duplicates]
+        )
         return rest
 
     def _outputs_on_disk(self, items: list[WorkItem]) -> set[str]:

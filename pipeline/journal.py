@@ -611,11 +611,23 @@ class Journal:
         self, run_id: int, input_rel: str, input_path: str, key: str
     ) -> None:
         """An input whose content (for this variant) another input of the run carries."""
-        await self._write(
-            "INSERT OR IGNORE INTO duplicates (run_id, input_rel, input_path, key)"
-            " VALUES (?, ?, ?, ?)",
-            (run_id, db_text(input_rel), db_text(input_path), key),
-        )
+        await self.record_duplicates(run_id, [(input_rel, input_path, key)])
+
+    async def record_duplicates(
+        self, run_id: int, rows: Sequence[tuple[str, str, str]]
+    ) -> None:
+        """``(input_rel, input_path, key)`` duplicates met by the run, in one commit."""
+        if rows:
+            await self._write_many(
+                [
+                    (
+                        "INSERT OR IGNORE INTO duplicates (run_id, input_rel, input_path, key)"
+                        " VALUES (?, ?, ?, ?)",
+                        (run_id, db_text(rel), db_text(path), key),
+                    )
+                    for rel, path, key in rows
+                ]
+            )
 
     async def change(self, key: str, change: Change) -> None:
         """Apply one lifecycle step to the item; committed when this returns.

@@ -300,6 +300,8 @@ def run_once(
             created = (world.vendor.billed, len(world.vendor.tasks)) != (billed, tasks)
             if isinstance(state, lc.Send) and created:
                 world.unknown_window += 1  # killed between the answer and the journal
+            if isinstance(state, lc.Store) and state.source == "memory" and j_sub(world):
+                world.unknown_window += 1  # killed holding a sync answer not yet journaled
             return "crash"
         state = lc.next(state, event, world.now, POLICY)
         world.now += 0.01
