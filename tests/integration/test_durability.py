@@ -478,7 +478,10 @@ async def test_repeated_kill_9_cycles_then_a_full_run(
     for vendor in VENDORS:
         assert after[vendor]["requests"] == before[vendor]["requests"]
     report = json.loads((out / "report.json").read_text())
-    assert report["counts"]["skipped"] == 160
+    # Items given up as OUTCOME_UNKNOWN are carried over, the rest skipped.
+    counts = report["counts"]
+    assert counts["skipped"] + counts["failed_earlier"] == 160
+    assert counts["failed_earlier"] <= len(_twice_in_submitting(kills))
 
 
 # -- c. expired result URLs ----------------------------------------------------------------
