@@ -460,7 +460,10 @@ async def test_repeated_kill_9_cycles_then_a_full_run(
         if kill.mode == "writing":
             assert kill.parts
         elif kill.mode == "submitting":
-            assert any(r.status == "submitting" for r in kill.rows)
+            # The watcher saw a send in flight; "submitting" now lasts only from the
+            # budget's go to the answer (issue 8 point 3), so the snapshot taken after
+            # the kill may already miss it. Nothing to assert beyond the watcher's hit.
+            pass
         else:
             assert any(r.status in {"submitted", "ready"} and r.task_id for r in kill.rows)
 
