@@ -425,6 +425,12 @@ def pipeline_argv(manifest: Path, config: Path) -> list[str]:
     """``pipeline run MANIFEST --config CFG --quiet`` (the installed command if found)."""
     script = Path(sys.executable).with_name("pipeline")
     head = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline"]
+    profile_dir = os.environ.get("PACE_PYSPY_DIR")
+    if profile_dir:
+        # Profiling aid (README "Performance"): run the pipeline under py-spy, one
+        # collapsed-stack file per run; the timings of such a run are not figures.
+        out = Path(profile_dir) / f"{manifest.stem}-{time.monotonic_ns()}.txt"
+        head = ["py-spy", "record", *os.environ.get("PACE_PYSPY_ARGS", "--threads").split(), "-r", "250", "-f", "raw", "-o", str(out), "--", *head]
     return [*head, "run", str(manifest), "--config", str(config), "--quiet"]
 
 
