@@ -32,10 +32,11 @@ from pipeline.errors import (
     VendorError,
 )
 from pipeline.images import prepare_payload
+from pipeline.inputs import stat_input
 from pipeline.journal import Change, Journal
 from pipeline.manifest import Manifest
 from pipeline.operations import ImageLimits, OperationSpec
-from pipeline.outputs import DiskReserve
+from pipeline.outputs import DiskReserve, ResultFolders
 from pipeline.progress import Progress
 from pipeline.providers.base import ImagePayload, Provider
 from pipeline.runner import RunOptions
@@ -69,7 +70,11 @@ class RunContext:
     started_new: int = 0  # items this run started from nothing (for --limit)
     _inflight: set[str] = field(default_factory=set)
     _queued: set[str] = field(default_factory=set)  # sent to the workers, not finished
+    # Keys this run has met (journaled as seen): only their batch-time journal rows can
+    # be stale, so only they are read again before they start.
+    _met: set[str] = field(default_factory=set)
     _reach: dict[str, Reachability] = field(default_factory=dict)
+    # Per vendor: tasks in flight that its budget can keep polled within the window.
     _task_slots: dict[str, anyio.CapacityLimiter] = field(default_factory=dict)
     _files: dict[tuple[Path, ImageLimits], ImagePayload] = field(default_factory=dict)
     _uncollected: int = 0
@@ -81,6 +86,11 @@ class RunContext:
 
     def __post_init__(self) -> None:
         self.output_dir = self.manifest.output
+        # ``concurrency`` bounds what is in flight at the vendors: requests being
+        # sent and tasks running. Reading inputs before and storing results after
+        # overlap with it (see ItemDriver._hold_slots).
+        self.vendor_slots = anyio.CapacityLimiter(self.manifest.concurrency)
+        self.result_folders = ResultFolders(self.output_dir)  # closed by Engine.run
         self.credits = CreditGuard(self.manifest.max_credits)
         self.rejections = RejectionBrake(self.config.retry.stop_after_identical_rejections)
         self.failures = FailureRatio(
@@ -94,6 +104,10 @@ class RunContext:
                 self._task_slots[vendor] = anyio.CapacityLimiter(cap)
             base_url = self.config.provider(vendor).base_url
             self._reach[vendor] = Reachability(base_url, vendor, self.config.network)
+
+    def task_slots(self, vendor: str) -> anyio.CapacityLimiter | None:
+        """The vendor's cap on tasks in flight, if its budget sets one."""
+        return self._task_slots.get(vendor)
 
     def stop_run(self, reason: FatalError) -> None:
         """Stop now: cancel every worker (what is journaled stays journaled)."""
@@ -130,10 +144,14 @@ class RunContext:
 
     async def prepared_file(self, path: Path, limits: ImageLimits) -> ImagePayload:
         """A variant's extra file (face swap's template), read and checked once per
-        run, not once per item (its content hash is part of every item's key)."""
+        run, not once per item (its content hash is part of every item's key). A
+        file gone since is missing for every item that needs it from then on
+        (``INPUT_MISSING``, retried by a rerun): one stat per item, no read."""
         key = (path, limits)
         found = self._files.get(key)
-        if found is None:
+        if found is not None:
+            stat_input(path)
+        else:
             prepared = await anyio.to_thread.run_sync(
                 prepare_payload, path, limits, self.manifest.auto_fix
             )

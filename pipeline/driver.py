@@ -10,10 +10,13 @@ else. It is the only code that awaits on an item's behalf.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import math
+import os
 import pathlib
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,7 +36,8 @@ from pipeline.errors import (
 )
 from pipeline.images import prepare_payload, sniff_image_format
 from pipeline.journal import KEEP, Change, Journal, Keep
-from pipeline.outputs import AtomicFile, open_result, resolve_inside, result_relpath, write_result
+from pipeline.offload import run_small, run_sync
+from pipeline.outputs import AtomicFile, result_relpath, write_result
 from pipeline.providers.base import BEFORE_BILLABLE_SEND
 
 if TYPE_CHECKING:
@@ -133,6 +137,7 @@ class ItemDriver:
         self.recorded_output: str | None = None  # a path an earlier run recorded keeps
         self._pending_send: lc.Checkpoint | None = None
         self.billed_before = False
+        self._slots: list[anyio.CapacityLimiter] = []  # held while at the vendor
 
     async def run(self, state: lc.State, *, polls_before: int = 0) -> lc.State:
         """Checkpoint, perform, step; until a terminal state, which is journaled."""
@@ -140,12 +145,43 @@ class ItemDriver:
         try:
             return await self._run(state)
         finally:
+            self._release_slots()
             if self.held.sink is not None:  # a crash or a stop between fetch and store
                 self.held.sink.discard()
+
+    async def _take_slots(self, state: lc.State) -> None:
+        """Hold a vendor slot (and, for a task, the vendor's in-flight cap) while the
+        item is at the vendor: sending, or its task running. Not while its input is
+        read, a retry waits, or its result is fetched and stored."""
+        at_vendor = isinstance(state, lc.Send | lc.Poll)
+        if not at_vendor:
+            self._release_slots()
+            return
+        if self._slots:
+            return
+        cap = self.engine.task_slots(self.op.vendor) if self.op.is_async else None
+        # The vendor's cap first: waiting for it must not keep a run-wide slot.
+        taken: list[anyio.CapacityLimiter] = []
+        try:
+            for limiter in (cap, self.engine.vendor_slots):
+                if limiter is not None:
+                    await limiter.acquire_on_behalf_of(self)
+                    taken.append(limiter)
+        except BaseException:
+            for limiter in taken:
+                limiter.release_on_behalf_of(self)
+            raise
+        self._slots = taken
+
+    def _release_slots(self) -> None:
+        for limiter in reversed(self._slots):
+            limiter.release_on_behalf_of(self)
+        self._slots = []
 
     async def _run(self, state: lc.State) -> lc.State:
         while not lc.is_terminal(state):
             await self._checkpoint(state)
+            await self._take_slots(state)
             # Storing a paid result is not cancellable (bounded by the disk): Ctrl-C or
             # a fatal stop elsewhere must not lose bytes the vendor has billed.
             shield = isinstance(state, lc.Store)
@@ -160,6 +196,8 @@ class ItemDriver:
                 event = lc.Crashed(_one_line(exc))
             self._note(state, event)
             state = lc.next(state, event, time.monotonic(), self.policy)
+        # Slots are let go in run(), after this: an item that failed at the vendor
+        # holds its slot until a fatal answer has stopped the run.
         await self.engine.finish_item(self, state)
         return state
 
@@ -209,7 +247,11 @@ class ItemDriver:
             self._billed()
         # An expired task the vendor may charge is counted as spent (issue 9 point 2).
         expired = isinstance(event, lc.TaskFailed) and event.maybe_billed
-        if expired and not self.held.billed_now and not (isinstance(state, lc.Poll) and state.billed):
+        if (
+            expired
+            and not self.held.billed_now
+            and not (isinstance(state, lc.Poll) and state.billed)
+        ):
             self._billed()
 
     def _billed(self) -> None:
@@ -246,9 +288,10 @@ class ItemDriver:
             return lc.Stopping(_not_sent(self.engine))
         limits, auto_fix = self.op.limits, self.engine.manifest.auto_fix
         try:
-            prepared = await anyio.to_thread.run_sync(
-                prepare_payload, self.item.input_path, limits, auto_fix
-            )
+            prepared = await run_small(
+                _size_hint(self.item.input_path), prepare_payload, self.item.input_path,
+                limits, auto_fix,
+            )  # fmt: skip
             for name, path in self.item.variant.files.items():
                 self.held.files[name] = await self.engine.prepared_file(path, limits)
         except PermanentError as exc:
@@ -345,7 +388,7 @@ class ItemDriver:
         if self.engine.disk_full:
             return _store_failed(rel, OSError(errno.ENOSPC, "No space left on device"))
         try:
-            sink = await anyio.to_thread.run_sync(open_result, self.engine.output_dir, rel)
+            sink = await run_sync(self.engine.result_folders.open, rel)
         except (OSError, ValueError):
             sink = None
         try:
@@ -353,7 +396,8 @@ class ItemDriver:
                 self.held.result = await self.provider.download(state.url)
                 return lc.Downloaded(to_file=False)
             fmt = await self.provider.download_to(state.url, sink, check_path=str(sink.path))
-            await anyio.to_thread.run_sync(sink.retarget, self._target(fmt))
+            # The extension is known now; one lstat in the same folder: no hop.
+            sink.retarget(sink.target.with_name(self._output_rel(fmt).rsplit("/", 1)[-1]))
             self.held.sink = sink
         except ResultNotImageError as exc:
             return lc.DownloadFailed(error_info(exc), "not_image")
@@ -368,16 +412,13 @@ class ItemDriver:
                 sink.discard()  # not handed over: failed or cancelled (idempotent)
         return lc.Downloaded()
 
-    def _target(self, fmt: str) -> pathlib.Path:
-        return resolve_inside(self.engine.output_dir, self._output_rel(fmt))
-
     async def _store(self, state: lc.Store) -> lc.Event:
         if state.source == "file":
             sink = self.held.sink
             assert sink is not None
             rel = self._output_rel(sink.target.name.rsplit(".", 1)[-1])
             try:
-                await anyio.to_thread.run_sync(sink.commit)
+                await run_sync(sink.commit)
             except (OSError, ValueError) as exc:
                 return _store_failed(rel, exc)
             finally:
@@ -393,7 +434,12 @@ class ItemDriver:
         rel = self._output_rel(sniff_image_format(data) or "jpg")
         for last in (False, True):
             try:
-                await anyio.to_thread.run_sync(write_result, self.engine.output_dir, rel, data)
+                await run_sync(
+                    functools.partial(
+                        write_result, self.engine.output_dir, rel, data,
+                        folders=self.engine.result_folders,
+                    )
+                )  # fmt: skip
                 return lc.Stored(rel)
             except (OSError, ValueError) as exc:
                 full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
@@ -414,6 +460,14 @@ class ItemDriver:
 
 # Input problems a rerun may not meet again: the file moved away mid-run.
 _TRANSIENT_INPUT = frozenset({"INPUT_MISSING"})
+
+
+def _size_hint(path: pathlib.Path) -> int:
+    """The input's size for :func:`run_small` (large when unknown: read in a thread)."""
+    try:
+        return os.stat(path).st_size
+    except (OSError, ValueError):
+        return sys.maxsize
 
 
 def _store_failed(rel: str, exc: BaseException) -> lc.StoreFailed:

@@ -2,13 +2,15 @@
 
 Shape::
 
-    producer ──(bounded stream, size = concurrency)──> N workers ──> ItemDriver
+    producer ──(bounded stream, size = concurrency)──> workers ──> ItemDriver
       walks inputs lazily, hashes each file once           resume() the item from the
       (stat cache), expands variants into work items       journal, then drive it through
                                                            pipeline.lifecycle to the end
 
-At most ``concurrency`` items are in flight (one per worker), and per vendor at most
-as many tasks as its rate budget can keep polled within its polling window. The
+At most ``concurrency`` items are in flight at the vendors (sending, or a task
+running), and per vendor at most as many tasks as its rate budget can keep polled
+within its polling window; a few more workers (:func:`prefetch`) read the next inputs
+and store finished results meanwhile, so neither waits in a vendor slot. The
 rules of an item's life are in :mod:`pipeline.lifecycle`; its I/O is in
 :mod:`pipeline.driver`. A fatal error cancels the workers and ends the run with
 exit 3; SIGINT/SIGTERM end it with 130. Every journal write that was started is
@@ -37,9 +39,16 @@ from pipeline.outputs import result_relpath
 from pipeline.runner import RunOptions, RunResult, run_job
 from pipeline.sources import InputSource, WorkItem
 
-__all__ = ["Engine", "RunOptions", "RunResult", "WorkItem", "run_job"]
+__all__ = ["Engine", "RunOptions", "RunResult", "WorkItem", "prefetch", "run_job"]
 
 log = logging.getLogger("pipeline")
+
+
+def prefetch(concurrency: int) -> int:
+    """Workers beyond ``concurrency``: they read and check the next inputs, and store
+    finished results, while ``concurrency`` items hold the vendor slots. Bounded, as
+    each holds an input's bytes."""
+    return max(2, min(concurrency, 16))
 
 
 class Engine(RunContext):
@@ -63,12 +72,15 @@ class Engine(RunContext):
                 self.credits.reserve_pool(spec.vendor, spec.price * unpaid)
         source = InputSource(self.manifest, self.journal, self.progress)
         send, receive = anyio.create_memory_object_stream[WorkItem](self.manifest.concurrency)
-        async with anyio.create_task_group() as tg:
-            self._scope = tg.cancel_scope
-            tg.start_soon(self._produce, source, send)
-            for _ in range(self.manifest.concurrency):
-                tg.start_soon(self._work, receive.clone())
-            receive.close()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
+                tg.start_soon(self._produce, source, send)
+                for _ in range(self.manifest.concurrency + prefetch(self.manifest.concurrency)):
+                    tg.start_soon(self._work, receive.clone())
+                receive.close()
+        finally:
+            self.result_folders.close()
         if self.usage_error is not None:
             raise self.usage_error
 
@@ -176,8 +188,9 @@ class Engine(RunContext):
             self._queued.discard(item.key)
 
     async def _start(self, item: WorkItem) -> None:
-        # A fresh read: the batch's record may predate another input of the same content.
-        rec = await self.journal.lookup(item.key)
+        # The row read with the batch is current unless this run met the key since
+        # (another input of the same content): then read it again.
+        rec = await self.journal.lookup(item.key) if item.key in self._met else item.record
         if rec is not None and rec.seen_run == self.run_id:
             await self._duplicate(item)
             return
@@ -223,6 +236,7 @@ class Engine(RunContext):
         return await anyio.to_thread.run_sync(look)
 
     async def _see(self, item: WorkItem) -> None:
+        self._met.add(item.key)
         await self.journal.see(
             key=item.key,
             operation=item.variant.operation.name,
@@ -261,14 +275,9 @@ class Engine(RunContext):
         if isinstance(state, lc.Poll) and not state.billed:
             # A task already created will be charged if it succeeds: count it.
             self.credits.claim(item.key, op.vendor, op.price)
-        slots = self._task_slots.get(op.vendor) if op.is_async else None
         self.progress.started()
         try:
-            if slots is None:
-                await driver.run(state, polls_before=rec.polls if rec else 0)
-            else:
-                async with slots:
-                    await driver.run(state, polls_before=rec.polls if rec else 0)
+            await driver.run(state, polls_before=rec.polls if rec else 0)
         finally:
             self.credits.release(item.key)
             self.progress.stopped()

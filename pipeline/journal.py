@@ -45,6 +45,7 @@ import anyio.to_thread
 
 from pipeline.errors import DiskFullError, JournalError
 from pipeline.lifecycle import COLLECTABLE_STATUSES, ErrorInfo, Snapshot, Status, check_move
+from pipeline.offload import run_sync
 from pipeline.outputs import check_no_symlink
 
 _KINDS = ("retryable", "permanent", "fatal")
@@ -263,6 +264,8 @@ class Journal:
         # The last status written (or read) per item met by this run: every change is
         # checked against the lifecycle's table before it is queued.
         self._status: dict[str, Status] = {}
+        # Rows :meth:`see` queued whose commit no change has confirmed yet.
+        self._unconfirmed: dict[str, tuple[_Batch, list[tuple[str, Sequence[Any]]]]] = {}
 
     # -- opening ------------------------------------------------------------------
 
@@ -418,10 +421,11 @@ class Journal:
             batch, self._batch = self._batch, _Batch()
             if batch.ops:
                 try:
-                    await anyio.to_thread.run_sync(self._apply, batch.ops)
+                    await run_sync(self._apply, batch.ops)
                     self.commits += 1
                 except BaseException as exc:  # surfaced to every waiter of the batch
                     batch.error = exc
+            batch.ops = []  # a batch outlives its commit (see _unconfirmed): not its data
             batch.done.set()
 
     def _apply(self, ops: list[tuple[str, Sequence[Any]]]) -> None:
@@ -445,9 +449,17 @@ class Journal:
         Shielded: a cancelled caller must not be left unsure whether its transition
         (say, a task id) was committed; it waits for the commit.
         """
+        await self._confirm(self._enqueue(ops))
+
+    def _enqueue(self, ops: Sequence[tuple[str, Sequence[Any]]]) -> _Batch:
+        """Queue writes for the next group commit without waiting for it."""
         batch = self._batch
         batch.ops.extend(ops)
         self._wake.set()
+        return batch
+
+    async def _confirm(self, batch: _Batch) -> None:
+        """Wait for ``batch``'s commit; raise what it met."""
         with anyio.CancelScope(shield=True):
             await batch.done.wait()
         if batch.error is not None:
@@ -476,7 +488,7 @@ class Journal:
             with self._lock:
                 return self._require().execute(sql, params).fetchall()
 
-        return await anyio.to_thread.run_sync(run)
+        return await run_sync(run)
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -563,10 +575,15 @@ class Journal:
         input_rel: str,
         run_id: int,
     ) -> None:
-        """Record that this run met the item (inserting it as pending if new)."""
+        """Record that this run met the item (inserting it as pending if new).
+
+        Queued, not awaited: nothing outside is done on the strength of this row
+        alone. The item's next :meth:`change` commits after it (batches commit in
+        order) and confirms it, re-applying it if its commit failed.
+        """
         now = time.time()
         self._status.setdefault(key, Status.PENDING)
-        await self._write(
+        ops: list[tuple[str, Sequence[Any]]] = [(
             "INSERT INTO items (key, operation, variant, params, input_path, input_rel, status,"
             " seen_run, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)"
             " ON CONFLICT(key) DO UPDATE SET input_path = excluded.input_path,"
@@ -574,7 +591,8 @@ class Journal:
             " input_rel = excluded.input_rel, seen_run = excluded.seen_run, run_status = NULL,"
             " updated_at = excluded.updated_at",
             (key, operation, variant, params, db_text(input_path), db_text(input_rel), run_id, now),
-        )
+        )]  # fmt: skip
+        self._unconfirmed[key] = (self._enqueue(ops), ops)
 
     async def skip_many(self, keys: Sequence[str], run_id: int, run_status: str) -> None:
         """Mark items this run met and left as they were (done, or failed for good)."""
@@ -613,9 +631,7 @@ class Journal:
         """An input whose content (for this variant) another input of the run carries."""
         await self.record_duplicates(run_id, [(input_rel, input_path, key)])
 
-    async def record_duplicates(
-        self, run_id: int, rows: Sequence[tuple[str, str, str]]
-    ) -> None:
+    async def record_duplicates(self, run_id: int, rows: Sequence[tuple[str, str, str]]) -> None:
         """``(input_rel, input_path, key)`` duplicates met by the run, in one commit."""
         if rows:
             await self._write_many(
@@ -651,7 +667,23 @@ class Journal:
         elif change.spool is None:
             ops.append(("DELETE FROM spool WHERE key = ?", (key,)))
         self._status[key] = change.status
-        await self._write_many(ops)
+        seen = self._unconfirmed.pop(key, None)
+        if seen is not None and seen[0] is not self._batch:
+            # The row was queued in an earlier batch: if that commit failed, write it
+            # again with this change, or the change would update no row.
+            with anyio.CancelScope(shield=True):
+                await seen[0].done.wait()
+            if seen[0].error is None:
+                seen = None
+            else:
+                ops = [*seen[1], *ops]
+        batch = self._enqueue(ops)
+        try:
+            await self._confirm(batch)
+        except BaseException:
+            if seen is not None:  # still unwritten: the next change carries it again
+                self._unconfirmed[key] = (batch, seen[1])
+            raise
 
     # -- the stat cache -------------------------------------------------------------------
 

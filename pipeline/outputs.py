@@ -70,7 +70,9 @@ import os
 import re
 import secrets
 import stat
+import threading
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -83,6 +85,7 @@ __all__ = [
     "AtomicFile",
     "DiskReserve",
     "FileWriteError",
+    "ResultFolders",
     "UnsafePathError",
     "atomic_open_text",
     "atomic_write_bytes",
@@ -464,30 +467,50 @@ class AtomicFile:
     temporary is removed when one occurs.
     """
 
-    def __init__(self, target: Path, *, root: Path | None = None, durable: bool = True) -> None:
+    def __init__(
+        self,
+        target: Path,
+        *,
+        root: Path | None = None,
+        durable: bool = True,
+        dir_fd: int | None = None,
+        name_max: int | None = None,
+    ) -> None:
         self.target = target
         self.durable = durable  # fsync the bytes and the folder (False: a cache file)
-        if root is None:
-            parent, parts = target.parent, [target.name]
+        if dir_fd is not None:
+            # ``target``'s folder, opened already with no link followed (see
+            # ResultFolders); this file owns the descriptor from now on.
+            self._name, self._dir_fd = target.name, dir_fd
         else:
-            parent, parts = root, _parts_under(root, target)
-        self._name = parts[-1]
-        _check_name(self._name, target)
-        self._dir_fd = _open_dirs(parent, parts[:-1])
+            if root is None:
+                parent, parts = target.parent, [target.name]
+            else:
+                parent, parts = root, _parts_under(root, target)
+            self._name = parts[-1]
+            _check_name(self._name, target)
+            self._dir_fd = _open_dirs(parent, parts[:-1])
         self._done = False
         try:
+            _check_name(self._name, target)
             # Refuse a name the folder cannot hold before any byte is written (the
             # short temporary name alone would only fail at the final rename).
-            name_max = _name_max(self._dir_fd)
+            name_max = name_max or _name_max(self._dir_fd)
             if _nbytes(self._name) > name_max:
                 raise FileWriteError(errno.ENAMETOOLONG, target)
             self._tmp_name, fd = self._create_temp()
         except BaseException:
             os.close(self._dir_fd)
             raise
+        self.name_max = name_max
         self.path = target.with_name(self._tmp_name)
         self._fh: io.BufferedWriter = os.fdopen(fd, "wb")
         self.bytes_written = 0
+
+    @property
+    def dir_fd(self) -> int:
+        """The descriptor of the target's folder (owned by this file)."""
+        return self._dir_fd
 
     def _create_temp(self) -> tuple[str, int]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -525,8 +548,11 @@ class AtomicFile:
         if target.parent != self.target.parent:
             raise ValueError(f"{target}: not in the folder of {self.target}")
         _check_name(target.name, target)
-        if _nbytes(target.name) > _name_max(self._dir_fd):
+        if _nbytes(target.name) > self.name_max:
             raise FileWriteError(errno.ENAMETOOLONG, target)
+        st = _lstat_at(self._dir_fd, target.name, target)  # refuses a planted symlink
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise UnsafePathError(errno.EISDIR, target)
         self.target, self._name = target, target.name
 
     def commit(self) -> None:
@@ -586,6 +612,103 @@ def atomic_write_bytes(
         handle.write(data)
 
 
+class ResultFolders:
+    """The output tree's folders, opened once and reused by every result written in
+    them (thread-safe).
+
+    Opening a folder the safe way (:func:`_open_dirs`: every component relative to
+    its parent, ``O_NOFOLLOW``) and proving the path inside (:func:`resolve_inside`)
+    cost a dozen system calls and most of a result write's CPU, profiled (README
+    "Performance"). A folder opened before is reused only while ``lstat`` of its path
+    still names that very folder (same device and inode, a folder): a component
+    swapped for a symlink, or the folder moved or removed, sends the write back to the
+    full, refusing path. At most :attr:`MAX_OPEN` descriptors are kept (least recently
+    used first out). Call :meth:`close` when the run ends.
+    """
+
+    MAX_OPEN = 64
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        # folder parts -> (descriptor, st_dev, st_ino, NAME_MAX)
+        self._open: OrderedDict[tuple[str, ...], tuple[int, int, int, int]] = OrderedDict()
+
+    def open(self, relpath: str) -> AtomicFile:
+        """An :class:`AtomicFile` for ``relpath`` (refused as :func:`resolve_inside`
+        refuses it); the same as :func:`open_result`, faster for a folder met before."""
+        parts = _rel_parts(relpath, str(self.root / relpath))
+        if not parts:
+            return open_result(self.root, relpath)
+        key = tuple(parts[:-1])
+        reused = self._reuse(key)
+        if reused is None:
+            handle = open_result(self.root, relpath)
+            try:
+                self._remember(key, handle)
+            except BaseException:
+                handle.discard()
+                raise
+            return handle
+        fd, name_max = reused
+        target = self.root.joinpath(*parts)
+        try:
+            st = _lstat_at(fd, parts[-1], target)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise UnsafePathError(errno.EISDIR, target)
+        except BaseException:
+            os.close(fd)
+            raise
+        return AtomicFile(target, dir_fd=fd, name_max=name_max)  # owns fd, even if it fails
+
+    def _reuse(self, key: tuple[str, ...]) -> tuple[int, int] | None:
+        with self._lock:
+            found = self._open.get(key)
+            if found is None:
+                return None
+            fd, dev, ino, name_max = found
+            try:
+                st = os.lstat(os.path.join(self.root, *key))
+                same = stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino)
+            except OSError:
+                same = False
+            if not same:
+                del self._open[key]
+                os.close(fd)
+                return None
+            self._open.move_to_end(key)
+            return os.dup(fd), name_max
+
+    def _remember(self, key: tuple[str, ...], handle: AtomicFile) -> None:
+        st = os.fstat(handle.dir_fd)
+        with self._lock:
+            if key in self._open:
+                return
+            self._open[key] = (os.dup(handle.dir_fd), st.st_dev, st.st_ino, handle.name_max)
+            while len(self._open) > self.MAX_OPEN:
+                _, (old, *_) = self._open.popitem(last=False)
+                os.close(old)
+
+    def close(self) -> None:
+        with self._lock:
+            while self._open:
+                _, (fd, *_) = self._open.popitem()
+                os.close(fd)
+
+
+def _lstat_at(dir_fd: int, name: str, display: Path) -> os.stat_result | None:
+    """``lstat`` of ``name`` in the folder ``dir_fd``; refuses a symlink there."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _wrap(exc, display) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(errno.ELOOP, display)
+    return st
+
+
 def open_result(output_dir: Path, relpath: str) -> AtomicFile:
     """An :class:`AtomicFile` for the result at ``relpath`` (from :func:`result_relpath`)
     under ``output_dir``: checked with :func:`resolve_inside`, written with no link
@@ -593,13 +716,18 @@ def open_result(output_dir: Path, relpath: str) -> AtomicFile:
     return AtomicFile(resolve_inside(output_dir, relpath), root=output_dir)
 
 
-def write_result(output_dir: Path, relpath: str, data: bytes) -> Path:
+def write_result(
+    output_dir: Path, relpath: str, data: bytes, *, folders: ResultFolders | None = None
+) -> Path:
     """Store a result's bytes at ``relpath`` under ``output_dir``; returns the path.
 
-    Raises :class:`FileWriteError` (an ``OSError``; ``errno`` ``ENOSPC`` when the disk
-    is full) and :class:`UnsafePathError` for a planted symlink or a file in the way.
+    ``folders``: the run's :class:`ResultFolders` for ``output_dir`` (reuses open
+    folders). Raises :class:`FileWriteError` (an ``OSError``; ``errno`` ``ENOSPC``
+    when the disk is full) and :class:`UnsafePathError` for a planted symlink or a
+    file in the way.
     """
-    with open_result(output_dir, relpath) as handle:
+    opened = folders.open(relpath) if folders is not None else open_result(output_dir, relpath)
+    with opened as handle:
         handle.write(data)
     return handle.target
 

@@ -43,6 +43,7 @@ import anyio.to_thread
 from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from pipeline.errors import ResultNotImageError
+from pipeline.offload import INLINE_BYTES
 from pipeline.perloop import PerLoop
 
 __all__ = [
@@ -368,7 +369,12 @@ async def check_result_image_async(
     data_or_path: ResultSource, *, max_bytes: int, max_pixels: int, vendor: str = ""
 ) -> str:
     """:func:`check_result_image` in a worker thread; at most
-    :data:`MAX_CONCURRENT_DECODES` of them per event loop hold a thread at once."""
+    :data:`MAX_CONCURRENT_DECODES` of them per event loop hold a thread at once.
+    A small result in memory is checked inline (see :mod:`pipeline.offload`)."""
+    if isinstance(data_or_path, bytes | bytearray) and len(data_or_path) <= INLINE_BYTES:
+        return check_result_image(
+            data_or_path, max_bytes=max_bytes, max_pixels=max_pixels, vendor=vendor
+        )
     return await anyio.to_thread.run_sync(
         partial(
             check_result_image,

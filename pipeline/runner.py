@@ -34,6 +34,7 @@ from pipeline.manifest import Manifest
 from pipeline.outputs import DiskReserve, sweep_partial_files
 from pipeline.progress import Progress, report_progress
 from pipeline.providers.base import Provider, RequestStats
+from pipeline.providers.http import proxy_for
 
 if TYPE_CHECKING:
     from pipeline.emulator import RunningEmulator
@@ -229,10 +230,13 @@ class _Run:
             total=config.timeouts.request_seconds, connect=config.timeouts.connect_seconds
         )
         connector = aiohttp.TCPConnector(limit=max(16, manifest.concurrency * 2))
+        proxy_for.cache_clear()  # the environment is read once per run
         progress_bar = not self.options.quiet and sys.stderr.isatty()
         with Progress(enabled=progress_bar, limit=self.options.limit) as progress:
             async with aiohttp.ClientSession(
-                timeout=timeout, connector=connector, trust_env=True
+                timeout=timeout,
+                connector=connector,
+                trust_env=False,  # proxies: http.proxy_for
             ) as session:
                 await self._serve(session, progress)
         self.interrupted = self.signals.received is not None

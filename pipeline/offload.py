@@ -1,0 +1,53 @@
+"""Blocking work off the event loop, at the price the hot path can pay.
+
+``anyio.to_thread.run_sync`` costs about 60 µs of CPU per call on the project's
+machine (its capacity limiter, cancel scope and worker bookkeeping), and an item
+made several such hops: profiled, they were a large share of a fast run's client CPU
+(README "Performance"). :func:`run_sync` hands the call to one thread pool through
+asyncio's ``run_in_executor`` (about 25 µs) and keeps anyio's default rule: the call
+is never abandoned; a cancelled caller waits for the thread to finish, so a file
+half-written or a commit half-made is never left behind by a cancellation.
+
+Small work does not hop at all: :func:`run_small` runs inline when the bytes it
+touches are few (:data:`INLINE_BYTES`), where the hop would cost more than the work.
+Nothing that waits on the disk's flush (fsync) may run inline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import anyio
+
+__all__ = ["INLINE_BYTES", "run_small", "run_sync"]
+
+T = TypeVar("T")
+
+# Checking or decoding this many bytes of image takes well under the cost of a hop.
+INLINE_BYTES = 64 * 1024
+
+# Threads are started on demand; 16 covers disk and decode work at any concurrency
+# (the GIL, not the thread count, bounds the CPU-bound part).
+_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pipeline-io")
+
+
+async def run_sync(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` in a worker thread; waits for it even when cancelled."""
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(_POOL, functools.partial(fn, *args))
+    with anyio.CancelScope(shield=True):
+        result = await future
+    return result
+
+
+async def run_small(size: int, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` inline if it touches at most :data:`INLINE_BYTES` (``size``),
+    else in a worker thread (:func:`run_sync`). Only for work that never waits on a
+    flush to disk: reading and checking bytes, not storing them."""
+    if size <= INLINE_BYTES:
+        return fn(*args)
+    return await run_sync(fn, *args)
