@@ -26,13 +26,14 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import anyio
 
 from pipeline.config import RateLimit
 
-__all__ = ["AdaptiveRate", "RateBudget", "SlidingWindow"]
+__all__ = ["AdaptiveRate", "Grant", "RateBudget", "SlidingWindow", "last_grant"]
 
 # Clocks and network latency differ between us and the vendor: a request we send
 # at the very edge of a window can land inside it on their side, later than we
@@ -179,6 +180,31 @@ class AdaptiveRate:
         return True
 
 
+@dataclass(frozen=True)
+class Grant:
+    """One request the gate let go: its kind, when it asked and when it was let go
+    (``time.monotonic()``, whatever clock the budget itself runs on)."""
+
+    kind: str
+    asked: float
+    granted: float
+
+    @property
+    def waited(self) -> float:
+        return self.granted - self.asked
+
+
+# The current task's last grant. Set inside :meth:`RateBudget.acquire`, which callers
+# await in their own task, so it is the caller's: an item's driver reads it after a
+# poll to tell the task's duration from the time that poll queued at the gate.
+_LAST_GRANT: ContextVar[Grant | None] = ContextVar("pipeline_budget_last_grant", default=None)
+
+
+def last_grant() -> Grant | None:
+    """What the gate did for the calling task's most recent request (None: nothing yet)."""
+    return _LAST_GRANT.get()
+
+
 class RateBudget:
     """The gate every API-host request of one vendor account passes through.
 
@@ -250,8 +276,10 @@ class RateBudget:
         task creates, then uploads: a finished task's result should not wait behind
         new submits (docs/vendors.md, "Perfect Corp: rate limits": polls are served
         before new submits).
-        Within a priority, arrival order.
+        Within a priority, arrival order. Afterwards :func:`last_grant` tells the
+        caller how long it waited.
         """
+        asked = time.monotonic()
         ticket = _Ticket(PRIORITY.get(kind, DEFAULT_PRIORITY), next(self._seq))
         heapq.heappush(self._waiting, ticket)
         try:
@@ -261,6 +289,7 @@ class RateBudget:
                 else:
                     await ticket.wake.wait()
                     ticket.wake = anyio.Event()
+            _LAST_GRANT.set(Grant(kind, asked, time.monotonic()))
         finally:
             if not ticket.granted:  # cancelled while waiting
                 ticket.abandoned = True

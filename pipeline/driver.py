@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from pipeline import lifecycle as lc
+from pipeline.budget import last_grant
 from pipeline.errors import (
     FatalError,
     PermanentError,
@@ -66,6 +67,25 @@ class DurationEstimate:
     when a whole first wave was still running at its first poll. Never sooner than
     one interval after the submit, the vendors' advised cadence (docs/vendors.md
     "AILab: polling and task states", "Perfect Corp: polling interval").
+
+    The time a poll spends queued at the rate budget is not the task's. Counted in,
+    it fed back into the next first polls, which queued longer still, up to the
+    polling window's cap, and items sat finished at the vendor while the budget
+    they could have used went idle (issue 9 point 3.5). So a bound is measured to
+    when its poll asked the budget, and only polls that were let go within a
+    quarter interval give one: a poll that queued longer and found the task done
+    says only that it was done some time before the poll left. While no poll has
+    given a bound (all of them queued), the first poll goes no sooner than the
+    soonest any task of the operation was seen done: the one bound that a queue
+    cannot push up, where polling after one interval would find a task that the
+    budget has only ever seen done later still running.
+
+    Where polls queue, the budget binds, and a poll that finds the task still
+    running costs a request that another item needed (issue 9: the rate budget
+    before latency): the first poll comes early by a quarter interval times the
+    share of recent polls that did not queue, so the aim still probes downwards
+    when the budget binds, only more slowly, and a poll that the budget let go at
+    once hits a task that was still running less often.
     """
 
     QUANTILE = 0.8
@@ -73,16 +93,51 @@ class DurationEstimate:
     def __init__(self, interval: float, keep: int = 64) -> None:
         self.interval = interval
         self._done: deque[float] = deque(maxlen=keep)
+        self._queued: deque[bool] = deque(maxlen=keep)  # recent polls, queued or not
+        self._soonest: float | None = None  # the soonest a task was seen done, at all
 
-    def observe(self, seen_done_after: float) -> None:
-        self._done.append(seen_done_after)
+    def observe(
+        self, seen_done_after: float, *, asked_after: float | None = None, waited: float = 0.0
+    ) -> None:
+        """A task was seen done ``seen_done_after`` seconds after its submit, by a
+        poll that asked the rate budget ``asked_after`` seconds after the submit and
+        waited ``waited`` seconds there. ``asked_after`` None: the answer came just
+        now, and the calling task's last grant (:func:`pipeline.budget.last_grant`)
+        says when that poll asked and how long it waited."""
+        if asked_after is None:
+            asked_after, waited = _poll_asked(seen_done_after)
+        if self._soonest is None or seen_done_after < self._soonest:
+            self._soonest = seen_done_after
+        queued = waited > self.interval / 4
+        self._queued.append(queued)
+        if not queued:
+            self._done.append(asked_after)
+
+    @property
+    def queued_share(self) -> float:
+        """The share of recent polls that queued at the rate budget."""
+        return sum(self._queued) / len(self._queued) if self._queued else 0.0
 
     def expected(self) -> float | None:
         if not self._done:
-            return None
+            return None if self._soonest is None else max(self.interval, self._soonest)
         ordered = sorted(self._done)
         high = ordered[int(self.QUANTILE * (len(ordered) - 1))]
-        return max(self.interval, high - self.interval / 4)
+        early = self.interval / 4 * (1.0 - self.queued_share)
+        return max(self.interval, high - early)
+
+
+def _poll_asked(seen_done_after: float) -> tuple[float, float]:
+    """(seconds from the submit to when the poll that just answered asked the rate
+    budget, seconds it waited there), from the calling task's last grant; when that
+    is not a poll made since the submit, the answer's time and no wait."""
+    grant = last_grant()
+    if grant is None or grant.kind != "poll":
+        return seen_done_after, 0.0
+    since_asked = time.monotonic() - grant.asked
+    if since_asked > seen_done_after:
+        return seen_done_after, 0.0  # older than the task: not this task's poll
+    return seen_done_after - since_asked, grant.waited
 
 
 class Estimates:
