@@ -8,6 +8,7 @@ template, credit holds, rate-limit pauses, the rejection and reachability brakes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ from pipeline.operations import ImageLimits, OperationSpec
 from pipeline.outputs import DiskReserve, ResultFolders
 from pipeline.progress import Progress
 from pipeline.providers.base import ImagePayload, Provider
+from pipeline.rescue import RescueLog
 from pipeline.runner import RunOptions
 
 __all__ = ["RunContext"]
@@ -63,6 +65,7 @@ class RunContext:
     progress: Progress
     policies: Mapping[str, lc.Policy]
     reserve: DiskReserve
+    rescue: RescueLog | None = None  # where task ids go when the journal is full
     fatal: FatalError | None = None
     halted: str | None = None  # why the run stopped starting items (not fatal)
     stopping: bool = False
@@ -138,9 +141,25 @@ class RunContext:
         except DiskFullError as exc:
             self.stop_starting(exc)
             self.disk_full = True
-            if change.status in _BEFORE_SEND or not self.reserve.release():
+            if change.status in _BEFORE_SEND:
                 raise
-            await self.journal.change(key, change)
+            if self.reserve.release():
+                with contextlib.suppress(DiskFullError):
+                    await self.journal.change(key, change)
+                    return
+            # No room even so: a task id goes to the preallocated rescue file, which
+            # the next run applies before it sends anything (pipeline.rescue).
+            task_id = change.task_id
+            if not isinstance(task_id, str) or self.rescue is None:
+                raise
+            kept_before = self.rescue.holds(key)
+            if not await anyio.to_thread.run_sync(self.rescue.add, key, task_id):
+                raise
+            if not kept_before:
+                log.warning(
+                    "the disk is full: the task id of %s is kept in %s for the next run",
+                    key[:12], self.rescue.path.name,
+                )  # fmt: skip
 
     async def prepared_file(self, path: Path, limits: ImageLimits) -> ImagePayload:
         """A variant's extra file (face swap's template), read and checked once per

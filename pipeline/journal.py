@@ -685,6 +685,20 @@ class Journal:
                 self._unconfirmed[key] = (batch, seen[1])
             raise
 
+    async def apply_rescued(self, rescued: Sequence[tuple[str, str]]) -> int:
+        """Record ``(key, task_id)`` pairs a run kept in its rescue file (see
+        :mod:`pipeline.rescue`) for items still ``submitting`` with no task id; returns
+        how many were applied. The others already moved on."""
+        found = await self.lookup_many([key for key, _ in rescued])
+        applied = 0
+        for key, task_id in rescued:
+            rec = found.get(key)
+            if rec is None or rec.status != Status.SUBMITTING.value or rec.task_id:
+                continue
+            await self.change(key, Change(Status.SUBMITTED, task_id=task_id))
+            applied += 1
+        return applied
+
     # -- the stat cache -------------------------------------------------------------------
 
     async def cached_hashes(self, paths: Sequence[str]) -> dict[str, tuple[Any, ...]]:

@@ -366,12 +366,20 @@ def check_result_image(
 
 
 async def check_result_image_async(
-    data_or_path: ResultSource, *, max_bytes: int, max_pixels: int, vendor: str = ""
+    data_or_path: ResultSource,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    vendor: str = "",
+    size: int | None = None,
 ) -> str:
     """:func:`check_result_image` in a worker thread; at most
     :data:`MAX_CONCURRENT_DECODES` of them per event loop hold a thread at once.
-    A small result in memory is checked inline (see :mod:`pipeline.offload`)."""
-    if isinstance(data_or_path, bytes | bytearray) and len(data_or_path) <= INLINE_BYTES:
+    A small result (in memory, or a file of ``size`` bytes) is checked inline (see
+    :mod:`pipeline.offload`)."""
+    if isinstance(data_or_path, bytes | bytearray):
+        size = len(data_or_path)
+    if size is not None and size <= INLINE_BYTES:
         return check_result_image(
             data_or_path, max_bytes=max_bytes, max_pixels=max_pixels, vendor=vendor
         )

@@ -31,10 +31,12 @@ from pipeline.errors import DiskFullError, FatalError, UsageError
 from pipeline.journal import Journal
 from pipeline.lock import OutputLock
 from pipeline.manifest import Manifest
+from pipeline.netguard import SHARED_DOWNLOADS, guarded_session
 from pipeline.outputs import DiskReserve, sweep_partial_files
 from pipeline.progress import Progress, report_progress
 from pipeline.providers.base import Provider, RequestStats
 from pipeline.providers.http import proxy_for
+from pipeline.rescue import RescueLog, read_rescued
 
 if TYPE_CHECKING:
     from pipeline.emulator import RunningEmulator
@@ -159,6 +161,7 @@ async def run_job(manifest: Manifest, config: Config, options: RunOptions) -> Ru
             swept = await anyio.to_thread.run_sync(sweep_partial_files, manifest.output)
             if swept:
                 log.info("removed %d partial file(s) left by an interrupted run", swept)
+            await _apply_rescued(journal, manifest.output)
             run_id = await journal.begin_run(str(manifest.path), os.getpid())
             # Installed until the reports are written: later signals (the run already
             # stopping) wait unread in the stream instead of interrupting the last commits.
@@ -167,6 +170,15 @@ async def run_job(manifest: Manifest, config: Config, options: RunOptions) -> Ru
                 return await _run(
                     manifest, config, options, journal, run_id, keys, emulate, signals
                 )
+
+
+async def _apply_rescued(journal: Journal, output: Path) -> None:
+    """Task ids a run could not journal (its disk was full) go in now, before anything
+    is sent: those items are polled, not sent and paid for again (pipeline.rescue)."""
+    rescued = await anyio.to_thread.run_sync(read_rescued, output)
+    if rescued:
+        applied = await journal.apply_rescued([(r.key, r.task_id) for r in rescued])
+        log.info("recovered %d task id(s) an earlier run kept aside on a full disk", applied)
 
 
 async def _run(
@@ -186,6 +198,7 @@ async def _run(
         run.absorb(caught)
     finally:
         run.reserve.release()  # room for the reports too
+        run.rescue.close()
         if run.emulator is not None:
             with anyio.CancelScope(shield=True):
                 await run.emulator.close()
@@ -211,6 +224,7 @@ class _Run:
         self.journal, self.run_id, self.keys, self.signals = journal, run_id, keys, signals
         self.stats = RequestStats()
         self.reserve = DiskReserve(manifest.output)
+        self.rescue = RescueLog(manifest.output)
         self.started = time.monotonic()
         self.interrupted = False
         self.engine: Engine | None = None
@@ -233,12 +247,19 @@ class _Run:
         proxy_for.cache_clear()  # the environment is read once per run
         progress_bar = not self.options.quiet and sys.stderr.isatty()
         with Progress(enabled=progress_bar, limit=self.options.limit) as progress:
-            async with aiohttp.ClientSession(
-                timeout=timeout,
-                connector=connector,
-                trust_env=False,  # proxies: http.proxy_for
-            ) as session:
-                await self._serve(session, progress)
+            async with (
+                aiohttp.ClientSession(
+                    timeout=timeout,
+                    connector=connector,
+                    trust_env=False,  # proxies: http.proxy_for
+                ) as session,
+                guarded_session(timeout) as downloads,  # results: never the API session
+            ):
+                token = SHARED_DOWNLOADS.set(downloads)
+                try:
+                    await self._serve(session, progress)
+                finally:
+                    SHARED_DOWNLOADS.reset(token)
         self.interrupted = self.signals.received is not None
 
     async def _serve(self, session: aiohttp.ClientSession, progress: Progress) -> None:
@@ -253,10 +274,11 @@ class _Run:
         }
         policies = {v: build_policy(config, manifest, v, options) for v in self.keys}
         await anyio.to_thread.run_sync(self._hold_reserve)
+        await anyio.to_thread.run_sync(self.rescue.open)
         engine = self.engine = Engine(
             manifest=manifest, config=config, providers=providers, budgets=self.budgets,
             journal=self.journal, run_id=self.run_id, options=options, progress=progress,
-            policies=policies, reserve=self.reserve,
+            policies=policies, reserve=self.reserve, rescue=self.rescue,
         )  # fmt: skip
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.signals.watch, tg.cancel_scope)

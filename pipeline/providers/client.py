@@ -295,13 +295,16 @@ class VendorClient:
                 out = self._scrub_submitted(out)
         return out
 
-    async def _check_image(self, data: bytes | str | IO[bytes], where: str = "") -> str:
+    async def _check_image(
+        self, data: bytes | str | IO[bytes], where: str = "", *, size: int | None = None
+    ) -> str:
         try:
             return await check_result_image_async(
                 data,
                 max_bytes=max(self._network.max_response_bytes, self._network.max_download_bytes),
                 max_pixels=self._network.max_result_pixels,
                 vendor=self.vendor,
+                size=size,
             )
         except ResultNotImageError as exc:
             if where:
@@ -369,13 +372,13 @@ class VendorClient:
         where = f"download {safe_url(url)}"
         with self._scrubbed():
             if check_path is not None:
-                await self._stream(url, sink)
+                size = await self._stream(url, sink)
                 flush = getattr(sink, "flush", None)
                 if callable(flush):
                     flushed = flush()
                     if inspect.isawaitable(flushed):
                         await flushed
-                return await self._check_image(os.fspath(check_path), where)
+                return await self._check_image(os.fspath(check_path), where, size=size)
             spool = Spool(where, self.vendor)
             try:
                 await self._stream(url, _Tee(sink, spool))

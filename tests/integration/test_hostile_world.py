@@ -29,6 +29,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -46,6 +47,7 @@ from pipeline.emulator import RunningEmulator
 from pipeline.engine import RunOptions, run_job
 from pipeline.errors import UsageError
 from pipeline.manifest import load_manifest
+from pipeline.rescue import read_rescued
 from tests.conftest import AILAB_KEY, PERFECTCORP_KEY, fast_config, make_portrait
 
 pytestmark = pytest.mark.timeout(60)
@@ -1732,13 +1734,6 @@ async def test_a_fatal_answer_to_a_poll_keeps_the_task_id_and_the_rerun_collects
     assert _charges(emu)[vendor] == Counter({_sha(source): 1})
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known gap (issue 8, timing-dependent, about 1 run in 4 here): the disk reserve "
-    "is released once; when several Perfect Corp task creates are answered after the disk "
-    "filled, a later one's task id may still not fit in the journal, so the rerun "
-    "creates that task again. Next step: truncate the WAL (wal_checkpoint) before giving up",
-)
 async def test_a_disk_that_fills_during_the_run_stops_it_and_nothing_is_paid_twice(
     tmp_path: Path,
     emulator_factory: Callable[..., Any],
@@ -1785,6 +1780,92 @@ async def _fill_during_a_run(base: Path, emulator_factory: Callable[..., Any], r
         assert final.report["counts"]["succeeded"] + final.report["counts"]["skipped"] == 48
     assert _submits(emu) == _once_each(inputs, BOTH), f"round {round_}"
     assert _charges(emu) == _once_each(inputs, BOTH), f"round {round_}"
+
+
+class _Hog:
+    """Fills a file system and keeps it full: any space given back is taken at once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "hog.bin"
+        self._stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.full = threading.Event()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.full.wait(10)
+
+    def _run(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while not self._stop.is_set():
+                try:
+                    os.write(fd, b"\0" * 4096)
+                except OSError:
+                    self.full.set()
+                    time.sleep(0.0002)
+        finally:
+            os.close(fd)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.thread is not None:
+            self.thread.join(10)
+        self.path.unlink(missing_ok=True)
+
+
+async def test_a_task_id_the_full_journal_cannot_take_is_kept_aside_and_never_paid_twice(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+) -> None:
+    # The disk fills while task creates are on the wire and stays full (any space the
+    # run gives back, its reserve included, is taken again): the journal cannot take
+    # the task ids. They go to the preallocated rescue file; the rerun applies them
+    # and polls those tasks instead of creating them again.
+    emu: RunningEmulator = await emulator_factory(task_seconds=0.5)
+    make_portrait(tmp_path / "template.jpg", seed=999_999)
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            {"name": "hog", "inputs": ["in/*.jpg"], "operations": [SWAP], "output": "out",
+             "concurrency": 4}
+        )
+    )  # fmt: skip
+    inputs = _inputs(tmp_path, 8)
+    with _tmpfs(tmp_path / "out", "3m") as out:
+        hog = _Hog(out)
+        try:
+            async with _Proxy(emu.base_url) as proxy:
+
+                async def fill_on_first_create(request: Any) -> None:
+                    if request.method == "POST" and "face-swap" in request.path and not hog.thread:
+                        await anyio.to_thread.run_sync(hog.start)
+
+                proxy.before = fill_on_first_create
+                cfg = _config_file(_config(proxy.base_url), tmp_path / "proxied.yaml")
+                first = await _cli(manifest, cfg, "--quiet")
+        finally:
+            hog.stop()
+        shown = first.stderr.decode()
+        _no_traceback(shown + first.stdout.decode())
+        assert first.returncode == 3, shown
+        assert "DISK_FULL" in shown, shown
+        rescued = read_rescued(out)
+        assert rescued, "no task id was kept aside: the case was not reached"
+        created = sum(emu.stats()["ailab"]["submits_by_input"].values())
+        assert len(rescued) <= created
+        direct = _config_file(_config(emu.base_url), tmp_path / "direct.yaml")
+        rerun = await _cli(manifest, direct, "--quiet", "--verbose")
+        assert rerun.returncode == 0, rerun.stderr.decode()
+        assert "recovered" in rerun.stderr.decode()
+        final = _read_outcome(out, 0)
+        assert final.report["counts"]["succeeded"] + final.report["counts"]["skipped"] == 8
+        by_key = {x["key"]: x for x in final.lines}
+        for item in rescued:  # polled under the task id kept aside, not created again
+            assert by_key[item.key]["task_id"] == item.task_id
+    assert _submits(emu) == _once_each(inputs, [SWAP])
+    assert _charges(emu) == _once_each(inputs, [SWAP])
 
 
 async def test_a_short_key_met_by_chance_inside_a_task_id_costs_nothing(
