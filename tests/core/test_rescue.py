@@ -40,7 +40,7 @@ def test_what_was_written_is_read_back_and_a_torn_tail_is_skipped(
         # A crash mid-write leaves a cut last line: it is skipped, the others kept.
         data = path.read_bytes().split(b"\0", 1)[0]
         if data:
-            torn = max(0, len(data) - 2 - cut % len(data))  # at least "}\\n" cut
+            torn = max(0, len(data) - 2 - cut % len(data))  # the closing brace cut too
             with open(path, "r+b") as fh:
                 fh.seek(torn)
                 fh.write(b"\0" * (len(data) - torn))
