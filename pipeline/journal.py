@@ -511,22 +511,30 @@ class Journal:
         found = await self.lookup_many([key])
         return found.get(key)
 
-    async def lookup_many(self, keys: Sequence[str]) -> dict[str, ItemRecord]:
-        """The rows of ``keys`` that exist, in one read per 500 keys."""
+    async def lookup_many(
+        self, keys: Sequence[str], *, track: bool = True
+    ) -> dict[str, ItemRecord]:
+        """The rows of ``keys`` that exist, in one read per 500 keys.
+
+        ``track=False`` for bulk reads that never lead to :meth:`change` by themselves
+        (an item sent on is looked up again when it starts): the status of every
+        item looked up is otherwise remembered for the run, 10^6 entries on a rerun.
+        """
         out: dict[str, ItemRecord] = {}
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start : start + 500])
-            rows = await self._read(
-                f"SELECT {', '.join(_ITEM_COLUMNS)} FROM items WHERE key IN"
-                f" ({', '.join('?' * len(chunk))})",
-                chunk,
-            )
-            for row in rows:
-                rec = ItemRecord(*row)
-                out[rec.key] = rec
-                # Never over what this run wrote itself: an item in flight is ahead
-                # of a row read while its newest change was still being committed.
-                self._status.setdefault(rec.key, Status(rec.status))
+        for start in range(0, len(keys), _IN_CHUNK):
+            chunk = list(keys[start : start + _IN_CHUNK])
+
+            def run(chunk: list[str] = chunk) -> dict[str, ItemRecord]:
+                with self._lock:
+                    return item_records(self._require(), chunk)
+
+            found = await anyio.to_thread.run_sync(run)
+            out.update(found)
+            if track:
+                for rec in found.values():
+                    # Never over what this run wrote itself: an item in flight is ahead
+                    # of a row read while its newest change was still being committed.
+                    self._status.setdefault(rec.key, Status(rec.status))
         return out
 
     async def has_spool(self, key: str) -> bool:
@@ -658,17 +666,12 @@ class Journal:
     async def cached_hashes(self, paths: Sequence[str]) -> dict[str, tuple[Any, ...]]:
         """``db_text(path) -> (size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash)``
         for the paths the stat cache knows."""
-        out: dict[str, tuple[Any, ...]] = {}
-        for start in range(0, len(paths), 500):
-            chunk = [db_text(p) for p in paths[start : start + 500]]
-            rows = await self._read(
-                "SELECT path, size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash FROM files"
-                f" WHERE path IN ({', '.join('?' * len(chunk))})",
-                chunk,
-            )
-            for row in rows:
-                out[row[0]] = tuple(row[1:])
-        return out
+
+        def run() -> dict[str, tuple[Any, ...]]:
+            with self._lock:
+                return cached_hash_rows(self._require(), [db_text(p) for p in paths])
+
+        return await anyio.to_thread.run_sync(run)
 
     async def cache_hashes(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Store ``(path, size, mtime_ns, ctime_ns, inode, dev, hash, cached_at_ns)`` rows."""
@@ -724,6 +727,64 @@ def _disk_full(error: BaseException) -> bool:
 
 
 # -- reading for reports (synchronous; report.py runs these in a thread) ---------------------
+
+
+# Keys or paths per ``IN (...)`` query: well under SQLite's parameter limit.
+_IN_CHUNK = 500
+_ITEM_SELECT = f"SELECT {', '.join(_ITEM_COLUMNS)} FROM items WHERE key IN "
+_FILES_SELECT = (
+    "SELECT path, size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash FROM files"
+    " WHERE path IN "
+)
+
+
+def _marks(n: int) -> str:
+    return "(" + ",".join("?" * n) + ")"
+
+
+def open_reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the journal at ``path``, for a thread that only reads.
+
+    WAL lets it read while the journal's own connection commits (and fsyncs), so a
+    reader never waits on the writer; each statement sees the last commit.
+    """
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        conn.execute("PRAGMA query_only = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _record_of(row: Sequence[Any]) -> ItemRecord:
+    """``ItemRecord(*row)`` for a row of ``_ITEM_COLUMNS`` (the dataclass's fields, in
+    order), a third of its cost: a frozen dataclass's ``__init__`` sets its 25 fields
+    one ``object.__setattr__`` at a time, and a rerun reads 10^6 rows."""
+    rec: ItemRecord = object.__new__(ItemRecord)
+    rec.__dict__.update(zip(_ITEM_COLUMNS, row, strict=True))
+    return rec
+
+
+def item_records(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, ItemRecord]:
+    """``key -> ItemRecord`` of the ``keys`` (any number) that have a row."""
+    out: dict[str, ItemRecord] = {}
+    for start in range(0, len(keys), _IN_CHUNK):
+        chunk = keys[start : start + _IN_CHUNK]
+        for row in conn.execute(_ITEM_SELECT + _marks(len(chunk)), chunk):
+            out[row[0]] = _record_of(row)
+    return out
+
+
+def cached_hash_rows(conn: sqlite3.Connection, paths: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    """The stat cache's ``db_text(path) -> (size, mtime_ns, ctime_ns, inode, dev,
+    cached_at_ns, hash)`` of the ``paths`` (already :func:`db_text`) it knows."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for start in range(0, len(paths), _IN_CHUNK):
+        chunk = paths[start : start + _IN_CHUNK]
+        for row in conn.execute(_FILES_SELECT + _marks(len(chunk)), chunk):
+            out[row[0]] = row[1:]
+    return out
 
 
 def latest_run(conn: sqlite3.Connection) -> RunRecord | None:
