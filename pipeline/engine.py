@@ -17,6 +17,7 @@ committed (they are shielded), so the next run resumes where this one stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -36,7 +37,14 @@ from pipeline.errors import (
 from pipeline.journal import ItemRecord
 from pipeline.outputs import result_relpath
 from pipeline.runner import RunOptions, RunResult, run_job
-from pipeline.sources import InputSource, UnsettledKeys, WorkItem, outputs_on_disk
+from pipeline.sources import (
+    Batch,
+    InputSource,
+    UnsettledKeys,
+    WorkItem,
+    outputs_on_disk,
+    settle_verdicts,
+)
 
 __all__ = ["Engine", "RunOptions", "RunResult", "WorkItem", "run_job"]
 
@@ -85,9 +93,15 @@ class Engine(RunContext):
         # every one is committed before the run reports. Until a batch's write is
         # committed, its keys are in ``unsettled`` (a later batch read before that
         # commit still has the old rows: a content duplicate must not pass for new).
+        # What an earlier run left each item as is judged in the thread that reads
+        # the batch (a stat per output and lifecycle.resume: pure, thread-safe).
         unsettled = UnsettledKeys()
+        judge = functools.partial(
+            settle_verdicts, output_dir=self.output_dir, run_id=self.run_id,
+            policies=self.policies, retry_failed=self.options.retry_failed,
+        )  # fmt: skip
         async with send, anyio.create_task_group() as writes:
-            async for batch in source.batches():
+            async for batch in source.batches(judge):
                 unsettled.next_batch()
                 for item in await self._settle_done(batch, writes=writes, unsettled=unsettled):
                     if self.stopping and self._uncollected <= 0:
@@ -106,43 +120,38 @@ class Engine(RunContext):
         good in earlier runs, and content duplicates; return the rest.
 
         One stat per output (in a thread) and one journal write per batch, so a rerun
-        over a million done items costs seconds, not hours. With ``writes`` the
-        journal writes run in that task group (the caller waits for them there), and
-        ``unsettled`` tracks their keys until committed; without, they are committed
-        when this returns.
+        over a million done items costs seconds, not hours. A :class:`Batch` brings
+        its verdicts (:func:`settle_verdicts`, judged when it was read). With
+        ``writes`` the journal writes run in that task group (the caller waits for
+        them there), and ``unsettled`` tracks their keys until committed; without,
+        they are committed when this returns.
         """
         run_id, queued = self.run_id, self._queued
         pending = (unsettled or UnsettledKeys()).holds
-        candidates = [
-            i for i in batch
-            if i.record is not None and i.record.seen_run != run_id and i.key not in queued
-        ]  # fmt: skip
-        on_disk = await anyio.to_thread.run_sync(self._outputs_on_disk, candidates)
+        verdicts = batch.verdicts if isinstance(batch, Batch) else None
+        if verdicts is None:
+            judge = functools.partial(
+                settle_verdicts, batch, output_dir=self.output_dir, run_id=run_id,
+                policies=self.policies, retry_failed=self.options.retry_failed,
+            )  # fmt: skip
+            verdicts = await anyio.to_thread.run_sync(judge)
         settled: list[tuple[str, str, str, str]] = []
         duplicates: list[tuple[str, str, str]] = []
         rest: list[WorkItem] = []
         met: set[str] = set()
         skipped = carried = 0
-        retry_failed = self.options.retry_failed
-        for item in batch:
+        for item, verdict in zip(batch, verdicts, strict=True):
             key, rec = item.key, item.record
             if key in met or key in queued or (rec and rec.seen_run == run_id) or pending(key):
                 duplicates.append((item.input_rel, item.input_text, key))
-            elif rec is not None:
-                state = lc.resume(
-                    rec.snapshot(), self.policies[item.variant.operation.vendor], 0.0,
-                    retry_failed=retry_failed, output_exists=key in on_disk,
-                )  # fmt: skip
-                if isinstance(state, lc.Skipped):
-                    settled.append((key, item.input_text, item.input_rel, "skipped"))
-                    skipped += 1
-                elif isinstance(state, lc.CarriedOver):
-                    settled.append((key, item.input_text, item.input_rel, "failed_earlier"))
-                    carried += 1
-                else:
-                    rest.append(item)
-            else:
+            elif verdict is None:
                 rest.append(item)
+            else:
+                settled.append((key, item.input_text, item.input_rel, verdict))
+                if verdict == "skipped":
+                    skipped += 1
+                else:
+                    carried += 1
             met.add(key)
         if settled:
             if writes is None:

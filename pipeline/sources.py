@@ -17,13 +17,14 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
+from pipeline import lifecycle as lc
 from pipeline.errors import InputProblem, PipelineError
 from pipeline.identity import (
     cached_row_usable,
@@ -46,7 +47,15 @@ from pipeline.manifest import Manifest, Variant
 if TYPE_CHECKING:
     from pipeline.progress import Progress
 
-__all__ = ["BATCH", "InputSource", "UnsettledKeys", "WorkItem", "outputs_on_disk"]
+__all__ = [
+    "BATCH",
+    "Batch",
+    "InputSource",
+    "UnsettledKeys",
+    "WorkItem",
+    "outputs_on_disk",
+    "settle_verdicts",
+]
 
 BATCH = 512
 
@@ -104,6 +113,14 @@ class WorkItem:
         return f"WorkItem(key={self.key!r}, input={self.input_text!r}, variant={self.variant!r})"
 
 
+class Batch(list[WorkItem]):
+    """A batch of work items; ``verdicts`` (one per item, if the consumer asked for
+    them) is what the ``judge`` given to :meth:`InputSource.batches` said of each,
+    worked out in the thread that prepared the batch."""
+
+    verdicts: list[str | None] | None = None
+
+
 def outputs_on_disk(output_dir: Path, items: Sequence[WorkItem]) -> set[str]:
     """Keys of the succeeded ``items`` whose recorded output is a regular file (a
     symlink followed) under ``output_dir``: one ``stat`` each, no ``Path``."""
@@ -121,6 +138,42 @@ def outputs_on_disk(output_dir: Path, items: Sequence[WorkItem]) -> set[str]:
         if is_reg(st.st_mode):
             found.add(item.key)
     return found
+
+
+def settle_verdicts(
+    items: Sequence[WorkItem],
+    *,
+    output_dir: Path,
+    run_id: int,
+    policies: Mapping[str, lc.Policy],
+    retry_failed: bool,
+) -> list[str | None]:
+    """Per item, how an earlier run left it, as :func:`pipeline.lifecycle.resume`
+    decides: ``"skipped"`` (done, its output a file on disk), ``"failed_earlier"``
+    (failed for good), or None (it needs a worker, or this run met it already).
+
+    Pure but for one ``stat`` per succeeded item's output: safe in a worker thread.
+    """
+    candidates = [i for i in items if i.record is not None and i.record.seen_run != run_id]
+    on_disk = outputs_on_disk(output_dir, candidates)
+    out: list[str | None] = []
+    resume, skipped, carried = lc.resume, lc.Skipped, lc.CarriedOver
+    for item in items:
+        rec = item.record
+        if rec is None or rec.seen_run == run_id:
+            out.append(None)
+            continue
+        state = resume(
+            rec.snapshot(), policies[item.variant.operation.vendor], 0.0,
+            retry_failed=retry_failed, output_exists=item.key in on_disk,
+        )  # fmt: skip
+        if isinstance(state, skipped):
+            out.append("skipped")
+        elif isinstance(state, carried):
+            out.append("failed_earlier")
+        else:
+            out.append(None)
+    return out
 
 
 class UnsettledKeys:
@@ -172,9 +225,12 @@ class InputSource:
         # Inputs larger than any operation of the job will read are not even hashed.
         self._max_bytes = max(max_input_bytes(v.operation.limits) for v in manifest.variants)
 
-    async def batches(self) -> AsyncIterator[list[WorkItem]]:
+    async def batches(
+        self, judge: Callable[[list[WorkItem]], list[str | None]] | None = None
+    ) -> AsyncIterator[Batch]:
         """The work items, a batch at a time, each with the journal record it had when
-        the batch was read.
+        the batch was read. ``judge`` (thread-safe, pure) is run on each batch in the
+        thread that prepared it; its answers are the batch's ``verdicts``.
 
         A batch is read only once the one before it has been taken: whatever the
         consumer committed before asking for the next batch is in that batch's rows.
@@ -222,13 +278,17 @@ class InputSource:
                     ) from None
 
     def _prepare(
-        self, entries: Iterator[InputEntry], reader: sqlite3.Connection, keyed: list[_Keyed]
-    ) -> tuple[list[WorkItem], list[tuple[Any, ...]]]:
+        self,
+        entries: Iterator[InputEntry],
+        reader: sqlite3.Connection,
+        keyed: list[_Keyed],
+        judge: Callable[[list[WorkItem]], list[str | None]] | None = None,
+    ) -> tuple[Batch, list[tuple[Any, ...]]]:
         """The next batch's work items with their rows, and the stat cache's new rows
         (runs in a worker thread, reading through ``reader``)."""
         batch = _take(entries, BATCH)
         if not batch:
-            return [], []
+            return Batch(), []
         names = [db_text(e.path_text) for e in batch]
         known = [n for n, e in zip(names, batch, strict=True) if e.stat is not None]
         cached = cached_hash_rows(reader, known)
@@ -240,10 +300,13 @@ class InputSource:
                 items.append((key_of(identity), entry, variant, problem))
         records = item_records(reader, [i[0] for i in items])
         get = records.get
-        return [
+        out = Batch(
             WorkItem(key, entry.path_text, entry.rel, variant, problem, get(key))
             for key, entry, variant, problem in items
-        ], fresh
+        )
+        if judge is not None:
+            out.verdicts = judge(out)
+        return out, fresh
 
 
 def _take(entries: Iterator[InputEntry], n: int) -> list[InputEntry]:
