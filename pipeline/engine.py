@@ -96,6 +96,9 @@ class Engine(RunContext):
         # What an earlier run left each item as is judged in the thread that reads
         # the batch (a stat per output and lifecycle.resume: pure, thread-safe).
         unsettled = UnsettledKeys()
+        # At most this many settlement writes queued: the feed must not run ahead of
+        # the commits and hold a million rows in memory waiting for them.
+        room = anyio.Semaphore(4)
         judge = functools.partial(
             settle_verdicts, output_dir=self.output_dir, run_id=self.run_id,
             policies=self.policies, retry_failed=self.options.retry_failed,
@@ -103,7 +106,8 @@ class Engine(RunContext):
         async with send, anyio.create_task_group() as writes:
             async for batch in source.batches(judge):
                 unsettled.next_batch()
-                for item in await self._settle_done(batch, writes=writes, unsettled=unsettled):
+                rest = await self._settle_done(batch, writes=writes, unsettled=unsettled, room=room)
+                for item in rest:
                     if self.stopping and self._uncollected <= 0:
                         return  # nothing left that is paid for or running at a vendor
                     self._queued.add(item.key)
@@ -115,6 +119,7 @@ class Engine(RunContext):
         *,
         writes: anyio.abc.TaskGroup | None = None,
         unsettled: UnsettledKeys | None = None,
+        room: anyio.Semaphore | None = None,
     ) -> list[WorkItem]:
         """Settle in bulk what needs no worker: items done (output on disk) or failed for
         good in earlier runs, and content duplicates; return the rest.
@@ -158,9 +163,15 @@ class Engine(RunContext):
                 await self.journal.settle_many(settled, run_id)
             else:
                 entry = unsettled.add({k for k, *_ in settled}) if unsettled else None
+                if room is not None:
+                    await room.acquire()
 
                 async def settle(rows: list[tuple[str, str, str, str]] = settled) -> None:
-                    await self.journal.settle_many(rows, run_id)
+                    try:
+                        await self.journal.settle_many(rows, run_id)
+                    finally:
+                        if room is not None:
+                            room.release()
                     if unsettled is not None and entry is not None:
                         unsettled.committed(entry)
 
