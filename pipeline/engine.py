@@ -19,11 +19,13 @@ committed (they are shielded), so the next run resumes where this one stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
 
 import anyio
+import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline import lifecycle as lc
@@ -37,7 +39,14 @@ from pipeline.errors import (
 from pipeline.journal import ItemRecord
 from pipeline.outputs import result_relpath
 from pipeline.runner import RunOptions, RunResult, run_job
-from pipeline.sources import InputSource, WorkItem
+from pipeline.sources import (
+    Batch,
+    InputSource,
+    UnsettledKeys,
+    WorkItem,
+    outputs_on_disk,
+    settle_verdicts,
+)
 
 __all__ = ["Engine", "RunOptions", "RunResult", "WorkItem", "prefetch", "run_job"]
 
@@ -91,70 +100,109 @@ class Engine(RunContext):
             self.usage_error = exc
 
     async def _feed(self, source: InputSource, send: MemoryObjectSendStream[WorkItem]) -> None:
-        async with send:
-            async for batch in source.batches():
-                for item in await self._settle_done(batch):
+        # Settlement writes are not waited for one by one: they commit (group-committed)
+        # while the next batch is read; the task group waits for the last of them, so
+        # every one is committed before the run reports. Until a batch's write is
+        # committed, its keys are in ``unsettled`` (a later batch read before that
+        # commit still has the old rows: a content duplicate must not pass for new).
+        # What an earlier run left each item as is judged in the thread that reads
+        # the batch (a stat per output and lifecycle.resume: pure, thread-safe).
+        unsettled = UnsettledKeys()
+        # At most this many settlement writes queued: the feed must not run ahead of
+        # the commits and hold a million rows in memory waiting for them.
+        room = anyio.Semaphore(4)
+        judge = functools.partial(
+            settle_verdicts, output_dir=self.output_dir, run_id=self.run_id,
+            policies=self.policies, retry_failed=self.options.retry_failed,
+        )  # fmt: skip
+        async with send, anyio.create_task_group() as writes:
+            async for batch in source.batches(judge):
+                unsettled.next_batch()
+                rest = await self._settle_done(batch, writes=writes, unsettled=unsettled, room=room)
+                for item in rest:
                     if self.stopping and self._uncollected <= 0:
                         return  # nothing left that is paid for or running at a vendor
                     self._queued.add(item.key)
                     await send.send(item)
 
-    async def _settle_done(self, batch: list[WorkItem]) -> list[WorkItem]:
+    async def _settle_done(
+        self,
+        batch: list[WorkItem],
+        *,
+        writes: anyio.abc.TaskGroup | None = None,
+        unsettled: UnsettledKeys | None = None,
+        room: anyio.Semaphore | None = None,
+    ) -> list[WorkItem]:
         """Settle in bulk what needs no worker: items done (output on disk) or failed for
         good in earlier runs, and content duplicates; return the rest.
 
         One stat per output (in a thread) and one journal write per batch, so a rerun
-        over a million done items costs seconds, not hours.
+        over a million done items costs seconds, not hours. A :class:`Batch` brings
+        its verdicts (:func:`settle_verdicts`, judged when it was read). With
+        ``writes`` the journal writes run in that task group (the caller waits for
+        them there), and ``unsettled`` tracks their keys until committed; without,
+        they are committed when this returns.
         """
-        candidates = [
-            i for i in batch
-            if i.record is not None and i.record.seen_run != self.run_id and i.key not in self._queued
-        ]  # fmt: skip
-        on_disk = await anyio.to_thread.run_sync(self._outputs_on_disk, candidates)
-        settled: list[tuple[WorkItem, str]] = []
-        duplicates: list[WorkItem] = []
+        run_id, queued = self.run_id, self._queued
+        pending = (unsettled or UnsettledKeys()).holds
+        verdicts = batch.verdicts if isinstance(batch, Batch) else None
+        if verdicts is None:
+            judge = functools.partial(
+                settle_verdicts, batch, output_dir=self.output_dir, run_id=run_id,
+                policies=self.policies, retry_failed=self.options.retry_failed,
+            )  # fmt: skip
+            verdicts = await anyio.to_thread.run_sync(judge)
+        settled: list[tuple[str, str, str, str]] = []
+        duplicates: list[tuple[str, str, str]] = []
         rest: list[WorkItem] = []
         met: set[str] = set()
-        for item in batch:
-            rec = item.record
-            if item.key in met or item.key in self._queued or (rec and rec.seen_run == self.run_id):
-                duplicates.append(item)
-            elif rec is not None and item.key not in self._queued:
-                state = lc.resume(
-                    rec.snapshot(), self.policies[item.variant.operation.vendor], 0.0,
-                    retry_failed=self.options.retry_failed, output_exists=item.key in on_disk,
-                )  # fmt: skip
-                if isinstance(state, lc.Skipped | lc.CarriedOver):
-                    settled.append(
-                        (item, "skipped" if isinstance(state, lc.Skipped) else "failed_earlier")
-                    )
-                else:
-                    rest.append(item)
-            else:
+        skipped = carried = 0
+        for item, verdict in zip(batch, verdicts, strict=True):
+            key, rec = item.key, item.record
+            if key in met or key in queued or (rec and rec.seen_run == run_id) or pending(key):
+                duplicates.append((item.input_rel, item.input_text, key))
+            elif verdict is None:
                 rest.append(item)
-            met.add(item.key)
-        await self.journal.settle_many(
-            [(i.key, str(i.input_path), i.input_rel, how) for i, how in settled], self.run_id
-        )
-        for _, how in settled:
-            if how == "skipped":
-                self.progress.skipped()
             else:
-                self.progress.carried_over()
+                settled.append((key, item.input_text, item.input_rel, verdict))
+                if verdict == "skipped":
+                    skipped += 1
+                else:
+                    carried += 1
+            met.add(key)
+        if settled:
+            if writes is None:
+                await self.journal.settle_many(settled, run_id)
+            else:
+                entry = unsettled.add({k for k, *_ in settled}) if unsettled else None
+                if room is not None:
+                    await room.acquire()
+
+                async def settle(rows: list[tuple[str, str, str, str]] = settled) -> None:
+                    try:
+                        await self.journal.settle_many(rows, run_id)
+                    finally:
+                        if room is not None:
+                            room.release()
+                    if unsettled is not None and entry is not None:
+                        unsettled.committed(entry)
+
+                writes.start_soon(settle)
+        if skipped:
+            self.progress.skipped(skipped)
+        if carried:
+            self.progress.carried_over(carried)
         self.duplicates += len(duplicates)
-        await self.journal.record_duplicates(
-            self.run_id, [(i.input_rel, str(i.input_path), i.key) for i in duplicates]
-        )
+        if duplicates:
+            if writes is None:
+                await self.journal.record_duplicates(run_id, duplicates)
+            else:
+                writes.start_soon(self.journal.record_duplicates, run_id, duplicates)
         return rest
 
     def _outputs_on_disk(self, items: list[WorkItem]) -> set[str]:
-        found = set()
-        for item in items:
-            rec = item.record
-            done = rec is not None and rec.status == "succeeded" and rec.output
-            if done and rec is not None and (self.output_dir / str(rec.output)).is_file():
-                found.add(item.key)
-        return found
+        """Keys of the succeeded items whose recorded output is a file (a thread)."""
+        return outputs_on_disk(self.output_dir, items)
 
     async def _work(self, receive: MemoryObjectReceiveStream[WorkItem]) -> None:
         async with receive:

@@ -77,6 +77,7 @@ __all__ = [
     "REPORTS_DIR",
     "REPORT_HTML_NAME",
     "CodeHelp",
+    "Collector",
     "build_html_for",
     "explain_ailab_code",
     "explain_code",
@@ -634,6 +635,12 @@ def _safe_rel(rel: str) -> str | None:
     """``rel`` if it is a plain relative path inside the output folder, else None."""
     if not rel or "\0" in rel:
         return None
+    if "\\" not in rel:
+        # Already in the form the check below gives back (the usual case): no empty,
+        # "." or ".." component, so neither absolute nor climbing out.
+        parts = rel.split("/")
+        if "" not in parts and "." not in parts and ".." not in parts:
+            return rel
     path = PurePosixPath(rel.replace("\\", "/"))
     if path.is_absolute() or any(p in ("..", "") for p in path.parts) or not path.parts:
         return None
@@ -729,51 +736,138 @@ def _str(value: object) -> str:
 
 @dataclass(frozen=True)
 class _Row:
-    """The fields of one ``results.jsonl`` line that every section reads."""
+    """The fields of one ``results.jsonl`` line that the sections read."""
 
-    line: Mapping[str, Any]
     status: str
     carried: bool
     operation: str
     variant: str
     input_rel: str
+    key: str
+    input_path: str | None
+    task_id: str
 
     @classmethod
     def of(cls, line: Mapping[str, Any]) -> _Row:
+        input_path = line.get("input")
         return cls(
-            line=line,
             status=_str(line.get("status")) or "unknown",
             carried=bool(line.get("carried_over")),
             operation=_str(line.get("operation")),
             variant=_str(line.get("variant")),
-            input_rel=_str(line.get("input_rel") or line.get("input")),
+            input_rel=_str(line.get("input_rel") or input_path),
+            key=_str(line.get("key")),
+            input_path=input_path if isinstance(input_path, str) else None,
+            task_id=_str(line.get("task_id")),
         )
+
+
+class Collector:
+    """What the page shows, gathered one ``results.jsonl`` line at a time.
+
+    :meth:`line` takes a parsed line; :meth:`add` takes its fields as the report
+    build has them, so the run's own report is gathered while ``results.jsonl`` is
+    written instead of parsing the file again (10^6 ``json.loads`` on a rerun of
+    10^6 items). Both gather the same thing for the same line. Memory is bounded:
+    counters, and at most ``gallery_max`` gallery items and ``MAX_LISTED`` examples.
+    """
+
+    def __init__(self, output_dir: Path, gallery_max: int = GALLERY_MAX) -> None:
+        self.output_dir = Path(output_dir)
+        self.resolved = self.output_dir.resolve()
+        self.gallery_max = max(0, gallery_max)
+        self.got = _Collected()
+
+    def line(self, line: Mapping[str, Any]) -> None:
+        """A parsed ``results.jsonl`` line."""
+        if not isinstance(line, Mapping):
+            return
+        row = _Row.of(line)
+        error = line.get("error")
+        changes = line.get("changes")
+        rel = None
+        if row.status in ("succeeded", "skipped") and not line.get("duplicate_of"):
+            rel = _output_rel(line, self.output_dir, self.resolved)
+        self._add(
+            row,
+            error if isinstance(error, Mapping) else None,
+            changes if isinstance(changes, list) else None,
+            bool(line.get("duplicate_of")),
+            rel,
+        )
+
+    def add(
+        self,
+        *,
+        status: str,
+        carried: bool,
+        operation: str,
+        variant: str,
+        input_rel: str,
+        input_path: str,
+        key: str,
+        output_rel: str | None,
+        error: Mapping[str, Any] | None,
+        changes: list[Any] | None,
+        duplicate_of: str | None,
+        task_id: str | None,
+    ) -> None:
+        """A line by its fields (those the report build writes)."""
+        done = status == "skipped" or status == "succeeded"
+        rel = _safe_rel(output_rel) if done and output_rel and not duplicate_of else None
+        if done and error is None and not changes:
+            # The line of almost every item of a rerun: once the gallery is full (or
+            # with no result to show), counted and no more.
+            got = self.got
+            target = got.gallery_new if status == "succeeded" else got.gallery_old
+            if rel is None or len(target) >= self.gallery_max:
+                got.lines += 1
+                got.statuses[status] += 1
+                got.carried_over += carried
+                got.with_result += rel is not None
+                return
+        row = _Row(
+            status=status or "unknown",
+            carried=carried,
+            operation=operation,
+            variant=variant,
+            input_rel=input_rel or input_path,
+            key=key,
+            input_path=input_path,
+            task_id=task_id or "",
+        )
+        self._add(row, error, changes, bool(duplicate_of), rel)
+
+    def _add(
+        self,
+        row: _Row,
+        error: Mapping[str, Any] | None,
+        changes: list[Any] | None,
+        duplicate: bool,
+        rel: str | None,
+    ) -> None:
+        got = self.got
+        got.lines += 1
+        got.statuses[row.status] += 1
+        got.carried_over += row.carried
+        if error is not None and row.status != "succeeded":
+            _add_error(got, row, error)
+        if changes:
+            got.changed_total += 1
+            if len(got.changed) < MAX_LISTED:
+                entry = (row.input_rel, row.operation, row.variant, [_str(c) for c in changes])
+                got.changed.append(entry)
+        if row.status in ("succeeded", "skipped") and not duplicate:
+            _add_result(got, row, rel, self.gallery_max)
 
 
 def _collect(
     results: Iterable[Mapping[str, Any]], output_dir: Path, gallery_max: int
 ) -> _Collected:
-    got = _Collected()
-    resolved = output_dir.resolve()
+    collector = Collector(output_dir, gallery_max)
     for line in results:
-        if not isinstance(line, Mapping):
-            continue
-        row = _Row.of(line)
-        got.lines += 1
-        got.statuses[row.status] += 1
-        got.carried_over += row.carried
-        error = line.get("error")
-        if isinstance(error, Mapping) and row.status != "succeeded":
-            _add_error(got, row, error)
-        changes = line.get("changes")
-        if isinstance(changes, list) and changes:
-            got.changed_total += 1
-            if len(got.changed) < MAX_LISTED:
-                entry = (row.input_rel, row.operation, row.variant, [_str(c) for c in changes])
-                got.changed.append(entry)
-        if row.status in ("succeeded", "skipped") and not line.get("duplicate_of"):
-            _add_result(got, row, _output_rel(line, output_dir, resolved), gallery_max)
-    return got
+        collector.line(line)
+    return collector.got
 
 
 def _add_error(got: _Collected, row: _Row, error: Mapping[str, Any]) -> None:
@@ -818,7 +912,7 @@ def _add_lost(got: _Collected, row: _Row, code: str, message: str) -> None:
                 "input_rel": row.input_rel,
                 "operation": row.operation,
                 "variant": row.variant,
-                "task_id": _str(row.line.get("task_id")),
+                "task_id": row.task_id,
                 "code": code,
                 "message": message,
             }
@@ -833,12 +927,11 @@ def _add_result(got: _Collected, row: _Row, rel: str | None, gallery_max: int) -
     got.with_result += 1
     target = got.gallery_new if row.status == "succeeded" else got.gallery_old
     if len(target) < gallery_max:
-        input_path = row.line.get("input")
         target.append(
             _GalleryItem(
-                key=_str(row.line.get("key")) or None,
+                key=row.key or None,
                 input_rel=row.input_rel,
-                input_path=input_path if isinstance(input_path, str) else None,
+                input_path=row.input_path,
                 operation=row.operation,
                 variant=row.variant,
                 status=row.status,
@@ -1491,6 +1584,7 @@ def write_html_report(
     page_size: int = GALLERY_PAGE_SIZE,
     thumb_size: int = DEFAULT_SIZE,
     secrets: Iterable[str] = (),
+    collected: Collector | None = None,
 ) -> Path:
     """Write ``report.html`` and this run's copies under ``reports/``; return its path.
 
@@ -1500,14 +1594,21 @@ def write_html_report(
     pages beyond the first go to ``reports/gallery-N.html``. ``reports/run-<id>.json``
     and ``reports/run-<id>.html`` are kept for the last ``reports_keep`` runs.
     ``secrets`` (API keys) are scrubbed from every text, on top of any key found in
-    environment variables named ``*API_KEY``. Synchronous: run it in a worker thread
-    from async code. Raises ``OSError`` if the folder cannot be written.
+    environment variables named ``*API_KEY``. ``collected``: the lines already
+    gathered (a :class:`Collector` fed while ``results.jsonl`` was written); then
+    ``results`` is not read and the collector's ``gallery_max`` applies.
+    Synchronous: run it in a worker thread from async code. Raises ``OSError`` if
+    the folder cannot be written.
     """
     output_dir = Path(output_dir)
     t = _Text([*secrets, *_secrets_from_env()])
     page_size = max(1, page_size)
     gallery_max = max(0, gallery_max)
-    got = _collect(results, output_dir, gallery_max)
+    if collected is not None:
+        got = collected.got
+        gallery_max = collected.gallery_max
+    else:
+        got = _collect(results, output_dir, gallery_max)
     gallery = (got.gallery_new + got.gallery_old)[:gallery_max]
     _attach_thumbnails(gallery, output_dir, thumb_size)
     pages = math.ceil(len(gallery) / page_size) if gallery else 0

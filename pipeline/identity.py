@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -32,9 +32,12 @@ __all__ = [
     "FileSignature",
     "HashedFile",
     "cached_hash_usable",
+    "cached_row_usable",
     "hash_file",
     "hash_file_checked",
     "item_key",
+    "item_key_maker",
+    "signature_row",
     "signature_trustworthy",
 ]
 
@@ -143,6 +146,26 @@ def cached_hash_usable(
     )
 
 
+def signature_row(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """``FileSignature.of(st).as_row()`` without the object."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def cached_row_usable(
+    cached: tuple[int, ...],
+    cached_at_ns: int,
+    st: os.stat_result,
+    *,
+    granularity_ns: int = RACY_GRANULARITY_NS,
+) -> bool:
+    """:func:`cached_hash_usable` of a stat-cache row ``(size, mtime_ns, ctime_ns,
+    inode, dev)`` against a ``stat`` result, the same rule without building two
+    :class:`FileSignature` objects: a rerun checks 10^6 of these."""
+    return tuple(cached) == signature_row(st) and (
+        max(cached[1], cached[2]) + granularity_ns <= cached_at_ns
+    )
+
+
 class HashedFile(NamedTuple):
     """A content hash and the signature (``fstat``) of the file it was read from."""
 
@@ -186,7 +209,17 @@ def item_key(
     file_hashes: Mapping[str, str],
 ) -> str:
     """The stable key of (input content, operation, canonical params)."""
-    canonical = json.dumps(
+    canonical = _canonical(input_hash, operation, params, file_hashes)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _canonical(
+    input_hash: str,
+    operation: str,
+    params: Mapping[str, int | str],
+    file_hashes: Mapping[str, str],
+) -> str:
+    return json.dumps(
         {
             "input": input_hash,
             "op": operation,
@@ -196,4 +229,36 @@ def item_key(
         sort_keys=True,
         separators=(",", ":"),
     )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def item_key_maker(
+    operation: str,
+    params: Mapping[str, int | str],
+    file_hashes: Mapping[str, str],
+) -> Callable[[str], str]:
+    """``lambda input_hash: item_key(input_hash, operation, params, file_hashes)``,
+    with the canonical JSON of everything but the input worked out once.
+
+    For a hex content hash (what :func:`hash_file` returns) the key is the same
+    string, computed by splicing the hash between the canonical text's two fixed
+    halves; any other identity (``path:...`` of an unusable input, which could need
+    JSON escaping) goes through :func:`item_key`.
+    """
+    marker = "0" * 64
+    canonical = _canonical(marker, operation, params, file_hashes)
+    head, _, tail = canonical.partition(f'"input":"{marker}"')
+    head, tail = head + '"input":"', '"' + tail
+    # The split must hold for any hash (a param or file value equal to the marker
+    # could fool it): checked with a second marker, else every key takes the long way.
+    other = "f" * 64
+    spliced = head + other + tail == _canonical(other, operation, params, file_hashes)
+    head_b, tail_b = head.encode(), tail.encode()
+    sha256 = hashlib.sha256
+    hexdigits = frozenset("0123456789abcdef")
+
+    def key(input_hash: str) -> str:
+        if spliced and len(input_hash) == 64 and hexdigits.issuperset(input_hash):
+            return sha256(head_b + input_hash.encode() + tail_b).hexdigest()
+        return item_key(input_hash, operation, params, file_hashes)
+
+    return key

@@ -64,7 +64,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
 
@@ -483,6 +483,9 @@ class _Pattern:
     root: str  # absolute, normalised
     segments: tuple[str, ...]  # may be empty: the root itself is the (file) match
     matchers: tuple[re.Pattern[str] | None, ...]  # None for "**"
+    _closures: dict[frozenset[int], frozenset[int]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def start(self) -> frozenset[int]:
         return _closure(self.segments, frozenset({0}))
@@ -490,8 +493,9 @@ class _Pattern:
     def step(self, states: frozenset[int], name: str) -> frozenset[int]:
         """States after consuming one path component ``name``."""
         nxt: set[int] = set()
+        n = len(self.segments)
         for i in states:
-            if i >= len(self.segments):
+            if i >= n:
                 continue
             matcher = self.matchers[i]
             if matcher is None:  # "**"
@@ -500,7 +504,15 @@ class _Pattern:
                 continue
             if matcher.fullmatch(name):
                 nxt.add(i + 1)
-        return _closure(self.segments, frozenset(nxt))
+        if not nxt:
+            return _NONE
+        # The closure depends on the state set alone, and a pattern has few of those:
+        # worked out once each (this runs once per directory entry walked).
+        found = frozenset(nxt)
+        closed = self._closures.get(found)
+        if closed is None:
+            closed = self._closures[found] = _closure(self.segments, found)
+        return closed
 
     def accepts(self, states: frozenset[int]) -> bool:
         return len(self.segments) in states
@@ -522,6 +534,9 @@ class _Pattern:
             if not states:
                 return False
         return self.accepts(states)
+
+
+_NONE: frozenset[int] = frozenset()
 
 
 def _closure(segments: tuple[str, ...], states: frozenset[int]) -> frozenset[int]:
@@ -683,45 +698,54 @@ def _walk(pattern: _Pattern, exclude: _Exclude) -> Iterator[_Found]:
         (pattern.root, pattern.start(), top, [0])
     ]
     on_path: list[tuple[int, int]] = [root_id]
+    step, accepts = pattern.step, pattern.accepts
     while stack:
         dirpath, states, entries, cursor = stack[-1]
-        if cursor[0] >= len(entries):
+        head = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep
+        i, end = cursor[0], len(entries)
+        entered = False
+        # The entries of the directory on top, in a tight loop (once per entry walked).
+        while i < end:
+            name, kind = entries[i]
+            i += 1
+            nxt = step(states, name)
+            if not nxt:
+                continue
+            full = head + name  # os.path.join, without its cost: a listed name has no "/"
+            if _under(full, excluded):
+                continue
+            if kind != _DIR:
+                if accepts(nxt):
+                    cursor[0] = i
+                    yield full, kind, None
+                continue
+            # A directory is worth entering only if some state still has segments left.
+            if not pattern.descends(nxt):
+                continue
+            ident = _dir_id(full)
+            # Vanished, a symlink cycle, or the output folder reached through a symlink.
+            if ident is None or ident in on_path or ident in exclude.dir_ids:
+                continue
+            try:
+                listing = _listing(full)
+            except OSError as exc:
+                if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+                    cursor[0] = i
+                    yield full, _DIR, _unlistable(full, exc)
+                continue
+            cursor[0] = i
+            stack.append((full, nxt, listing, [0]))
+            on_path.append(ident)
+            entered = True
+            break
+        if not entered:
             stack.pop()
             on_path.pop()
-            continue
-        name, kind = entries[cursor[0]]
-        cursor[0] += 1
-        nxt = pattern.step(states, name)
-        if not nxt:
-            continue
-        full = os.path.join(dirpath, name)
-        if _under(full, excluded):
-            continue
-        if kind != _DIR:
-            if pattern.accepts(nxt):
-                yield full, kind, None
-            continue
-        # A directory is worth entering only if some state still has segments left.
-        if not pattern.descends(nxt):
-            continue
-        ident = _dir_id(full)
-        # Vanished, a symlink cycle, or the output folder reached through a symlink.
-        if ident is None or ident in on_path or ident in exclude.dir_ids:
-            continue
-        try:
-            listing = _listing(full)
-        except OSError as exc:
-            if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
-                yield full, _DIR, _unlistable(full, exc)
-            continue
-        stack.append((full, nxt, listing, [0]))
-        on_path.append(ident)
 
 
 # --------------------------------------------------------------------- entries
 
 
-@dataclass(frozen=True)
 class InputEntry:
     """One matched input: a regular file (``stat`` set) or a problem (``problem`` set).
 
@@ -731,39 +755,104 @@ class InputEntry:
     it was listed: feed it to :meth:`pipeline.identity.FileSignature.of`.
     ``problem`` says why the entry cannot be used (its ``code`` is one of the
     ``INPUT_*`` codes, its ``message`` one line naming the path and what to do).
+
+    ``path_text`` is ``str(path)``. The :class:`~pathlib.Path` itself is made on
+    first use: a rerun over 10^6 unchanged inputs needs only the text, and building
+    a ``Path`` costs more than the ``stat`` of the file. Read-only, compared by value.
     """
 
-    path: Path
+    __slots__ = ("_path", "path_text", "problem", "rel", "stat")
+
+    path_text: str
     rel: str
     stat: os.stat_result | None
     problem: InputProblem | None
+    _path: Path | None
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        rel: str,
+        stat: os.stat_result | None,
+        problem: InputProblem | None,
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "_path", path if isinstance(path, Path) else None)
+        set_(self, "path_text", os.fspath(path))
+        set_(self, "rel", rel)
+        set_(self, "stat", stat)
+        set_(self, "problem", problem)
+
+    @property
+    def path(self) -> Path:
+        path = self._path
+        if path is None:
+            path = Path(self.path_text)
+            object.__setattr__(self, "_path", path)
+        return path
 
     @property
     def ok(self) -> bool:
         return self.problem is None
 
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"InputEntry is read-only: cannot set {name}")
 
-def _rel(base: str, path: str) -> str:
-    """:func:`input_relpath` of a normalised absolute ``path``, without its cost in
-    the common case (under ``base``): a million entries are a million calls."""
-    prefix = base if base.endswith(os.sep) else base + os.sep
-    if os.path.dirname(base) != base and path.startswith(prefix):
-        parts = path[len(prefix) :].split(os.sep)
-        if not any(p in ("", ".", "..") for p in parts):
-            return "/".join(_escape(p) for p in parts)
-    return input_relpath(Path(base), Path(path))
+    def _fields(self) -> tuple[object, ...]:
+        return (self.path_text, self.rel, self.stat, self.problem)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, InputEntry):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((self.path_text, self.rel))
+
+    def __repr__(self) -> str:
+        return (
+            f"InputEntry(path={self.path_text!r}, rel={self.rel!r}, stat={self.stat!r}, "
+            f"problem={self.problem!r})"
+        )
 
 
-def _entry(base: str, path: str, problem: InputProblem | None) -> InputEntry:
-    rel = _rel(base, path)
-    where = Path(path)
+class _RelMaker:
+    """:func:`input_relpath` of normalised absolute paths, without its cost in the
+    common case (under ``base``): a million entries are a million calls."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.prefix = base if base.endswith(os.sep) else base + os.sep
+        self.fast = os.path.dirname(base) != base  # not the file-system root
+
+    def __call__(self, path: str) -> str:
+        prefix = self.prefix
+        if self.fast and path.startswith(prefix):
+            tail = path[len(prefix) :]
+            parts = tail.split(os.sep)
+            if "" not in parts and "." not in parts and ".." not in parts:
+                if os.sep == "/" and "_" not in tail:
+                    return tail  # nothing to escape (the usual case)
+                return "/".join(_escape(p) for p in parts)
+        return input_relpath(Path(self.base), Path(path))
+
+
+def _entry(rel_of: _RelMaker, path: str, problem: InputProblem | None) -> InputEntry:
+    rel = rel_of(path)
     if problem is not None:
-        return InputEntry(where, rel, None, problem)
+        return InputEntry(path, rel, None, problem)
+    # stat_input inlined (the hot path of a rerun): a regular file, else its problem.
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode):
+        return InputEntry(path, rel, st, None)
     try:
         st = stat_input(path)
     except InputProblem as exc:
-        return InputEntry(where, rel, None, exc)
-    return InputEntry(where, rel, st, None)
+        return InputEntry(path, rel, None, exc)
+    return InputEntry(path, rel, st, None)  # became a regular file in between
 
 
 def _hints(compiled: Sequence[_Pattern]) -> list[str]:
@@ -793,6 +882,7 @@ def iter_input_entries(
     braces expand too far.
     """
     base = os.path.normpath(os.path.abspath(base_dir))
+    rel_of = _RelMaker(base)
     compiled = _compile(base, patterns)
     excluded = _Exclude.of(exclude)
     found = False
@@ -811,7 +901,7 @@ def iter_input_entries(
             elif any(p.matches(path) for p in earlier):
                 continue
             found = True
-            yield _entry(base, path, problem)
+            yield _entry(rel_of, path, problem)
     if not found:
         raise NoInputsMatched(patterns, Path(base), _hints(compiled))
 

@@ -523,22 +523,30 @@ class Journal:
         found = await self.lookup_many([key])
         return found.get(key)
 
-    async def lookup_many(self, keys: Sequence[str]) -> dict[str, ItemRecord]:
-        """The rows of ``keys`` that exist, in one read per 500 keys."""
+    async def lookup_many(
+        self, keys: Sequence[str], *, track: bool = True
+    ) -> dict[str, ItemRecord]:
+        """The rows of ``keys`` that exist, in one read per 500 keys.
+
+        ``track=False`` for bulk reads that never lead to :meth:`change` by themselves
+        (an item sent on is looked up again when it starts): the status of every
+        item looked up is otherwise remembered for the run, 10^6 entries on a rerun.
+        """
         out: dict[str, ItemRecord] = {}
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start : start + 500])
-            rows = await self._read(
-                f"SELECT {', '.join(_ITEM_COLUMNS)} FROM items WHERE key IN"
-                f" ({', '.join('?' * len(chunk))})",
-                chunk,
-            )
-            for row in rows:
-                rec = ItemRecord(*row)
-                out[rec.key] = rec
-                # Never over what this run wrote itself: an item in flight is ahead
-                # of a row read while its newest change was still being committed.
-                self._status.setdefault(rec.key, Status(rec.status))
+        for start in range(0, len(keys), _IN_CHUNK):
+            chunk = list(keys[start : start + _IN_CHUNK])
+
+            def run(chunk: list[str] = chunk) -> dict[str, ItemRecord]:
+                with self._lock:
+                    return item_records(self._require(), chunk)
+
+            found = await anyio.to_thread.run_sync(run)
+            out.update(found)
+            if track:
+                for rec in found.values():
+                    # Never over what this run wrote itself: an item in flight is ahead
+                    # of a row read while its newest change was still being committed.
+                    self._status.setdefault(rec.key, Status(rec.status))
         return out
 
     async def has_spool(self, key: str) -> bool:
@@ -610,20 +618,35 @@ class Journal:
 
     async def settle_many(self, rows: Sequence[tuple[str, str, str, str]], run_id: int) -> None:
         """Items met by this run and left as they were: ``(key, input_path, input_rel,
-        run_status)`` with run_status ``skipped`` or ``failed_earlier``; one commit."""
+        run_status)`` with run_status ``skipped`` or ``failed_earlier``; one commit.
+
+        One ``UPDATE ... FROM (VALUES ...)`` per 512 rows where SQLite has it (3.33):
+        the rows are applied in C, not one Python call each while a rerun's next
+        batch is being read in another thread.
+        """
         if not rows:
             return
         now = time.time()
-        await self._write_many(
-            [
-                (
-                    "UPDATE items SET seen_run = ?, run_status = ?, input_path = ?, input_rel = ?,"
-                    " updated_at = ? WHERE key = ?",
-                    (run_id, how, db_text(path), db_text(rel), now, key),
-                )
-                for key, path, rel, how in rows
-            ]
-        )
+        if sqlite3.sqlite_version_info < (3, 33):
+            await self._write_many(
+                [
+                    (
+                        "UPDATE items SET seen_run = ?, run_status = ?, input_path = ?,"
+                        " input_rel = ?, updated_at = ? WHERE key = ?",
+                        (run_id, how, db_text(path), db_text(rel), now, key),
+                    )
+                    for key, path, rel, how in rows
+                ]
+            )
+            return
+        ops: list[tuple[str, Sequence[Any]]] = []
+        for start in range(0, len(rows), _SETTLE_CHUNK):
+            chunk = rows[start : start + _SETTLE_CHUNK]
+            params: list[Any] = [run_id, now]
+            for key, path, rel, how in chunk:
+                params += (key, how, db_text(path), db_text(rel))
+            ops.append((_settle_sql(len(chunk)), params))
+        await self._write_many(ops)
 
     async def record_duplicate(
         self, run_id: int, input_rel: str, input_path: str, key: str
@@ -704,17 +727,12 @@ class Journal:
     async def cached_hashes(self, paths: Sequence[str]) -> dict[str, tuple[Any, ...]]:
         """``db_text(path) -> (size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash)``
         for the paths the stat cache knows."""
-        out: dict[str, tuple[Any, ...]] = {}
-        for start in range(0, len(paths), 500):
-            chunk = [db_text(p) for p in paths[start : start + 500]]
-            rows = await self._read(
-                "SELECT path, size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash FROM files"
-                f" WHERE path IN ({', '.join('?' * len(chunk))})",
-                chunk,
-            )
-            for row in rows:
-                out[row[0]] = tuple(row[1:])
-        return out
+
+        def run() -> dict[str, tuple[Any, ...]]:
+            with self._lock:
+                return cached_hash_rows(self._require(), [db_text(p) for p in paths])
+
+        return await anyio.to_thread.run_sync(run)
 
     async def cache_hashes(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Store ``(path, size, mtime_ns, ctime_ns, inode, dev, hash, cached_at_ns)`` rows."""
@@ -770,6 +788,76 @@ def _disk_full(error: BaseException) -> bool:
 
 
 # -- reading for reports (synchronous; report.py runs these in a thread) ---------------------
+
+
+# Keys or paths per ``IN (...)`` query: well under SQLite's parameter limit.
+_IN_CHUNK = 500
+_ITEM_SELECT = f"SELECT {', '.join(_ITEM_COLUMNS)} FROM items WHERE key IN "
+_FILES_SELECT = (
+    "SELECT path, size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash FROM files"
+    " WHERE path IN "
+)
+
+
+_SETTLE_CHUNK = 512  # x 4 parameters: well under SQLite's limit (32766 from 3.32)
+
+
+def _settle_sql(n: int) -> str:
+    values = ",".join(("(?,?,?,?)",) * n)
+    return (
+        "UPDATE items SET seen_run = ?, updated_at = ?, run_status = v.column2,"
+        " input_path = v.column3, input_rel = v.column4"
+        f" FROM (VALUES {values}) AS v WHERE items.key = v.column1"
+    )
+
+
+def _marks(n: int) -> str:
+    return "(" + ",".join("?" * n) + ")"
+
+
+def open_reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the journal at ``path``, for a thread that only reads.
+
+    WAL lets it read while the journal's own connection commits (and fsyncs), so a
+    reader never waits on the writer; each statement sees the last commit.
+    """
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        conn.execute("PRAGMA query_only = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _record_of(row: Sequence[Any]) -> ItemRecord:
+    """``ItemRecord(*row)`` for a row of ``_ITEM_COLUMNS`` (the dataclass's fields, in
+    order), a third of its cost: a frozen dataclass's ``__init__`` sets its 25 fields
+    one ``object.__setattr__`` at a time, and a rerun reads 10^6 rows."""
+    rec: ItemRecord = object.__new__(ItemRecord)
+    rec.__dict__.update(zip(_ITEM_COLUMNS, row, strict=True))
+    return rec
+
+
+def item_records(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, ItemRecord]:
+    """``key -> ItemRecord`` of the ``keys`` (any number) that have a row."""
+    out: dict[str, ItemRecord] = {}
+    for start in range(0, len(keys), _IN_CHUNK):
+        chunk = keys[start : start + _IN_CHUNK]
+        for row in conn.execute(_ITEM_SELECT + _marks(len(chunk)), chunk):
+            out[row[0]] = _record_of(row)
+    return out
+
+
+def cached_hash_rows(conn: sqlite3.Connection, paths: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    """The stat cache's ``db_text(path) -> (size, mtime_ns, ctime_ns, inode, dev,
+    cached_at_ns, hash)`` of the ``paths`` (already :func:`db_text`) it knows."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for start in range(0, len(paths), _IN_CHUNK):
+        chunk = paths[start : start + _IN_CHUNK]
+        for row in conn.execute(_FILES_SELECT + _marks(len(chunk)), chunk):
+            out[row[0]] = row[1:]
+    return out
 
 
 def latest_run(conn: sqlite3.Connection) -> RunRecord | None:

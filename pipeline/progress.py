@@ -298,14 +298,15 @@ class Progress:
         self.failed_count += 1
         self._refresh(1)
 
-    def carried_over(self) -> None:
-        """A permanent failure of an earlier run, met again and not retried."""
-        self.carried_count += 1
-        self._refresh(1)
+    def carried_over(self, n: int = 1) -> None:
+        """``n`` permanent failures of an earlier run, met again and not retried."""
+        self.carried_count += n
+        self._refresh(n)
 
-    def skipped(self) -> None:
-        self.skipped_count += 1
-        self._refresh(1)
+    def skipped(self, n: int = 1) -> None:
+        """``n`` items done by an earlier run (output on disk), met again."""
+        self.skipped_count += n
+        self._refresh(n)
 
     def rate_limited(self) -> None:
         self.rate_limits += 1

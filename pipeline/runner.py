@@ -28,6 +28,7 @@ from pipeline import lifecycle as lc
 from pipeline.budget import RateBudget
 from pipeline.config import Config, ProviderConfig, api_key
 from pipeline.errors import DiskFullError, FatalError, UsageError
+from pipeline.htmlreport import Collector
 from pipeline.journal import Journal
 from pipeline.lock import OutputLock
 from pipeline.manifest import Manifest
@@ -36,6 +37,7 @@ from pipeline.outputs import DiskReserve, sweep_partial_files
 from pipeline.progress import Progress, report_progress
 from pipeline.providers.base import Provider, RequestStats
 from pipeline.providers.http import proxy_for
+from pipeline.report import build_reports
 from pipeline.rescue import RescueLog, read_rescued
 
 if TYPE_CHECKING:
@@ -354,8 +356,6 @@ async def _finish(
     reports_keep: int = 30,
     secrets: list[str] | None = None,
 ) -> dict[str, Any]:
-    from pipeline.report import build_reports
-
     secrets = secrets or []
 
     def exit_code_for(counts: Mapping[str, int]) -> int:
@@ -370,8 +370,12 @@ async def _finish(
 
     await journal.finish_run(run_id, None, run_stats)
     await journal.flush()
+    # report.html is gathered while results.jsonl is written, not read back from it.
+    collector = Collector(manifest.output)
     try:
-        report = await anyio.to_thread.run_sync(build_reports, manifest.output, exit_code_for)
+        report = await anyio.to_thread.run_sync(
+            functools.partial(build_reports, manifest.output, exit_code_for, collector=collector)
+        )
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
@@ -382,18 +386,30 @@ async def _finish(
         ) from None
     await journal.finish_run(run_id, report["exit_code"], run_stats)
     await journal.flush()
-    await anyio.to_thread.run_sync(_write_html, manifest.output, report, reports_keep, secrets)
+    await anyio.to_thread.run_sync(
+        _write_html, manifest.output, report, reports_keep, secrets, collector
+    )
     return report
 
 
-def _write_html(output: Path, report: dict[str, Any], keep: int, secrets: list[str]) -> None:
-    """``report.html`` and ``reports/``: a page that can't be written never fails the run."""
+def _write_html(
+    output: Path,
+    report: dict[str, Any],
+    keep: int,
+    secrets: list[str],
+    collected: Collector | None = None,
+) -> None:
+    """``report.html`` and ``reports/``: a page that can't be written never fails the run.
+
+    ``collected``: the lines gathered while ``results.jsonl`` was written; without
+    it the page reads ``results.jsonl``.
+    """
     from pipeline.htmlreport import iter_results, write_html_report
 
     try:
         write_html_report(
-            output, report, iter_results(output / "results.jsonl"),
-            reports_keep=keep, secrets=secrets,
+            output, report, iter_results(output / "results.jsonl") if collected is None else (),
+            reports_keep=keep, secrets=secrets, collected=collected,
         )  # fmt: skip
     except OSError as exc:
         log.warning("could not write %s/report.html: %s", output, exc.strerror or exc)

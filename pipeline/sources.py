@@ -1,65 +1,217 @@
 """From input patterns to work items, in batches: discovery, hashing, journal lookups.
 
-Each batch of matched entries costs one journal read for the stat cache, one for
-the items and one write for what the batch learned, so a rerun over a million
-unchanged inputs re-reads none of them: a file whose (size, mtime, ctime, inode,
-device) match the cache, and whose mtime is safely older than the cache entry (git's
-"racily clean" rule, :func:`pipeline.identity.cached_hash_usable`), keeps its
-content hash without being opened.
+Each batch of matched entries is prepared in one worker-thread call: the walk of the
+next entries (one ``stat`` each), one read of the stat cache, the hashing of what
+changed, the items' keys and one read of their journal rows. The reads go through a
+read-only connection of the source's own (WAL: they never wait for the journal's
+commits). A rerun over a million unchanged inputs re-reads none of them: a file
+whose (size, mtime, ctime, inode, device) match the cache, and whose mtime is safely
+older than the cache entry (git's "racily clean" rule,
+:func:`pipeline.identity.cached_hash_usable`), keeps its content hash without being
+opened. What a batch learned (new hashes) is written without waiting for it.
 """
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import stat
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import anyio.to_thread
 
+from pipeline import lifecycle as lc
 from pipeline.errors import InputProblem, PipelineError
 from pipeline.identity import (
-    FileSignature,
-    cached_hash_usable,
+    cached_row_usable,
     hash_file,
     hash_file_checked,
-    item_key,
+    item_key_maker,
 )
 from pipeline.images import max_input_bytes
 from pipeline.inputs import InputEntry, iter_input_entries
-from pipeline.journal import ItemRecord, Journal, db_text
+from pipeline.journal import (
+    ItemRecord,
+    Journal,
+    cached_hash_rows,
+    db_text,
+    item_records,
+    open_reader,
+)
 from pipeline.manifest import Manifest, Variant
 
 if TYPE_CHECKING:
     from pipeline.progress import Progress
 
-__all__ = ["BATCH", "InputSource", "WorkItem"]
+__all__ = [
+    "BATCH",
+    "Batch",
+    "InputSource",
+    "UnsettledKeys",
+    "WorkItem",
+    "outputs_on_disk",
+    "settle_verdicts",
+]
 
 BATCH = 512
 
 
-@dataclass(frozen=True)
 class WorkItem:
     """One input x one variant, identified by content (see :mod:`pipeline.identity`).
 
     An input that can't be used (a FIFO, a broken link...) is keyed by its path and
     carries the ``problem``; it fails with that code and is never opened.
+    ``record`` is the journal row as it was when the batch was read. ``input_text``
+    is ``str(input_path)``; the :class:`~pathlib.Path` is made on first use (a rerun
+    settles 10^6 items that never need one). Read-only.
     """
 
+    __slots__ = ("_path", "input_rel", "input_text", "key", "problem", "record", "variant")
+
     key: str
-    input_path: Path
+    input_text: str
     input_rel: str
     variant: Variant
-    problem: InputProblem | None = None
-    record: ItemRecord | None = None  # as the journal had it when the batch was read
-
-
-@dataclass(frozen=True)
-class _Hashed:
-    entry: InputEntry
-    content: str | None  # None: entry.problem (or a read error) says why
     problem: InputProblem | None
+    record: ItemRecord | None
+    _path: Path | None
+
+    def __init__(
+        self,
+        key: str,
+        input_path: str | os.PathLike[str],
+        input_rel: str,
+        variant: Variant,
+        problem: InputProblem | None = None,
+        record: ItemRecord | None = None,
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "key", key)
+        set_(self, "_path", input_path if isinstance(input_path, Path) else None)
+        set_(self, "input_text", os.fspath(input_path))
+        set_(self, "input_rel", input_rel)
+        set_(self, "variant", variant)
+        set_(self, "problem", problem)
+        set_(self, "record", record)
+
+    @property
+    def input_path(self) -> Path:
+        path = self._path
+        if path is None:
+            path = Path(self.input_text)
+            object.__setattr__(self, "_path", path)
+        return path
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"WorkItem is read-only: cannot set {name}")
+
+    def __repr__(self) -> str:
+        return f"WorkItem(key={self.key!r}, input={self.input_text!r}, variant={self.variant!r})"
+
+
+class Batch(list[WorkItem]):
+    """A batch of work items; ``verdicts`` (one per item, if the consumer asked for
+    them) is what the ``judge`` given to :meth:`InputSource.batches` said of each,
+    worked out in the thread that prepared the batch."""
+
+    verdicts: list[str | None] | None = None
+
+
+def outputs_on_disk(output_dir: Path, items: Sequence[WorkItem]) -> set[str]:
+    """Keys of the succeeded ``items`` whose recorded output is a regular file (a
+    symlink followed) under ``output_dir``: one ``stat`` each, no ``Path``."""
+    found = set()
+    out = os.fspath(output_dir)
+    join, stat_, is_reg = os.path.join, os.stat, stat.S_ISREG
+    for item in items:
+        rec = item.record
+        if rec is None or rec.status != "succeeded" or not rec.output:
+            continue
+        try:
+            st = stat_(join(out, rec.output))
+        except (OSError, ValueError):  # ValueError: a NUL in a damaged row
+            continue
+        if is_reg(st.st_mode):
+            found.add(item.key)
+    return found
+
+
+def settle_verdicts(
+    items: Sequence[WorkItem],
+    *,
+    output_dir: Path,
+    run_id: int,
+    policies: Mapping[str, lc.Policy],
+    retry_failed: bool,
+) -> list[str | None]:
+    """Per item, how an earlier run left it, as :func:`pipeline.lifecycle.resume`
+    decides: ``"skipped"`` (done, its output a file on disk), ``"failed_earlier"``
+    (failed for good), or None (it needs a worker, or this run met it already).
+
+    Pure but for one ``stat`` per succeeded item's output: safe in a worker thread.
+    """
+    candidates = [i for i in items if i.record is not None and i.record.seen_run != run_id]
+    on_disk = outputs_on_disk(output_dir, candidates)
+    out: list[str | None] = []
+    resume, skipped, carried = lc.resume, lc.Skipped, lc.CarriedOver
+    for item in items:
+        rec = item.record
+        if rec is None or rec.seen_run == run_id:
+            out.append(None)
+            continue
+        state = resume(
+            rec.snapshot(), policies[item.variant.operation.vendor], 0.0,
+            retry_failed=retry_failed, output_exists=item.key in on_disk,
+        )  # fmt: skip
+        if isinstance(state, skipped):
+            out.append("skipped")
+        elif isinstance(state, carried):
+            out.append("failed_earlier")
+        else:
+            out.append(None)
+    return out
+
+
+class UnsettledKeys:
+    """Keys of settlement writes that a batch's rows may not show yet.
+
+    The engine settles done items without waiting for the commit, so a later batch
+    read before that commit still has the old rows: a content duplicate of a settled
+    item would pass for new. A write's keys are kept until a batch read that began
+    after its commit is handled: batches are read one at a time, each once the one
+    before was taken (:meth:`InputSource.batches`), so a commit made while batch
+    ``n`` was current is in the rows of batch ``n + 2`` at the latest.
+    """
+
+    def __init__(self) -> None:
+        self.batch = 0
+        self._entries: list[list[Any]] = []  # [keys, batch current at commit, or None]
+
+    def next_batch(self) -> None:
+        """A new batch arrived: forget the writes every batch from now on shows."""
+        self.batch += 1
+        self._entries = [e for e in self._entries if e[1] is None or e[1] >= self.batch - 1]
+
+    def add(self, keys: set[str]) -> list[Any]:
+        """A write of ``keys`` started; pass the result to :meth:`committed`."""
+        entry: list[Any] = [keys, None]
+        self._entries.append(entry)
+        return entry
+
+    def committed(self, entry: list[Any]) -> None:
+        entry[1] = self.batch
+
+    def holds(self, key: str) -> bool:
+        return any(key in e[0] for e in self._entries)
+
+
+# Per variant: (variant, key of a content identity) — the key function has the
+# variant's canonical params worked out once (pipeline.identity.item_key_maker).
+_Keyed = tuple[Variant, Callable[[str], str]]
 
 
 class InputSource:
@@ -73,26 +225,44 @@ class InputSource:
         # Inputs larger than any operation of the job will read are not even hashed.
         self._max_bytes = max(max_input_bytes(v.operation.limits) for v in manifest.variants)
 
-    async def batches(self) -> AsyncIterator[list[WorkItem]]:
+    async def batches(
+        self, judge: Callable[[list[WorkItem]], list[str | None]] | None = None
+    ) -> AsyncIterator[Batch]:
         """The work items, a batch at a time, each with the journal record it had when
-        the batch was read."""
+        the batch was read. ``judge`` (thread-safe, pure) is run on each batch in the
+        thread that prepared it; its answers are the batch's ``verdicts``.
+
+        A batch is read only once the one before it has been taken: whatever the
+        consumer committed before asking for the next batch is in that batch's rows.
+        """
         await self._hash_variant_files()
+        keyed = [
+            (
+                v,
+                item_key_maker(
+                    v.operation.name,
+                    v.params,
+                    {k: self._file_hashes[p] for k, p in v.files.items()},
+                ),
+            )
+            for v in self.manifest.variants
+        ]
         entries = iter_input_entries(
             self.manifest.base_dir, self.manifest.inputs, self.manifest.output
         )
-        while True:
-            batch = await anyio.to_thread.run_sync(_take, entries, BATCH)
-            if not batch:
-                self.progress.discovery_finished()
-                break
-            hashed = await self._hash(batch)
-            items = [item for h in hashed for item in self._expand(h)]
-            records = await self.journal.lookup_many([i.key for i in items])
-            self.progress.discovered(len(items))
-            yield [
-                WorkItem(i.key, i.input_path, i.input_rel, i.variant, i.problem, records.get(i.key))
-                for i in items
-            ]
+        reader = await anyio.to_thread.run_sync(open_reader, self.journal.path)
+        try:
+            while True:
+                items, fresh = await anyio.to_thread.run_sync(self._prepare, entries, reader, keyed)
+                if not items:
+                    self.progress.discovery_finished()
+                    break
+                if fresh:
+                    await self.journal.cache_hashes(fresh)
+                self.progress.discovered(len(items))
+                yield items
+        finally:
+            reader.close()
 
     async def _hash_variant_files(self) -> None:
         for variant in self.manifest.variants:
@@ -107,20 +277,36 @@ class InputSource:
                         f"{name} path"
                     ) from None
 
-    async def _hash(self, batch: Sequence[InputEntry]) -> list[_Hashed]:
-        paths = [str(e.path) for e in batch if e.stat is not None]
-        cached = await self.journal.cached_hashes(paths)
-        out, fresh = await anyio.to_thread.run_sync(_hash_batch, batch, cached, self._max_bytes)
-        await self.journal.cache_hashes(fresh)
-        return out
-
-    def _expand(self, hashed: _Hashed) -> Iterator[WorkItem]:
-        entry = hashed.entry
-        identity = hashed.content or f"path:{entry.rel}"
-        for variant in self.manifest.variants:
-            files = {k: self._file_hashes[p] for k, p in variant.files.items()}
-            key = item_key(identity, variant.operation.name, variant.params, files)
-            yield WorkItem(key, entry.path, entry.rel, variant, hashed.problem)
+    def _prepare(
+        self,
+        entries: Iterator[InputEntry],
+        reader: sqlite3.Connection,
+        keyed: list[_Keyed],
+        judge: Callable[[list[WorkItem]], list[str | None]] | None = None,
+    ) -> tuple[Batch, list[tuple[Any, ...]]]:
+        """The next batch's work items with their rows, and the stat cache's new rows
+        (runs in a worker thread, reading through ``reader``)."""
+        batch = _take(entries, BATCH)
+        if not batch:
+            return Batch(), []
+        names = [db_text(e.path_text) for e in batch]
+        known = [n for n, e in zip(names, batch, strict=True) if e.stat is not None]
+        cached = cached_hash_rows(reader, known)
+        identities, fresh = _hash_batch(batch, names, cached, self._max_bytes)
+        items: list[tuple[str, InputEntry, Variant, InputProblem | None]] = []
+        for entry, (content, problem) in zip(batch, identities, strict=True):
+            identity = content or f"path:{entry.rel}"
+            for variant, key_of in keyed:
+                items.append((key_of(identity), entry, variant, problem))
+        records = item_records(reader, [i[0] for i in items])
+        get = records.get
+        out = Batch(
+            WorkItem(key, entry.path_text, entry.rel, variant, problem, get(key))
+            for key, entry, variant, problem in items
+        )
+        if judge is not None:
+            out.verdicts = judge(out)
+        return out, fresh
 
 
 def _take(entries: Iterator[InputEntry], n: int) -> list[InputEntry]:
@@ -133,35 +319,32 @@ def _take(entries: Iterator[InputEntry], n: int) -> list[InputEntry]:
 
 
 def _hash_batch(
-    batch: Sequence[InputEntry], cached: dict[str, tuple[Any, ...]], max_bytes: int
-) -> tuple[list[_Hashed], list[tuple[Any, ...]]]:
-    """Content hashes for a batch (runs in a worker thread), and the new cache rows."""
-    out: list[_Hashed] = []
+    batch: Sequence[InputEntry],
+    names: Sequence[str],
+    cached: dict[str, tuple[Any, ...]],
+    max_bytes: int,
+) -> tuple[list[tuple[str | None, InputProblem | None]], list[tuple[Any, ...]]]:
+    """``(content hash, problem)`` per entry (one of them None), and the new cache rows
+    (``names``: ``db_text`` of each entry's path)."""
+    out: list[tuple[str | None, InputProblem | None]] = []
     fresh: list[tuple[Any, ...]] = []
-    for entry in batch:
-        if entry.stat is None:
-            out.append(_Hashed(entry, None, entry.problem))
+    for entry, name in zip(batch, names, strict=True):
+        st = entry.stat
+        if st is None:
+            out.append((None, entry.problem))
             continue
-        name = db_text(str(entry.path))
         row = cached.get(name)
-        if row is not None:
-            *sig_row, cached_at_ns, digest = row
-            usable = cached_hash_usable(
-                FileSignature.from_row(tuple(sig_row)),
-                cached_at_ns,
-                FileSignature.of(entry.stat),
-            )
-            if usable:
-                out.append(_Hashed(entry, str(digest), None))
-                continue
+        if row is not None and cached_row_usable(row[:5], row[5], st):
+            out.append((str(row[6]), None))
+            continue
         # The cache entry's time is taken before the read: an edit made while the file
         # is being hashed is then never trusted (git's "racily clean" rule).
         cached_at = time.time_ns()
         try:
             hashed = hash_file_checked(entry.path, max_bytes, why="for the operations of this job")
         except InputProblem as problem:
-            out.append(_Hashed(entry, None, problem))
+            out.append((None, problem))
             continue
         fresh.append((name, *hashed.signature.as_row(), hashed.digest, cached_at))
-        out.append(_Hashed(entry, hashed.digest, None))
+        out.append((hashed.digest, None))
     return out, fresh

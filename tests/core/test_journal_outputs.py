@@ -124,7 +124,8 @@ async def test_report_rebuilt_from_journal_alone(tmp_path: Path) -> None:
         (tmp_path / "x.jpg").write_bytes(b"\xff\xd8\xff")
         await journal.change("ok", Change(Status.SUBMITTING, attempts=1))
         await journal.change(
-            "ok", Change(Status.SUCCEEDED, output="x.jpg", run_status="succeeded", billed_run=run_id)
+            "ok",
+            Change(Status.SUCCEEDED, output="x.jpg", run_status="succeeded", billed_run=run_id),
         )
         await journal.change(
             "bad",

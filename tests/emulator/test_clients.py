@@ -189,6 +189,7 @@ async def test_perfectcorp_vendor_client_style_requests(
 ) -> None:
     """The vendor-org client: requests, JSON headers on every call, PUT of an open file."""
     import requests  # declared in the test extra: never skipped
+
     selfie = tmp_path / "selfie.jpg"
     selfie.write_bytes(image_bytes())
     headers = {"Authorization": f"Bearer {PC_KEY}", "Content-Type": "application/json"}

@@ -17,8 +17,11 @@ from pipeline.identity import (
     FileSignature,
     HashedFile,
     cached_hash_usable,
+    cached_row_usable,
     hash_file,
     hash_file_checked,
+    item_key,
+    item_key_maker,
     signature_trustworthy,
 )
 from tests.unit._opens import watch_opens
@@ -178,3 +181,66 @@ def test_hash_file_checked_codes(tmp_path: Path, make: object, code: str) -> Non
     assert err.value.code == code
     assert err.value.message.startswith(f"{path}: ")
     assert "\n" not in err.value.message
+
+
+# -- the fast paths a rerun takes (same answers as the plain rules) ---------------------
+
+
+@given(
+    st.tuples(*(st.integers(0, 5 * G) for _ in range(5))),
+    st.tuples(*(st.integers(0, 5 * G) for _ in range(5))),
+    st.integers(0, 10 * G),
+)
+def test_cached_row_usable_agrees_with_cached_hash_usable(
+    cached: tuple[int, int, int, int, int], now: tuple[int, int, int, int, int], at: int
+) -> None:
+    # A stat result with exactly these fields (size, mtime_ns, ctime_ns, inode, dev).
+    size, mtime, ctime, ino, dev = now
+    fields = [0] * 10
+    fields[1], fields[2], fields[6] = ino, dev, size
+    result = os.stat_result((*fields,), {"st_mtime_ns": mtime, "st_ctime_ns": ctime})
+    assert FileSignature.of(result).as_row() == now
+    expected = cached_hash_usable(FileSignature.from_row(cached), at, FileSignature.of(result))
+    assert cached_row_usable(cached, at, result) is expected
+    assert cached_row_usable(now, at, result) is signature_trustworthy(
+        FileSignature.from_row(now), at
+    )
+
+
+def test_cached_row_usable_refuses_a_same_size_rewrite(tmp_path: Path) -> None:
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"A" * 1000)
+    old = os.stat(path)
+    row = FileSignature.of(old).as_row()
+    later = max(old.st_mtime_ns, old.st_ctime_ns) + G
+    assert cached_row_usable(row, later, os.stat(path))
+    with path.open("r+b") as fp:
+        fp.write(b"B" * 1000)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    while os.stat(path).st_ctime_ns == old.st_ctime_ns:
+        time.sleep(0.005)
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert not cached_row_usable(row, later, os.stat(path))
+
+
+@given(
+    st.one_of(
+        st.text("0123456789abcdef", min_size=64, max_size=64),
+        st.text(min_size=0, max_size=80),
+    ),
+    st.dictionaries(
+        st.sampled_from(["input", "service_choice", "x", "op"]),
+        st.one_of(st.integers(-5, 5), st.text(max_size=70), st.just("0" * 64)),
+        max_size=3,
+    ),
+    st.dictionaries(
+        st.sampled_from(["image_template", "input"]),
+        st.sampled_from(["0" * 64, "f" * 64, "ab" * 32]),
+        max_size=2,
+    ),
+)
+def test_item_key_maker_gives_item_key(
+    identity: str, params: dict[str, int | str], files: dict[str, str]
+) -> None:
+    make = item_key_maker("ailab/emotion-editor", params, files)
+    assert make(identity) == item_key(identity, "ailab/emotion-editor", params, files)

@@ -1,0 +1,149 @@
+"""A rerun with (almost) everything done: the bulk paths keep every rule (issue 9).
+
+The rerun settles done items a batch at a time without waiting for each journal
+commit, reads batches through a connection of its own and gathers report.html while
+writing results.jsonl; these tests shrink the batch to a few items so every one of
+those paths meets batch boundaries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pipeline.sources as sources
+from pipeline.emulator import RunningEmulator
+from pipeline.engine import RunOptions, run_job
+from pipeline.htmlreport import Collector, _collect, iter_results
+from pipeline.journal import _ITEM_COLUMNS, ItemRecord, _record_of
+from pipeline.manifest import load_manifest
+from pipeline.report import build_reports
+from pipeline.sources import UnsettledKeys
+from tests.conftest import fast_config, make_portrait
+
+pytestmark = pytest.mark.timeout(90)
+
+OP = [{"op": "ailab/emotion-editor", "params": {"service_choice": "big_grin"}}]
+HOUR_NS = 3600 * 10**9
+
+
+async def _run(
+    manifest_path: Path, emu: RunningEmulator, code: int = 0
+) -> tuple[dict[str, Any], list[Any]]:
+    manifest = load_manifest(manifest_path)
+    result = await run_job(manifest, fast_config(emu.base_url), RunOptions(quiet=True))
+    assert result.exit_code == code, result.report.get("errors_by_code")
+    lines = [json.loads(x) for x in (manifest.output / "results.jsonl").read_text().splitlines()]
+    return result.report, lines
+
+
+def _age(path: Path) -> None:
+    """Put the file's mtime an hour back, so its stat-cache entry is trusted later."""
+    old = time.time_ns() - HOUR_NS
+    os.utime(path, ns=(old, old))
+
+
+async def test_rerun_in_small_batches_keeps_every_rule(
+    emulator: RunningEmulator,
+    write_manifest: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sources, "BATCH", 3)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    originals = [make_portrait(tmp_path / f"o{i}.jpg", seed=i) for i in range(6)]
+    # 12 inputs, 6 contents: each content's copies sit in different batches of 3.
+    names = []
+    for n in range(12):
+        target = folder / f"p{n:02d}.jpg"
+        target.write_bytes(originals[n % 6].read_bytes())
+        _age(target)
+        names.append(target.name)
+    manifest = write_manifest(OP, concurrency=4)
+    report, lines = await _run(manifest, emulator)
+    assert report["counts"]["succeeded"] == 6 and report["counts"]["skipped"] == 6
+    assert emulator.stats()["ailab"]["charged"] == 6
+
+    # Before the rerun: one result deleted, one input rewritten in place with the
+    # same size and its mtime put back (only ctime moved).
+    by_input = {Path(x["input"]).name: x for x in lines if x["duplicate_of"] is None}
+    gone = by_input["p01.jpg"]
+    Path(gone["output"]).unlink()
+    edited = folder / "p02.jpg"
+    before = os.stat(edited)
+    data = bytearray(edited.read_bytes())
+    data[-3] ^= 0xFF  # inside the JPEG's last bytes: same size, new content
+    edited.write_bytes(bytes(data))
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(edited).st_size == before.st_size
+
+    charged = emulator.stats()["ailab"]["charged"]
+    report, lines = await _run(manifest, emulator, code=1)
+    # Every input has exactly one line, counted once.
+    assert sorted(Path(x["input"]).name for x in lines) == names
+    assert report["counts"]["total"] == 12
+    # The edited input is redone, and only it is sent; the edited file's old content
+    # is still p08's, now carried by p08 alone. The paid result whose file is gone is
+    # not counted as skipped: it is lost (--retry-failed pays for it again), and so is
+    # its duplicate p07.
+    assert emulator.stats()["ailab"]["charged"] == charged + 1
+    statuses = {Path(x["input"]).name: x["status"] for x in lines}
+    assert statuses["p02.jpg"] == "succeeded"
+    assert statuses["p01.jpg"] == statuses["p07.jpg"] == "failed"
+    assert report["errors_by_code"] == {"RESULT_LOST": 1}  # by item: p07 sent nothing
+    assert Counter(statuses.values()) == {"succeeded": 1, "failed": 2, "skipped": 9}
+    for line in lines:
+        if line["status"] in ("succeeded", "skipped"):
+            assert Path(line["output"]).is_file()
+    # Content duplicates are still recorded, never sent twice: each content but the
+    # edited one has two inputs, one of them a duplicate (p07 shares p01's redo).
+    dups = sorted(Path(x["input"]).name for x in lines if x["duplicate_of"] is not None)
+    assert dups == ["p06.jpg", "p07.jpg", "p09.jpg", "p10.jpg", "p11.jpg"]
+    out = load_manifest(manifest).output
+    with sqlite3.connect(out / "journal.sqlite") as conn:
+        run_id = conn.execute("SELECT MAX(id) FROM runs").fetchone()[0]
+        recorded = conn.execute("SELECT COUNT(*) FROM duplicates WHERE run_id = ?", (run_id,))
+        assert recorded.fetchone()[0] == 5
+    assert report["duplicates"] == 5
+
+    # report.html's figures, gathered while results.jsonl was written, are the ones
+    # read back from the file.
+    collector = Collector(out)
+    build_reports(out, collector=collector)
+    assert collector.got == _collect(iter_results(out / "results.jsonl"), out, 200)
+    assert collector.got.lines == 12 and collector.got.with_result == 6
+
+
+def test_unsettled_keys_are_held_until_a_batch_read_after_the_commit() -> None:
+    held = UnsettledKeys()
+    held.next_batch()  # batch 1 handled: its settlement write starts
+    entry = held.add({"k1"})
+    held.next_batch()  # batch 2 (read before the commit)
+    assert held.holds("k1")
+    held.committed(entry)  # committed while batch 2 is current: batch 3 may predate it
+    held.next_batch()
+    assert held.holds("k1")
+    held.next_batch()  # batch 4 was read after the commit
+    assert not held.holds("k1") and not held.holds("k2")
+
+
+def test_a_fast_built_record_equals_the_dataclass(tmp_path: Path) -> None:
+    row = (
+        "k", "ailab/emotion-editor", "v", "{}", "/in/a.jpg", "a.jpg", "succeeded", None, 1,
+        0, "out/a.jpg", None, None, None, None, 3, "succeeded", 3, None, 1.5, 2.5, 0, 3,
+        None, 0,
+    )  # fmt: skip
+    assert len(row) == len(_ITEM_COLUMNS)
+    rec = _record_of(row)
+    assert rec == ItemRecord(*row) and hash(rec) == hash(ItemRecord(*row))
+    with pytest.raises(AttributeError):
+        rec.status = "failed"  # type: ignore[misc]
