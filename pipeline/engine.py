@@ -239,6 +239,8 @@ class Engine(RunContext):
         # The row read with the batch is current unless this run met the key since
         # (another input of the same content): then read it again.
         rec = await self.journal.lookup(item.key) if item.key in self._met else item.record
+        if rec is not None:
+            self.journal.remember(rec)
         if rec is not None and rec.seen_run == self.run_id:
             await self._duplicate(item)
             return

@@ -266,6 +266,7 @@ class Journal:
         self._status: dict[str, Status] = {}
         # Rows :meth:`see` queued whose commit no change has confirmed yet.
         self._unconfirmed: dict[str, tuple[_Batch, list[tuple[str, Sequence[Any]]]]] = {}
+        self._last: _Batch | None = None  # the newest batch that was given writes
 
     # -- opening ------------------------------------------------------------------
 
@@ -453,7 +454,7 @@ class Journal:
 
     def _enqueue(self, ops: Sequence[tuple[str, Sequence[Any]]]) -> _Batch:
         """Queue writes for the next group commit without waiting for it."""
-        batch = self._batch
+        batch = self._last = self._batch
         batch.ops.extend(ops)
         self._wake.set()
         return batch
@@ -473,9 +474,9 @@ class Journal:
 
     async def flush(self) -> None:
         """Wait until every write issued so far is committed."""
-        if self._batch.ops:
-            batch = self._batch
-            self._wake.set()
+        batch = self._last
+        if batch is not None and not batch.done.is_set():
+            self._wake.set()  # the batch being committed, or the next one
             await batch.done.wait()
 
     def _require(self) -> sqlite3.Connection:
@@ -520,8 +521,15 @@ class Journal:
     # -- items ----------------------------------------------------------------------------
 
     async def lookup(self, key: str) -> ItemRecord | None:
+        """The item's row as committed, after every write queued so far (``see``)."""
+        await self.flush()
         found = await self.lookup_many([key])
         return found.get(key)
+
+    def remember(self, rec: ItemRecord) -> None:
+        """Take ``rec`` (read with ``track=False``) as the item's status before its
+        first :meth:`change` of this run."""
+        self._status.setdefault(rec.key, Status(rec.status))
 
     async def lookup_many(
         self, keys: Sequence[str], *, track: bool = True
@@ -529,7 +537,7 @@ class Journal:
         """The rows of ``keys`` that exist, in one read per 500 keys.
 
         ``track=False`` for bulk reads that never lead to :meth:`change` by themselves
-        (an item sent on is looked up again when it starts): the status of every
+        (an item sent on is :meth:`remember`-ed when it starts): the status of every
         item looked up is otherwise remembered for the run, 10^6 entries on a rerun.
         """
         out: dict[str, ItemRecord] = {}
@@ -707,6 +715,10 @@ class Journal:
             if seen is not None:  # still unwritten: the next change carries it again
                 self._unconfirmed[key] = (batch, seen[1])
             raise
+        if change.finished and self._status.get(key) is change.status:
+            # Done for this run: a later change (an input of the same content) reads
+            # the row again first. Keeps the map at the items in flight, not 10^6.
+            del self._status[key]
 
     async def apply_rescued(self, rescued: Sequence[tuple[str, str]]) -> int:
         """Record ``(key, task_id)`` pairs a run kept in its rescue file (see
