@@ -36,6 +36,7 @@ from pipeline.images import prepare_payload
 from pipeline.inputs import stat_input
 from pipeline.journal import Change, Journal
 from pipeline.manifest import Manifest
+from pipeline.metkeys import MetKeys
 from pipeline.operations import ImageLimits, OperationSpec
 from pipeline.outputs import DiskReserve, ResultFolders
 from pipeline.progress import Progress
@@ -75,7 +76,7 @@ class RunContext:
     _queued: set[str] = field(default_factory=set)  # sent to the workers, not finished
     # Keys this run has met (journaled as seen): only their batch-time journal rows can
     # be stale, so only they are read again before they start.
-    _met: set[str] = field(default_factory=set)
+    _met: MetKeys = field(default_factory=MetKeys)
     _reach: dict[str, Reachability] = field(default_factory=dict)
     # Per vendor: tasks in flight that its budget can keep polled within the window.
     _task_slots: dict[str, anyio.CapacityLimiter] = field(default_factory=dict)

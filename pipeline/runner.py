@@ -157,6 +157,10 @@ async def run_job(manifest: Manifest, config: Config, options: RunOptions) -> Ru
     """Run (or resume) ``manifest``. Returns the exit code and the report."""
     emulate = options.emulate or manifest.emulator
     keys = resolve_keys(manifest, config, emulate)
+    from pipeline.vendors import get_vendor
+
+    for vendor in keys:  # imported before the run's clock starts (a rerun lasts ms)
+        get_vendor(vendor).provider_factory()
     _make_output_dir(manifest)
     with OutputLock(manifest.output):
         async with Journal(manifest.output) as journal:
