@@ -45,12 +45,12 @@ def test_queued_polls_do_not_raise_the_first_poll() -> None:
     for _ in range(10):  # tasks of 1 s, polled at once
         est.observe(1.05, asked_after=1.0, waited=0.0)
     before = est.expected()
-    assert before == 1.0 - 0.5 / 4
+    assert before == 1.0 - 0.5 * DurationEstimate.EARLY
     for _ in range(20):  # then polls that queued 6 s at the budget, found done
         est.observe(7.05, asked_after=1.0, waited=6.0)
     # Their bounds say nothing about the task: kept out; two thirds of recent polls
-    # queued, so the aim comes early by only a third of the quarter interval.
-    assert est.expected() == 1.0 - 0.5 / 4 * (10 / 30)
+    # queued, so the aim comes early by only a third of its usual step.
+    assert est.expected() == 1.0 - 0.5 * DurationEstimate.EARLY * (10 / 30)
 
 
 def test_fully_queued_polls_aim_at_the_soonest_task_seen_done() -> None:
@@ -62,11 +62,12 @@ def test_fully_queued_polls_aim_at_the_soonest_task_seen_done() -> None:
     assert est.expected() == 1.2  # a task was seen done 1.2 s after its submit
 
 
-def test_without_a_budget_wait_the_estimate_is_the_quantile_a_quarter_early() -> None:
+def test_without_a_budget_wait_the_estimate_is_the_quantile_a_step_early() -> None:
     est = DurationEstimate(interval=2.0)
-    for done in range(1, 11):  # bounds 1..10 s, none queued
+    for done in range(1, 21):  # bounds 1..20 s, none queued
         est.observe(float(done), asked_after=float(done), waited=0.0)
-    assert est.expected() == 8.0 - 0.5  # the 80% quantile of 1..10, a quarter interval early
+    # The 95% quantile of 1..20 (index 18 of 0..19: 19 s), a tenth of an interval early.
+    assert est.expected() == 19.0 - 2.0 * DurationEstimate.EARLY
 
 
 def _simulate(duration: float, share_queued: float, seed: int, tasks: int = 600) -> float:
