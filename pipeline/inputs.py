@@ -824,6 +824,7 @@ class _RelMaker:
         self.base = base
         self.prefix = base if base.endswith(os.sep) else base + os.sep
         self.fast = os.path.dirname(base) != base  # not the file-system root
+        self._dirs: dict[str, str] = {}  # folder outside base -> its mapped prefix
 
     def __call__(self, path: str) -> str:
         prefix = self.prefix
@@ -834,7 +835,20 @@ class _RelMaker:
                 if os.sep == "/" and "_" not in tail:
                     return tail  # nothing to escape (the usual case)
                 return "/".join(_escape(p) for p in parts)
-        return input_relpath(Path(self.base), Path(path))
+        # Outside base (``_up``/``_abs``): the mapping is one per component, so the
+        # folder's part is worked out once per folder, not once per file.
+        folder, name = os.path.split(path)
+        if not name or name in (".", "..") or self.prefix.startswith(path + os.sep):
+            # (a path that is base itself or one of its folders: never a file)
+            return input_relpath(Path(self.base), Path(path))
+        mapped = self._dirs.get(folder)
+        if mapped is None:
+            probe = input_relpath(Path(self.base), Path(os.path.join(folder, "x")))
+            mapped = probe[:-1]  # "<folder's mapping>/" (or "" under base itself)
+            if len(self._dirs) > 4096:
+                self._dirs.clear()
+            self._dirs[folder] = mapped
+        return mapped + _escape(name)
 
 
 def _entry(rel_of: _RelMaker, path: str, problem: InputProblem | None) -> InputEntry:

@@ -212,7 +212,9 @@ async def test_kill_9_then_rerun_never_submits_a_journaled_task_twice(
             hashlib.sha256(p.read_bytes()).hexdigest() for p in inputs
         }
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert len(lines) == 20 and all(x["status"] in {"succeeded", "skipped"} for x in lines), [(x["status"], x["error"]) for x in lines if x["status"] not in {"succeeded", "skipped"}]
+    assert len(lines) == 20 and all(x["status"] in {"succeeded", "skipped"} for x in lines), [
+        (x["status"], x["error"]) for x in lines if x["status"] not in {"succeeded", "skipped"}
+    ]
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["failed"] == 0 and report["counts"]["total"] == 20
     for line in lines:

@@ -470,3 +470,25 @@ def test_entry_rel_is_input_relpath_for_marker_like_names(tmp_path: Path) -> Non
     inside = list(iter_input_entries(tmp_path, ["**/*.jpg"]))
     assert [e.rel for e in inside] == ["___abs/b.jpg", "__up/a.jpg", "shared/d.jpg", "x/__up/c.jpg"]
     assert [e.rel for e in inside] == [input_relpath(tmp_path, e.path) for e in inside]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.lists(st.sampled_from(["a", "b", "_up", "_abs", "x y", "é"]), min_size=0, max_size=3),
+    path=st.lists(
+        st.sampled_from(["a", "b", "_up", "_abs", "__up", "x y", "é", "c.jpg", "_", "~h"]),
+        min_size=1,
+        max_size=5,
+    ),
+    up=st.integers(0, 2),
+)
+def test_rel_maker_agrees_with_input_relpath(base: list[str], path: list[str], up: int) -> None:
+    from pipeline.inputs import _RelMaker
+
+    root = "/r"
+    base_dir = os.path.join(root, *base) if base else root
+    start = base[: max(0, len(base) - up)]
+    full = os.path.join(root, *start, *path)
+    maker = _RelMaker(os.path.normpath(base_dir))
+    assert maker(full) == input_relpath(Path(base_dir), Path(full))
+    assert maker(full) == input_relpath(Path(base_dir), Path(full))  # memoised folder
