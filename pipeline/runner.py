@@ -367,7 +367,9 @@ async def _finish(
             return EXIT_INTERRUPTED
         if fatal is not None:
             return EXIT_FATAL
-        failed = counts.get("failed", 0)
+        # An item left unfinished by a run nobody stopped met an unexpected error
+        # (logged): that run did not do everything it was asked, so it is not 0.
+        failed = counts.get("failed", 0) + counts.get("interrupted", 0)
         if options.strict:
             failed += counts.get("failed_earlier", 0)
         return EXIT_FAILED if failed else EXIT_OK
