@@ -271,8 +271,12 @@ class Journal:
     # -- opening ------------------------------------------------------------------
 
     @staticmethod
-    def open_sync(path: Path, *, create: bool) -> sqlite3.Connection:
-        """Open (or create) a journal file and check it is ours and intact."""
+    def open_sync(path: Path, *, create: bool, integrity_check: bool = True) -> sqlite3.Connection:
+        """Open (or create) a journal file and check it is ours and intact.
+
+        ``integrity_check=False`` skips ``PRAGMA quick_check`` (it reads every page:
+        seconds at 10^6 items) for a second connection of a run whose own connection
+        checked the file when it opened it."""
         try:
             # SQLite would follow a planted link (or its -wal/-shm sidecars).
             check_no_symlink(path, sqlite=True)
@@ -293,7 +297,7 @@ class Journal:
         except sqlite3.Error as exc:
             raise JournalError(f"{path}: cannot open the journal: {exc}") from None
         try:
-            Journal._check(conn, path)
+            Journal._check(conn, path, integrity_check=integrity_check)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA busy_timeout = 5000")
@@ -338,7 +342,7 @@ class Journal:
         os.replace(tmp, path)
 
     @staticmethod
-    def _check(conn: sqlite3.Connection, path: Path) -> None:
+    def _check(conn: sqlite3.Connection, path: Path, *, integrity_check: bool = True) -> None:
         try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -361,6 +365,8 @@ class Journal:
                 f"{path}: journal schema version {version} is not the supported "
                 f"{SCHEMA_VERSION}; use the portrait-pipeline version that wrote it"
             )
+        if not integrity_check:
+            return
         try:
             result = conn.execute("PRAGMA quick_check").fetchone()[0]
         except sqlite3.DatabaseError as exc:

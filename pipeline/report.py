@@ -186,8 +186,11 @@ def build_reports(
     exit_code_for: Callable[[Mapping[str, int]], int] | None = None,
     *,
     collector: Collector | None = None,
+    integrity_check: bool = True,
 ) -> dict[str, Any]:
     """Rewrite ``report.json`` and ``results.jsonl`` from the journal; return the report.
+
+    ``integrity_check=False``: the caller's run checked the journal when it opened it.
 
     Synchronous (SQLite and file I/O): call it from a worker thread in async code.
     ``exit_code_for`` decides the run's exit code from ``counts`` (the engine passes
@@ -200,7 +203,9 @@ def build_reports(
     Raises :class:`pipeline.errors.JournalError` for a missing or damaged journal.
     """
     output_dir = output_dir.resolve()
-    conn = Journal.open_sync(output_dir / JOURNAL_NAME, create=False)
+    conn = Journal.open_sync(
+        output_dir / JOURNAL_NAME, create=False, integrity_check=integrity_check
+    )
     try:
         return _build(conn, output_dir, exit_code_for, collector)
     finally:

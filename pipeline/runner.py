@@ -380,7 +380,13 @@ async def _finish(
     collector = Collector(manifest.output)
     try:
         report = await anyio.to_thread.run_sync(
-            functools.partial(build_reports, manifest.output, exit_code_for, collector=collector)
+            functools.partial(
+                build_reports,
+                manifest.output,
+                exit_code_for,
+                collector=collector,
+                integrity_check=False,  # checked when this run opened the journal
+            )
         )
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
