@@ -37,6 +37,7 @@ from pipeline.inputs import stat_input
 from pipeline.journal import Change, Journal
 from pipeline.manifest import Manifest
 from pipeline.metkeys import MetKeys
+from pipeline.offload import run_sync
 from pipeline.operations import ImageLimits, OperationSpec
 from pipeline.outputs import DiskReserve, ResultFolders
 from pipeline.progress import Progress
@@ -154,7 +155,7 @@ class RunContext:
             if not isinstance(task_id, str) or self.rescue is None:
                 raise
             kept_before = self.rescue.holds(key)
-            if not await anyio.to_thread.run_sync(self.rescue.add, key, task_id):
+            if not await run_sync(self.rescue.add, key, task_id):
                 raise
             if not kept_before:
                 log.warning(

@@ -242,6 +242,7 @@ class RunRecord:
 class _Batch:
     def __init__(self) -> None:
         self.ops: list[tuple[str, Sequence[Any]]] = []
+        self.seen: list[str] = []  # keys whose "seen" row (Journal.see) is in it
         self.done = anyio.Event()
         self.error: BaseException | None = None
 
@@ -264,7 +265,7 @@ class Journal:
         # The last status written (or read) per item met by this run: every change is
         # checked against the lifecycle's table before it is queued.
         self._status: dict[str, Status] = {}
-        # Rows :meth:`see` queued whose commit no change has confirmed yet.
+        # Rows :meth:`see` queued and not yet committed (or whose commit failed).
         self._unconfirmed: dict[str, tuple[_Batch, list[tuple[str, Sequence[Any]]]]] = {}
         self._last: _Batch | None = None  # the newest batch that was given writes
 
@@ -432,7 +433,13 @@ class Journal:
                     self.commits += 1
                 except BaseException as exc:  # surfaced to every waiter of the batch
                     batch.error = exc
-            batch.ops = []  # a batch outlives its commit (see _unconfirmed): not its data
+            if batch.error is None:
+                # Committed: nothing left to confirm. A failed batch's rows stay for
+                # the item's next change to write again.
+                for key in batch.seen:
+                    if self._unconfirmed.get(key, (None,))[0] is batch:
+                        del self._unconfirmed[key]
+            batch.ops = []  # a failed batch outlives its commit: not its data
             batch.done.set()
 
     def _apply(self, ops: list[tuple[str, Sequence[Any]]]) -> None:
@@ -614,7 +621,9 @@ class Journal:
             " updated_at = excluded.updated_at",
             (key, operation, variant, params, db_text(input_path), db_text(input_rel), run_id, now),
         )]  # fmt: skip
-        self._unconfirmed[key] = (self._enqueue(ops), ops)
+        batch = self._enqueue(ops)
+        batch.seen.append(key)
+        self._unconfirmed[key] = (batch, ops)
 
     async def skip_many(self, keys: Sequence[str], run_id: int, run_status: str) -> None:
         """Mark items this run met and left as they were (done, or failed for good)."""

@@ -308,11 +308,15 @@ def _rel_parts(relpath: str, display: str) -> list[str]:
     return parts
 
 
-def _lstat_no_link(path: Path) -> os.stat_result | None:
+def _lstat_no_link(path: Path, dir_fd: int | None = None) -> os.stat_result | None:
     """``lstat(path)``, ``None`` if it is absent; raises :class:`UnsafePathError`
-    (``ELOOP``) if it is a symlink, or the wrapped error if it cannot be read."""
+    (``ELOOP``) if it is a symlink, or the wrapped error if it cannot be read.
+    With ``dir_fd``: ``path.name`` in that folder (``path`` names it in errors)."""
     try:
-        st = os.lstat(path)
+        if dir_fd is None:
+            st = os.lstat(path)
+        else:
+            st = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -550,9 +554,7 @@ class AtomicFile:
         _check_name(target.name, target)
         if _nbytes(target.name) > self.name_max:
             raise FileWriteError(errno.ENAMETOOLONG, target)
-        st = _lstat_at(self._dir_fd, target.name, target)  # refuses a planted symlink
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            raise UnsafePathError(errno.EISDIR, target)
+        _refuse_in_the_way(self._dir_fd, target)
         self.target, self._name = target, target.name
 
     def commit(self) -> None:
@@ -653,9 +655,7 @@ class ResultFolders:
         fd, name_max = reused
         target = self.root.joinpath(*parts)
         try:
-            st = _lstat_at(fd, parts[-1], target)
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                raise UnsafePathError(errno.EISDIR, target)
+            _refuse_in_the_way(fd, target)
         except BaseException:
             os.close(fd)
             raise
@@ -696,17 +696,12 @@ class ResultFolders:
                 os.close(fd)
 
 
-def _lstat_at(dir_fd: int, name: str, display: Path) -> os.stat_result | None:
-    """``lstat`` of ``name`` in the folder ``dir_fd``; refuses a symlink there."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise _wrap(exc, display) from None
-    if stat.S_ISLNK(st.st_mode):
-        raise UnsafePathError(errno.ELOOP, display)
-    return st
+def _refuse_in_the_way(dir_fd: int, target: Path) -> None:
+    """Refuse ``target`` (in the folder ``dir_fd``) if a symlink or a folder holds its
+    name, as :func:`resolve_inside` refuses them."""
+    st = _lstat_no_link(target, dir_fd)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(errno.EISDIR, target)
 
 
 def open_result(output_dir: Path, relpath: str) -> AtomicFile:

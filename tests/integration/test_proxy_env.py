@@ -71,10 +71,31 @@ class ForwardProxy:
             return web.Response(status=resp.status, body=payload, headers=out)
 
 
-def _manifest(tmp_path: Path, write_manifest: Callable[..., Path], n: int) -> Path:
+async def _run_behind_proxy(
+    tmp_path: Path,
+    emulator: RunningEmulator,
+    write_manifest: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    n: int,
+    no_proxy: str | None,
+) -> tuple[int, ForwardProxy]:
+    """Run ``n`` sync items against ``vendor.invalid`` with ``HTTP_PROXY`` set to a
+    forward proxy in front of the emulator; the exit code and the proxy."""
     for i in range(n):
         make_portrait(tmp_path / "in" / f"p{i}.jpg", seed=i)
-    return write_manifest([SYNC], concurrency=2)
+    manifest = load_manifest(write_manifest([SYNC], concurrency=2))
+    port = emulator.base_url.rsplit(":", 1)[1]
+    async with ForwardProxy(emulator.base_url) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("no_proxy", raising=False)
+        if no_proxy is None:
+            monkeypatch.delenv("NO_PROXY", raising=False)
+        else:
+            monkeypatch.setenv("NO_PROXY", no_proxy)
+        config = fast_config(f"http://vendor.invalid:{port}")
+        result = await run_job(manifest, config, RunOptions(quiet=True))
+    return result.exit_code, proxy
 
 
 async def test_api_calls_go_through_the_proxy_named_by_http_proxy(
@@ -83,15 +104,10 @@ async def test_api_calls_go_through_the_proxy_named_by_http_proxy(
     write_manifest: Callable[..., Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    manifest = load_manifest(_manifest(tmp_path, write_manifest, 3))
-    port = emulator.base_url.rsplit(":", 1)[1]
-    async with ForwardProxy(emulator.base_url) as proxy:
-        monkeypatch.setenv("HTTP_PROXY", proxy.url)
-        monkeypatch.delenv("NO_PROXY", raising=False)
-        monkeypatch.delenv("no_proxy", raising=False)
-        config = fast_config(f"http://vendor.invalid:{port}")
-        result = await run_job(manifest, config, RunOptions(quiet=True))
-    assert result.exit_code == 0
+    code, proxy = await _run_behind_proxy(
+        tmp_path, emulator, write_manifest, monkeypatch, n=3, no_proxy=None
+    )
+    assert code == 0
     assert proxy.hosts == Counter({"vendor.invalid": 3})  # three submits, nothing direct
     assert emulator.stats()["ailab"]["charged"] == 3
 
@@ -102,13 +118,9 @@ async def test_no_proxy_sends_the_host_direct(
     write_manifest: Callable[..., Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    manifest = load_manifest(_manifest(tmp_path, write_manifest, 2))
-    port = emulator.base_url.rsplit(":", 1)[1]
-    async with ForwardProxy(emulator.base_url) as proxy:
-        monkeypatch.setenv("HTTP_PROXY", proxy.url)
-        monkeypatch.setenv("NO_PROXY", "vendor.invalid")
-        config = fast_config(f"http://vendor.invalid:{port}")
-        result = await run_job(manifest, config, RunOptions(quiet=True))
-    assert result.exit_code != 0  # direct: the name does not resolve
+    code, proxy = await _run_behind_proxy(
+        tmp_path, emulator, write_manifest, monkeypatch, n=2, no_proxy="vendor.invalid"
+    )
+    assert code != 0  # direct: the name does not resolve
     assert proxy.hosts == Counter()
     assert emulator.stats()["ailab"]["charged"] == 0
