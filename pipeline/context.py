@@ -32,6 +32,7 @@ from pipeline.errors import (
     UsageError,
     VendorError,
 )
+from pipeline.htmlreport import GALLERY_MAX
 from pipeline.images import prepare_payload
 from pipeline.inputs import stat_input
 from pipeline.journal import Change, Journal
@@ -44,6 +45,7 @@ from pipeline.progress import Progress
 from pipeline.providers.base import ImagePayload, Provider
 from pipeline.rescue import RescueLog
 from pipeline.runner import RunOptions
+from pipeline.thumbnails import ThumbnailCache
 
 __all__ = ["RunContext"]
 
@@ -96,6 +98,10 @@ class RunContext:
         # overlap with it (see ItemDriver._hold_slots).
         self.vendor_slots = anyio.CapacityLimiter(self.manifest.concurrency)
         self.result_folders = ResultFolders(self.output_dir)  # closed by Engine.run
+        self.thumbnails = ThumbnailCache(self.output_dir)
+        # Items driven that may still get their gallery thumbnails made as they
+        # succeed (Engine._thumbnail): the report's first page.
+        self._gallery_room = GALLERY_MAX
         self.credits = CreditGuard(self.manifest.max_credits)
         self.rejections = RejectionBrake(self.config.retry.stop_after_identical_rejections)
         self.failures = FailureRatio(

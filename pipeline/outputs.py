@@ -398,9 +398,10 @@ def _parts_under(root: Path, path: Path) -> list[str]:
     )
 
 
-def _open_dirs(root: Path, parts: list[str]) -> int:
+def _open_dirs(root: Path, parts: list[str], *, durable: bool = True) -> int:
     """Open (creating as needed) ``root/parts...`` without following any link below
-    ``root``; returns the folder's descriptor. ``root`` is created the ordinary way."""
+    ``root``; returns the folder's descriptor. ``root`` is created the ordinary way.
+    ``durable=False``: a new folder's parent is not fsynced (a cache's folders)."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(root, _O_DIR)
@@ -420,8 +421,9 @@ def _open_dirs(root: Path, parts: list[str]) -> int:
                     pass  # another worker made it first; the open below checks what it is
                 else:
                     # The new entry is durable only once its parent is on disk.
-                    with contextlib.suppress(OSError):
-                        os.fsync(fd)
+                    if durable:
+                        with contextlib.suppress(OSError):
+                            os.fsync(fd)
                 child = os.open(part, _O_DIR | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = child
@@ -493,7 +495,7 @@ class AtomicFile:
                 parent, parts = root, _parts_under(root, target)
             self._name = parts[-1]
             _check_name(self._name, target)
-            self._dir_fd = _open_dirs(parent, parts[:-1])
+            self._dir_fd = _open_dirs(parent, parts[:-1], durable=durable)
         self._done = False
         try:
             _check_name(self._name, target)

@@ -660,3 +660,32 @@ def test_thumbnail_cache_trusts_what_it_made(tmp_path: Path) -> None:
     # A source that cannot be read gives None, and is tried again next time.
     assert again.ensure([ThumbRequest("input\0k2", src)]) == {"input\0k2": None}
     assert again.failed == 1
+
+
+@pytest.mark.parametrize("gallery_max", [2, 200])
+async def test_the_runs_first_results_get_their_thumbnails_while_it_runs(
+    monkeypatch: pytest.MonkeyPatch,
+    emulator: RunningEmulator,
+    portraits: Callable[..., list[Path]],
+    write_manifest: Callable[..., Path],
+    gallery_max: int,
+) -> None:
+    # The end of a run no longer decodes the gallery (issue 9, C=8 wall time): the
+    # first GALLERY_MAX items driven get theirs as they succeed. With the end-of-run
+    # page switched off, what is in the cache was made by the run itself.
+    import pipeline.context
+    import pipeline.runner
+
+    monkeypatch.setattr(pipeline.context, "GALLERY_MAX", gallery_max)
+    monkeypatch.setattr(pipeline.runner, "_write_html", lambda *a, **k: None)
+    portraits(4)
+    report, out = await _run(write_manifest(OPS[:1]), emulator)
+    assert report["counts"]["succeeded"] == 4
+    made = _thumb_files(out)
+    assert len(made) == 2 * min(4, gallery_max)  # an input's and its result's
+    # They are the ones the page asks for: writing it now makes none of those again.
+    lines = list(iter_results(out / "results.jsonl"))
+    write_html_report(out, report, lines)
+    after = _thumb_files(out)
+    assert {k: v for k, v in after.items() if k in made} == made
+    assert len(after) == 8
