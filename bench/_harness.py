@@ -430,7 +430,19 @@ def pipeline_argv(manifest: Path, config: Path) -> list[str]:
         # Profiling aid (README "Performance"): run the pipeline under py-spy, one
         # collapsed-stack file per run; the timings of such a run are not figures.
         out = Path(profile_dir) / f"{manifest.stem}-{time.monotonic_ns()}.txt"
-        head = ["py-spy", "record", *os.environ.get("PACE_PYSPY_ARGS", "--threads").split(), "-r", "250", "-f", "raw", "-o", str(out), "--", *head]
+        head = [
+            "py-spy",
+            "record",
+            *os.environ.get("PACE_PYSPY_ARGS", "--threads").split(),
+            "-r",
+            "250",
+            "-f",
+            "raw",
+            "-o",
+            str(out),
+            "--",
+            *head,
+        ]
     return [*head, "run", str(manifest), "--config", str(config), "--quiet"]
 
 

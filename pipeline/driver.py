@@ -204,6 +204,7 @@ class _Held:
     billed_now: bool = False
     polls: int = 0
     poll_lag: float | None = None
+    aimed: bool = False  # its task's first poll went at a measured estimate
 
 
 class ItemDriver:
@@ -320,8 +321,13 @@ class ItemDriver:
         if isinstance(event, lc.TaskSucceeded) and isinstance(state, lc.Poll):
             now = time.monotonic()
             if state.started is not None and state.refetches == 0:
+                # A first poll that was not aimed (nothing measured yet: polled every
+                # interval from the submit) says nothing about how close to its end
+                # the task was when last seen running: only aimed ones narrow the bound.
                 running_after = (
-                    None if state.last_running is None else state.last_running - state.started
+                    None
+                    if state.last_running is None or not self.held.aimed
+                    else state.last_running - state.started
                 )
                 self.engine.estimates[self.op.name].observe(
                     now - state.started, running_after=running_after
@@ -416,7 +422,9 @@ class ItemDriver:
         engine.reachability(self.op.vendor, None)
         engine.rejections.reset()
         if submitted.task_id:
-            return lc.TaskCreated(submitted.task_id, engine.estimates[self.op.name].expected())
+            expected = engine.estimates[self.op.name].expected()
+            self.held.aimed = expected is not None
+            return lc.TaskCreated(submitted.task_id, expected)
         if submitted.image is not None:
             self.held.result = submitted.image
             self.held.payload, self.held.files = None, {}  # never sent again: let it go

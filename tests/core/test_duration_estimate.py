@@ -112,7 +112,9 @@ def test_the_first_poll_never_creeps_with_the_queue(
     assert aim <= max(0.5, duration) + 0.5 + 5.1
 
 
-def _jittered(duration: float, interval: float, jitter: float, seed: int, tasks: int = 800) -> tuple[float, float]:
+def _jittered(
+    duration: float, interval: float, jitter: float, seed: int, tasks: int = 800
+) -> tuple[float, float]:
     """Tasks of exactly ``duration`` s, no budget queue, each way of a poll taking up
     to ``jitter`` s: (mean aim, polls per task), over the last 300 tasks (the first
     are polled every interval from the submit, nothing measured yet)."""
