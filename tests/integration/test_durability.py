@@ -328,9 +328,17 @@ def _check_final_state(
     submits = _submits(emu)
     digests = {_sha(p) for p in inputs}
     n_items = len(inputs) * len(VENDORS)
-    # Every input was submitted to every vendor...
+    # Every input was submitted to every vendor, but an item two kills caught mid-send
+    # (issue 8 point 3: OUTCOME_UNKNOWN, never sent a third time): a send cut by a kill
+    # may never have reached the vendor, so it may have no submit at all...
+    unknown = {
+        (VENDOR_OF[x["operation"]], _sha(Path(x["input"])))
+        for x in map(json.loads, (out / "results.jsonl").read_text().splitlines())
+        if x["status"] == "failed" and x["error"]["code"] == "OUTCOME_UNKNOWN"
+    }
     for vendor in VENDORS:
-        assert set(submits[vendor]) == digests, vendor
+        surely_sent = digests - {digest for v, digest in unknown if v == vendor}
+        assert surely_sent <= set(submits[vendor]) <= digests, vendor
     # ...never again once its task id was journaled (no task failures in these runs)...
     for kill in kills:
         for (vendor, digest), _task in _journaled(kill).items():
