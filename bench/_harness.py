@@ -131,6 +131,17 @@ class Inputs:
         return path
 
 
+def compile_package() -> None:
+    """Byte-compile the pipeline's modules before any client is timed, as a wheel
+    install does at install time. An editable install with ``PYTHONDONTWRITEBYTECODE``
+    set (this machine sets it) compiles every module changed since its last cached
+    bytecode at each start, inside the measured start-up: tens of milliseconds a run
+    that no installed copy pays."""
+    import compileall
+
+    compileall.compile_dir(ROOT / "pipeline", quiet=1)
+
+
 @contextmanager
 def workspace(keep: Path | None = None) -> Iterator[Path]:
     """A scratch folder for one invocation (``keep``: use it and leave it behind)."""

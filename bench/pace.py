@@ -61,6 +61,7 @@ from bench._harness import (
     EmulatorProcess,
     Inputs,
     close_spawner,
+    compile_package,
     emit,
     note,
     ratio,
@@ -730,6 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = shlex.join(["python", "bench/pace.py", *(sys.argv[1:] if argv is None else argv)])
     emit(f"$ {shown}")
     emit(machine_line())
+    compile_package()
     results: dict[str, Any] = {}
     with workspace(args.workdir) as work:
         ctx = Context(work=work, inputs=Inputs(work / "inputs"))
