@@ -45,10 +45,9 @@ from pipeline.sources import (
     InputSource,
     UnsettledKeys,
     WorkItem,
-    outputs_on_disk,
     settle_verdicts,
 )
-from pipeline.thumbnails import ThumbRequest, input_cache_key, result_cache_key
+from pipeline.thumbnails import card_requests
 
 __all__ = ["Engine", "RunOptions", "RunResult", "WorkItem", "prefetch", "run_job"]
 
@@ -129,31 +128,24 @@ class Engine(RunContext):
 
     async def _settle_done(
         self,
-        batch: list[WorkItem],
+        batch: Batch,
         *,
-        writes: anyio.abc.TaskGroup | None = None,
-        unsettled: UnsettledKeys | None = None,
-        room: anyio.Semaphore | None = None,
+        writes: anyio.abc.TaskGroup,
+        unsettled: UnsettledKeys,
+        room: anyio.Semaphore,
     ) -> list[WorkItem]:
         """Settle in bulk what needs no worker: items done (output on disk) or failed for
         good in earlier runs, and content duplicates; return the rest.
 
-        One stat per output (in a thread) and one journal write per batch, so a rerun
-        over a million done items costs seconds, not hours. A :class:`Batch` brings
-        its verdicts (:func:`settle_verdicts`, judged when it was read). With
-        ``writes`` the journal writes run in that task group (the caller waits for
-        them there), and ``unsettled`` tracks their keys until committed; without,
-        they are committed when this returns.
+        The batch brings its verdicts (:func:`settle_verdicts`, judged in the thread
+        that read it: one stat per output), and the batch's journal writes run in
+        ``writes`` (the caller waits for them there), ``unsettled`` holding their keys
+        until committed and ``room`` bounding how many are queued; so a rerun over a
+        million done items costs seconds, not hours.
         """
-        run_id, queued = self.run_id, self._queued
-        pending = (unsettled or UnsettledKeys()).holds
-        verdicts = batch.verdicts if isinstance(batch, Batch) else None
-        if verdicts is None:
-            judge = functools.partial(
-                settle_verdicts, batch, output_dir=self.output_dir, run_id=run_id,
-                policies=self.policies, retry_failed=self.options.retry_failed,
-            )  # fmt: skip
-            verdicts = await anyio.to_thread.run_sync(judge)
+        run_id, queued, pending = self.run_id, self._queued, unsettled.holds
+        verdicts = batch.verdicts
+        assert verdicts is not None, "InputSource.batches was given the judge"
         settled: list[tuple[str, str, str, str]] = []
         duplicates: list[tuple[str, str, str]] = []
         rest: list[WorkItem] = []
@@ -173,38 +165,25 @@ class Engine(RunContext):
                     carried += 1
             met.add(key)
         if settled:
-            if writes is None:
-                await self.journal.settle_many(settled, run_id)
-            else:
-                entry = unsettled.add({k for k, *_ in settled}) if unsettled else None
-                if room is not None:
-                    await room.acquire()
+            entry = unsettled.add({k for k, *_ in settled})
+            await room.acquire()
 
-                async def settle(rows: list[tuple[str, str, str, str]] = settled) -> None:
-                    try:
-                        await self.journal.settle_many(rows, run_id)
-                    finally:
-                        if room is not None:
-                            room.release()
-                    if unsettled is not None and entry is not None:
-                        unsettled.committed(entry)
+            async def settle(rows: list[tuple[str, str, str, str]] = settled) -> None:
+                try:
+                    await self.journal.settle_many(rows, run_id)
+                finally:
+                    room.release()
+                unsettled.committed(entry)
 
-                writes.start_soon(settle)
+            writes.start_soon(settle)
         if skipped:
             self.progress.skipped(skipped)
         if carried:
             self.progress.carried_over(carried)
         self.duplicates += len(duplicates)
         if duplicates:
-            if writes is None:
-                await self.journal.record_duplicates(run_id, duplicates)
-            else:
-                writes.start_soon(self.journal.record_duplicates, run_id, duplicates)
+            writes.start_soon(self.journal.record_duplicates, run_id, duplicates)
         return rest
-
-    def _outputs_on_disk(self, items: list[WorkItem]) -> set[str]:
-        """Keys of the succeeded items whose recorded output is a file (a thread)."""
-        return outputs_on_disk(self.output_dir, items)
 
     async def _work(self, receive: MemoryObjectReceiveStream[WorkItem]) -> None:
         async with receive:
@@ -349,18 +328,12 @@ class Engine(RunContext):
         items driven get one, so a large run pays for no more than one page; the
         report makes any it still misses. A cache: failing is not an error.
         """
-        source = item.input_path
-        result = self.output_dir / output_rel
-        wanted = [
-            ThumbRequest(key, path)
-            for key, path in (
-                (input_cache_key(source), source),
-                (result_cache_key(item.key, output_rel, result), result),
-            )
-            if key is not None
-        ]
-        if wanted:
-            await run_sync(functools.partial(self.thumbnails.ensure, wanted, workers=1))
+
+        def make() -> None:
+            card = card_requests(item.input_path, self.output_dir, output_rel, item.key)
+            self.thumbnails.ensure([req for req in card if req is not None], workers=1)
+
+        await run_sync(make)
 
     async def finish_item(self, driver: ItemDriver, state: lc.State) -> None:
         """Journal a terminal state, count it, and stop the run if it was fatal."""

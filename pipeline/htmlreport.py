@@ -59,13 +59,7 @@ from pipeline.providers.classify import (
     PERFECTCORP_PERMANENT_CODES,
     PERFECTCORP_RETRYABLE_CODES,
 )
-from pipeline.thumbnails import (
-    DEFAULT_SIZE,
-    ThumbnailCache,
-    ThumbRequest,
-    input_cache_key,
-    result_cache_key,
-)
+from pipeline.thumbnails import DEFAULT_SIZE, ThumbnailCache, card_requests
 from pipeline.vendors import VENDORS
 
 __all__ = [
@@ -942,25 +936,19 @@ def _add_result(got: _Collected, row: _Row, rel: str | None, gallery_max: int) -
 
 def _attach_thumbnails(items: Sequence[_GalleryItem], output_dir: Path, size: int) -> None:
     cache = ThumbnailCache(output_dir, size)
-    wanted: list[ThumbRequest] = []
-    keys: list[tuple[str | None, str | None]] = []
-    for item in items:
-        in_key = out_key = None
-        if item.input_path:
-            source = Path(item.input_path)
-            in_key = input_cache_key(source)
-            if in_key is not None:
-                wanted.append(ThumbRequest(in_key, source))
-        if item.output_rel:
-            source = output_dir / item.output_rel
-            out_key = result_cache_key(item.key, item.output_rel, source)
-            if out_key is not None:
-                wanted.append(ThumbRequest(out_key, source))
-        keys.append((in_key, out_key))
-    made = cache.ensure(wanted)
-    for item, (in_key, out_key) in zip(items, keys, strict=True):
-        item.input_thumb = made.get(in_key) if in_key else None
-        item.result_thumb = made.get(out_key) if out_key else None
+    cards = [
+        card_requests(
+            Path(item.input_path) if item.input_path else None,
+            output_dir,
+            item.output_rel,
+            item.key,
+        )
+        for item in items
+    ]
+    made = cache.ensure(req for pair in cards for req in pair if req is not None)
+    for item, (wanted_input, wanted_result) in zip(items, cards, strict=True):
+        item.input_thumb = made.get(wanted_input.cache_key) if wanted_input else None
+        item.result_thumb = made.get(wanted_result.cache_key) if wanted_result else None
 
 
 # --------------------------------------------------------------------------------------

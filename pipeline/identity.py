@@ -129,7 +129,12 @@ def signature_trustworthy(
     during the hashing must fall after it. An untrusted entry is simply re-hashed
     (and re-cached with a new ``cached_at_ns``, trusted from then on if untouched).
     """
-    return max(sig.mtime_ns, sig.ctime_ns) + granularity_ns <= cached_at_ns
+    return _settled_before(sig.mtime_ns, sig.ctime_ns, cached_at_ns, granularity_ns)
+
+
+def _settled_before(mtime_ns: int, ctime_ns: int, cached_at_ns: int, granularity_ns: int) -> bool:
+    """The racily-clean rule itself (see :func:`signature_trustworthy`)."""
+    return max(mtime_ns, ctime_ns) + granularity_ns <= cached_at_ns
 
 
 def cached_hash_usable(
@@ -161,8 +166,8 @@ def cached_row_usable(
     """:func:`cached_hash_usable` of a stat-cache row ``(size, mtime_ns, ctime_ns,
     inode, dev)`` against a ``stat`` result, the same rule without building two
     :class:`FileSignature` objects: a rerun checks 10^6 of these."""
-    return tuple(cached) == signature_row(st) and (
-        max(cached[1], cached[2]) + granularity_ns <= cached_at_ns
+    return tuple(cached) == signature_row(st) and _settled_before(
+        cached[1], cached[2], cached_at_ns, granularity_ns
     )
 
 

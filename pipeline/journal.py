@@ -553,21 +553,17 @@ class Journal:
         (an item sent on is :meth:`remember`-ed when it starts): the status of every
         item looked up is otherwise remembered for the run, 10^6 entries on a rerun.
         """
-        out: dict[str, ItemRecord] = {}
-        for start in range(0, len(keys), _IN_CHUNK):
-            chunk = list(keys[start : start + _IN_CHUNK])
 
-            def run(chunk: list[str] = chunk) -> dict[str, ItemRecord]:
-                with self._lock:
-                    return item_records(self._require(), chunk)
+        def run() -> dict[str, ItemRecord]:
+            with self._lock:
+                return item_records(self._require(), keys)
 
-            found = await anyio.to_thread.run_sync(run)
-            out.update(found)
-            if track:
-                for rec in found.values():
-                    # Never over what this run wrote itself: an item in flight is ahead
-                    # of a row read while its newest change was still being committed.
-                    self._status.setdefault(rec.key, Status(rec.status))
+        out = await run_sync(run)
+        if track:
+            for rec in out.values():
+                # Never over what this run wrote itself: an item in flight is ahead
+                # of a row read while its newest change was still being committed.
+                self._status.setdefault(rec.key, Status(rec.status))
         return out
 
     async def has_spool(self, key: str) -> bool:
@@ -759,7 +755,7 @@ class Journal:
             with self._lock:
                 return cached_hash_rows(self._require(), [db_text(p) for p in paths])
 
-        return await anyio.to_thread.run_sync(run)
+        return await run_sync(run)
 
     async def cache_hashes(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Store ``(path, size, mtime_ns, ctime_ns, inode, dev, hash, cached_at_ns)`` rows."""

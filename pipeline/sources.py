@@ -253,7 +253,9 @@ class InputSource:
         reader = await anyio.to_thread.run_sync(open_reader, self.journal.path)
         try:
             while True:
-                items, fresh = await anyio.to_thread.run_sync(self._prepare, entries, reader, keyed)
+                items, fresh = await anyio.to_thread.run_sync(
+                    self._prepare, entries, reader, keyed, judge
+                )
                 if not items:
                     self.progress.discovery_finished()
                     break

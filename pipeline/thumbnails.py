@@ -47,6 +47,7 @@ __all__ = [
     "ThumbRequest",
     "ThumbnailCache",
     "ThumbnailError",
+    "card_requests",
     "input_cache_key",
     "render_thumbnail",
     "result_cache_key",
@@ -114,6 +115,24 @@ def _stat_key(kind: str, source: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return f"{kind}\0{source}\0{st.st_size}\0{st.st_mtime_ns}"
+
+
+def card_requests(
+    input_path: Path | None, output_dir: Path, output_rel: str | None, item_key: str | None
+) -> tuple[ThumbRequest | None, ThumbRequest | None]:
+    """The two thumbnails of a gallery card: its input's and its result's (None where
+    there is no such file, or its key can't be made). One ``stat`` of the input."""
+    wanted_input = wanted_result = None
+    if input_path is not None:
+        key = input_cache_key(input_path)
+        if key is not None:
+            wanted_input = ThumbRequest(key, input_path)
+    if output_rel:
+        source = output_dir / output_rel
+        key = result_cache_key(item_key, output_rel, source)
+        if key is not None:
+            wanted_result = ThumbRequest(key, source)
+    return wanted_input, wanted_result
 
 
 def thumb_relpath(cache_key: str, size: int = DEFAULT_SIZE) -> str:
