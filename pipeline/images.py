@@ -14,7 +14,7 @@ image limits").
   that the pixels decode; it also recognises HEIC by its ``ftyp`` brand when Pillow
   has no HEIF plugin.
 * HEIC/HEIF: when ``pillow-heif`` is installed (the ``heif`` extra), its opener is
-  registered on import of this module, so HEIC inputs are decoded, checked and
+  registered (imported on the first HEIF file opened), so HEIC inputs are decoded, checked and
   (with ``auto_fix``) converted like any other format. Without it, a HEIC file is
   recognised by its brand and sent untouched where it is accepted (ai-smile).
 * :func:`check_limits` lists what is wrong, one short sentence per problem.
@@ -32,15 +32,17 @@ Everything here is synchronous and CPU-bound: the engine runs it in a worker thr
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import PermanentError
 from pipeline.inputs import (
@@ -53,13 +55,41 @@ from pipeline.inputs import (
 from pipeline.operations import MB, ImageLimits
 from pipeline.providers.base import ImagePayload
 
-try:  # the optional "heif" extra
-    import pillow_heif
-except ImportError:  # pragma: no cover - depends on the environment
-    HEIF_DECODER = False
-else:
-    pillow_heif.register_heif_opener()
-    HEIF_DECODER = True
+# The optional "heif" extra. Importing pillow-heif costs 20-50 ms, paid by every
+# process start (README "Performance": start-up counts in each run's wall time) though
+# most runs never meet a HEIC file; so a stand-in opener is registered under Pillow's
+# "HEIF" id and imports the real one the first time a HEIF file is opened.
+HEIF_DECODER = importlib.util.find_spec("pillow_heif") is not None
+_heif_loading = threading.Lock()
+
+
+def _load_heif_opener() -> None:
+    """Import pillow-heif and register its opener (replacing the stand-in); idempotent."""
+    with _heif_loading:
+        factory, _accept = Image.OPEN.get("HEIF", (None, None))
+        if factory is not _open_heif:
+            return  # the real opener is in (or a test took HEIF out): nothing to do
+        try:
+            import pillow_heif
+        except ImportError as exc:  # found but broken: Pillow moves on, as with no plugin
+            raise SyntaxError(f"pillow-heif could not be loaded ({exc})") from None
+        pillow_heif.register_heif_opener()
+
+
+def _open_heif(fp: IO[bytes], filename: str | bytes) -> ImageFile.ImageFile:
+    _load_heif_opener()
+    factory, accept = Image.OPEN["HEIF"]
+    if factory is _open_heif:  # pragma: no cover - register_heif_opener always replaces it
+        raise SyntaxError("no HEIF opener")
+    fp.seek(0)
+    if accept is not None and not accept(fp.read(16)):
+        raise SyntaxError("not a HEIF file")
+    fp.seek(0)
+    return factory(fp, filename)
+
+
+if HEIF_DECODER:
+    Image.register_open("HEIF", _open_heif, lambda prefix: _heif_brand(prefix))
 
 __all__ = [
     "AUTO_FIX_MIN_READ_BYTES",

@@ -30,9 +30,12 @@ T = TypeVar("T")
 # Checking or decoding this many bytes of image takes well under the cost of a hop.
 INLINE_BYTES = 64 * 1024
 
-# Threads are started on demand; 16 covers disk and decode work at any concurrency
-# (the GIL, not the thread count, bounds the CPU-bound part).
-_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pipeline-io")
+# Threads are started on demand. Four keep several fsyncs in flight (result writes and
+# journal commits), and the GIL, not the thread count, bounds the CPU-bound part. More
+# cost CPU for nothing: with 16, a sync run at concurrency 64 spent 10-15% more CPU
+# per item, mostly in the kernel handing the GIL between threads, and ran slower
+# (README "Performance": bench/pace.py sync).
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pipeline-io")
 
 
 async def run_sync(fn: Callable[..., T], *args: object) -> T:

@@ -15,6 +15,8 @@ import os
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ BEAUTY = OPERATIONS["ailab/face-beauty-pro"].limits
 SMILE = OPERATIONS["perfectcorp/ai-smile"].limits
 HAS_HEIF_PLUGIN = True
 try:
-    import pillow_heif  # noqa: F401
+    import pillow_heif
 except ImportError:  # pragma: no cover - the test extra installs it
     HAS_HEIF_PLUGIN = False
 needs_heif = pytest.mark.skipif(
@@ -107,7 +109,11 @@ def corrupt_exif_jpeg() -> bytes:
 
 
 def heic_bytes(size: tuple[int, int] = (320, 240)) -> bytes:
-    return image_bytes("HEIF", Image.new("RGB", size, (180, 120, 90)), quality=80)
+    # Written by pillow-heif itself: Pillow knows no HEIF saver until pipeline.images
+    # has met a HEIF file (its opener is loaded on first use).
+    buf = io.BytesIO()
+    pillow_heif.from_pillow(Image.new("RGB", size, (180, 120, 90))).save(buf, quality=80)
+    return buf.getvalue()
 
 
 def truncated(data: bytes) -> bytes:
@@ -752,6 +758,30 @@ def test_real_heic_for_ai_smile(tmp_path: Path) -> None:
     assert prepared.payload.content_type == "image/heic"
     assert prepared.payload.data == path.read_bytes()  # accepted: sent untouched
     assert prepared.changes == [] and prepared.notes == []
+
+
+@needs_heif
+def test_pillow_heif_is_loaded_only_when_a_heic_file_is_opened(tmp_path: Path) -> None:
+    """Start-up does not pay for pillow-heif's import; the first HEIC met loads it and
+    decodes (a fresh interpreter, so nothing imported it before)."""
+    heic = write(tmp_path / "IMG_0002.HEIC", heic_bytes((64, 48)))
+    jpeg = write(tmp_path / "a.jpg", image_bytes("JPEG"))
+    script = (
+        "import sys\n"
+        "import pipeline.cli, pipeline.engine\n"
+        "from pathlib import Path\n"
+        "from pipeline.images import inspect_image\n"
+        "seen = ['pillow_heif' in sys.modules]\n"
+        f"inspect_image(Path({str(jpeg)!r}))\n"
+        "seen.append('pillow_heif' in sys.modules)\n"
+        f"info = inspect_image(Path({str(heic)!r}))\n"
+        "seen.append('pillow_heif' in sys.modules)\n"
+        "print(seen, info.format, info.width, info.height, info.decodable, info.damaged)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == ["[False,", "False,", "True]", "HEIF", "64", "48", "True", "None"]
 
 
 @needs_heif
