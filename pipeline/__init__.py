@@ -14,28 +14,39 @@ Errors raised on purpose are :class:`PipelineError` subclasses; ``exit_code`` an
 
 from __future__ import annotations
 
-from pipeline.config import Config, load_config
-from pipeline.errors import (
-    ConfigError,
-    DiskFullError,
-    FatalError,
-    InputProblem,
-    JournalError,
-    LockHeldError,
-    ManifestError,
-    PermanentError,
-    PipelineError,
-    RateLimitedError,
-    ResultLostError,
-    ResultNotImageError,
-    RetryableError,
-    StoreError,
-    TransportError,
-    UsageError,
-    VendorError,
-)
-from pipeline.manifest import Manifest, load_manifest
-from pipeline.runner import RunOptions, RunResult, run_job
+import gc as _gc
+
+# Importing the package makes some 10^5 objects that live as long as the process: a
+# collection while it runs finds no garbage and cost about 25 ms of every start
+# (README "Performance"). Collection is back on (if it was) once the imports are done.
+_collecting = _gc.isenabled()
+_gc.disable()
+try:
+    from pipeline.config import Config, load_config
+    from pipeline.errors import (
+        ConfigError,
+        DiskFullError,
+        FatalError,
+        InputProblem,
+        JournalError,
+        LockHeldError,
+        ManifestError,
+        PermanentError,
+        PipelineError,
+        RateLimitedError,
+        ResultLostError,
+        ResultNotImageError,
+        RetryableError,
+        StoreError,
+        TransportError,
+        UsageError,
+        VendorError,
+    )
+    from pipeline.manifest import Manifest, load_manifest
+    from pipeline.runner import RunOptions, RunResult, run_job
+finally:
+    if _collecting:
+        _gc.enable()
 
 # The one place the version is written: pyproject.toml reads it from here (setuptools
 # "attr:"). A literal rather than importlib.metadata, whose lookup cost every process

@@ -605,6 +605,31 @@ async def test_report_progress_counts_the_inputs_and_keeps_lines_coming(
     assert "0 of 10 finished" in stream.getvalue().splitlines()[-1]
 
 
+@pytest.mark.parametrize("quiet", [True, False])
+async def test_the_inputs_are_counted_only_when_someone_sees_the_total(
+    tmp_path: Path, write_manifest: Callable[..., Path], quiet: bool
+) -> None:
+    """--quiet with no bar: nobody sees a total, so the inputs are not walked a second
+    time; with progress lines, they are counted halfway to the first line."""
+    for i in range(3):
+        make_portrait(tmp_path / "in" / "a" / f"p{i}.jpg", seed=i)
+    manifest = load_manifest(write_manifest(SWAP_AND_SMILE))
+    _capture_logs(quiet=quiet)
+    with Progress(enabled=False, interval=0.2) as p:
+        delay = p.count_delay()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(report_progress, p, 0.2, manifest=manifest))
+            await anyio.sleep(0.05)
+            assert p.total is None  # not before halfway to the first line, if at all
+            await anyio.sleep(0.45)
+            tg.cancel_scope.cancel()
+    if quiet:
+        assert (delay, p.planned, p.lines) == (None, None, 0)
+    else:
+        assert delay is not None and 0.05 < delay <= 0.1
+        assert p.planned == 6 and p.lines >= 1
+
+
 # -- the README's schedules, as written ----------------------------------------------------------
 
 
