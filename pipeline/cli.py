@@ -280,6 +280,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # sight, so a full collection during the run costs a fraction of a millisecond,
     # not 10-20 ms (README "Performance"). The CLI owns its process; run_job leaves a
     # caller's collector alone.
+    collecting = gc.isenabled()
     gc.disable()
     try:
         from pipeline.config import load_config
@@ -290,7 +291,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     finally:
         gc.freeze()
-        gc.enable()
+        if collecting:
+            gc.enable()
     logs.set_progress_interval(config.reporting.progress_interval_seconds)
     options = RunOptions(
         retry_failed=args.retry_failed, quiet=args.quiet, emulate=args.emulate,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import logging
 import os
 import re
 import threading
@@ -61,19 +62,45 @@ from pipeline.providers.base import ImagePayload
 # "HEIF" id and imports the real one the first time a HEIF file is opened.
 HEIF_DECODER = importlib.util.find_spec("pillow_heif") is not None
 _heif_loading = threading.Lock()
+_heif_broken = False  # installed, but its import failed: treated as not installed
+# pillow-heif's own test of a file's first bytes (``_is_supported_heif`` in
+# pillow_heif.as_plugin): the stand-in takes exactly the files the real opener takes,
+# whichever of them a run meets first.
+_PILLOW_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+)
+
+
+def _pillow_heif_accepts(prefix: bytes) -> bool:
+    return prefix[4:8] == b"ftyp" and prefix[8:12] in _PILLOW_HEIF_BRANDS
 
 
 def _load_heif_opener() -> None:
-    """Import pillow-heif and register its opener (replacing the stand-in); idempotent."""
+    """Import pillow-heif and register its opener (replacing the stand-in); idempotent.
+
+    If the import fails (a missing libheif, a version mismatch), pillow-heif counts
+    as not installed from then on (:data:`HEIF_DECODER` False: a HEIC is known by its
+    brand and sent untouched where it is accepted), said once in the log, and the
+    file at hand is refused to Pillow as not HEIF (``SyntaxError``), so it moves on."""
+    global HEIF_DECODER, _heif_broken
     with _heif_loading:
+        if _heif_broken:
+            raise SyntaxError("pillow-heif could not be loaded")
         factory, _accept = Image.OPEN.get("HEIF", (None, None))
         if factory is not _open_heif:
             return  # the real opener is in (or a test took HEIF out): nothing to do
         try:
             import pillow_heif
-        except ImportError as exc:  # found but broken: Pillow moves on, as with no plugin
-            raise SyntaxError(f"pillow-heif could not be loaded ({exc})") from None
-        pillow_heif.register_heif_opener()
+
+            pillow_heif.register_heif_opener()
+        except Exception as exc:  # anything its import or set-up raises
+            HEIF_DECODER, _heif_broken = False, True
+            logging.getLogger("pipeline").warning(
+                "pillow-heif is installed but could not be loaded (%s: %s); HEIC inputs "
+                "are not decoded: reinstall it (pip install --force-reinstall pillow-heif)",
+                type(exc).__name__, exc,
+            )  # fmt: skip
+            raise SyntaxError("pillow-heif could not be loaded") from None
 
 
 def _open_heif(fp: IO[bytes], filename: str | bytes) -> ImageFile.ImageFile:
@@ -89,7 +116,7 @@ def _open_heif(fp: IO[bytes], filename: str | bytes) -> ImageFile.ImageFile:
 
 
 if HEIF_DECODER:
-    Image.register_open("HEIF", _open_heif, lambda prefix: _heif_brand(prefix))
+    Image.register_open("HEIF", _open_heif, _pillow_heif_accepts)
 
 __all__ = [
     "AUTO_FIX_MIN_READ_BYTES",

@@ -45,7 +45,7 @@ import anyio.to_thread
 
 from pipeline.errors import DiskFullError, JournalError
 from pipeline.lifecycle import COLLECTABLE_STATUSES, ErrorInfo, Snapshot, Status, check_move
-from pipeline.offload import run_sync
+from pipeline.offload import run_journal
 from pipeline.outputs import check_no_symlink
 
 _KINDS = ("retryable", "permanent", "fatal")
@@ -429,7 +429,7 @@ class Journal:
             batch, self._batch = self._batch, _Batch()
             if batch.ops:
                 try:
-                    await run_sync(self._apply, batch.ops)
+                    await run_journal(self._apply, batch.ops)
                     self.commits += 1
                 except BaseException as exc:  # surfaced to every waiter of the batch
                     batch.error = exc
@@ -502,7 +502,7 @@ class Journal:
             with self._lock:
                 return self._require().execute(sql, params).fetchall()
 
-        return await run_sync(run)
+        return await run_journal(run)
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -558,7 +558,7 @@ class Journal:
             with self._lock:
                 return item_records(self._require(), keys)
 
-        out = await run_sync(run)
+        out = await run_journal(run)
         if track:
             for rec in out.values():
                 # Never over what this run wrote itself: an item in flight is ahead
@@ -755,7 +755,7 @@ class Journal:
             with self._lock:
                 return cached_hash_rows(self._require(), [db_text(p) for p in paths])
 
-        return await run_sync(run)
+        return await run_journal(run)
 
     async def cache_hashes(self, rows: Sequence[tuple[Any, ...]]) -> None:
         """Store ``(path, size, mtime_ns, ctime_ns, inode, dev, hash, cached_at_ns)`` rows."""

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import anyio
 
-__all__ = ["INLINE_BYTES", "run_small", "run_sync"]
+__all__ = ["INLINE_BYTES", "run_journal", "run_small", "run_sync"]
 
 T = TypeVar("T")
 
@@ -38,13 +38,29 @@ INLINE_BYTES = 64 * 1024
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pipeline-io")
 
 
-async def run_sync(fn: Callable[..., T], *args: object) -> T:
-    """``fn(*args)`` in a worker thread; waits for it even when cancelled."""
+# The journal's commits and reads have a thread of their own: queued behind four slow
+# jobs in the pool above (auto-fixes of large images, reads from a share that hangs)
+# they would wait, and with them the checkpoint written before every billable send.
+# The journal does its work under one lock, so one thread is all it can use.
+_JOURNAL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-journal")
+
+
+async def _run_in(pool: ThreadPoolExecutor, fn: Callable[..., T], args: tuple[object, ...]) -> T:
     loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(_POOL, functools.partial(fn, *args))
+    future = loop.run_in_executor(pool, functools.partial(fn, *args))
     with anyio.CancelScope(shield=True):
         result = await future
     return result
+
+
+async def run_sync(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` in a worker thread; waits for it even when cancelled."""
+    return await _run_in(_POOL, fn, args)
+
+
+async def run_journal(fn: Callable[..., T], *args: object) -> T:
+    """:func:`run_sync` on the journal's own thread (for :mod:`pipeline.journal`)."""
+    return await _run_in(_JOURNAL, fn, args)
 
 
 async def run_small(size: int, fn: Callable[..., T], *args: object) -> T:

@@ -784,6 +784,65 @@ def test_pillow_heif_is_loaded_only_when_a_heic_file_is_opened(tmp_path: Path) -
     assert out.stdout.split() == ["[False,", "False,", "True]", "HEIF", "64", "48", "True", "None"]
 
 
+def _fresh_python(script: str, *, path: Path | None = None) -> list[str]:
+    env = dict(os.environ)
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+        check=True, env=env,
+    )  # fmt: skip
+    return out.stdout.split("|")
+
+
+@needs_heif
+def test_a_broken_pillow_heif_counts_as_not_installed(tmp_path: Path) -> None:
+    """pillow-heif found but failing to import (libheif missing): a HEIC is known by
+    its brand and sent untouched to ai-smile, as with no plugin, not refused as
+    damaged; the log says so once."""
+    heic = write(tmp_path / "IMG_0003.HEIC", heic_bytes((64, 48)))
+    fake = tmp_path / "fake" / "pillow_heif"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libheif.so.1: cannot open')\n")
+    script = (
+        "import io, logging\n"
+        "from pathlib import Path\n"
+        "log = io.StringIO()\n"
+        "logging.getLogger('pipeline').addHandler(logging.StreamHandler(log))\n"
+        "from pipeline import images\n"
+        "from pipeline.operations import OPERATIONS\n"
+        f"path = Path({str(heic)!r})\n"
+        "a, b = images.inspect_image(path), images.inspect_image(path)\n"
+        "sent = images.prepare_payload(path, OPERATIONS['perfectcorp/ai-smile'].limits, False)\n"
+        "print(a.format, a.decodable, a.error, '|', b == a, '|', sent.payload.content_type,"
+        " sent.payload.data == path.read_bytes(), '|', images.HEIF_DECODER, '|',"
+        " log.getvalue().count('could not be loaded'), sep='', end='')\n"
+    )
+    got = _fresh_python(script, path=tmp_path / "fake")
+    assert got == [
+        "HEIFFalseno HEIF decoder installed (pip install pillow-heif)", "True",
+        "image/heicTrue", "False", "1",
+    ]  # fmt: skip
+
+
+@needs_heif
+def test_every_brand_the_real_opener_takes_opens_first_time(tmp_path: Path) -> None:
+    """The stand-in takes what pillow-heif takes, so a HEIC whose major brand is
+    hevm or hevs decodes even when it is the first HEIF file the process meets."""
+    data = bytearray(heic_bytes((64, 48)))
+    assert data[4:8] == b"ftyp"
+    for brand in (b"hevm", b"hevs", b"heix"):
+        data[8:12] = brand
+        path = write(tmp_path / f"IMG_{brand.decode()}.HEIC", bytes(data))
+        script = (
+            "from pathlib import Path\n"
+            "from pipeline.images import inspect_image\n"
+            f"info = inspect_image(Path({str(path)!r}))\n"
+            "print(info.format, info.width, info.height, info.decodable, sep='|', end='')\n"
+        )
+        assert _fresh_python(script) == ["HEIF", "64", "48", "True"], brand
+
+
 @needs_heif
 def test_real_heic_for_ailab_is_refused_or_converted(tmp_path: Path) -> None:
     path = write(tmp_path / "IMG_0002.heic", heic_bytes((400, 300)))
