@@ -519,11 +519,22 @@ class Journal:
         return await anyio.to_thread.run_sync(run)
 
     async def finish_run(
-        self, run_id: int, exit_code: int | None, stats: Mapping[str, Any]
+        self,
+        run_id: int,
+        exit_code: int | None,
+        stats: Mapping[str, Any],
+        *,
+        finished_at: float | None = None,
     ) -> None:
+        """Record the run's end (``finished_at``: now unless given), exit code and stats."""
         await self._write(
             "UPDATE runs SET finished_at = ?, exit_code = ?, stats = ? WHERE id = ?",
-            (time.time(), exit_code, json.dumps(stats, sort_keys=True), run_id),
+            (
+                time.time() if finished_at is None else finished_at,
+                exit_code,
+                json.dumps(stats, sort_keys=True),
+                run_id,
+            ),
         )
 
     async def save_run_stats(self, run_id: int, stats: Mapping[str, Any]) -> None:

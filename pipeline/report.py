@@ -53,7 +53,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -187,8 +187,14 @@ def build_reports(
     *,
     collector: Collector | None = None,
     integrity_check: bool = True,
+    finishing: tuple[float, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Rewrite ``report.json`` and ``results.jsonl`` from the journal; return the report.
+
+    ``finishing``: ``(finished_at, stats)`` of the latest run, which is ending and
+    records them (with its exit code) once the report is built: the report takes
+    them from here instead of from the journal, so the end of a run makes one commit,
+    not two (README "Performance").
 
     ``integrity_check=False``: the caller's run checked the journal when it opened it.
 
@@ -207,7 +213,7 @@ def build_reports(
         output_dir / JOURNAL_NAME, create=False, integrity_check=integrity_check
     )
     try:
-        return _build(conn, output_dir, exit_code_for, collector)
+        return _build(conn, output_dir, exit_code_for, collector, finishing)
     finally:
         conn.close()
 
@@ -460,9 +466,14 @@ def _build(
     output_dir: Path,
     exit_code_for: Callable[[Mapping[str, int]], int] | None,
     collector: Collector | None = None,
+    finishing: tuple[float, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     built = time.time()
     run = latest_run(conn)
+    if run is not None and finishing is not None:
+        finished_at, stats = finishing
+        # As the journal gives them back once recorded (JSON: tuples become lists).
+        run = replace(run, finished_at=finished_at, stats=json.loads(json.dumps(stats)))
     tally = _Tally()
     lines = _Lines(output_dir, tally, collector)
     with atomic_open_text(output_dir / RESULTS_NAME) as handle:

@@ -374,10 +374,10 @@ async def _finish(
             failed += counts.get("failed_earlier", 0)
         return EXIT_FAILED if failed else EXIT_OK
 
-    await journal.finish_run(run_id, None, run_stats)
-    await journal.flush()
+    await journal.flush()  # every item's write, before the report reads them
     # report.html is gathered while results.jsonl is written, not read back from it.
     collector = Collector(manifest.output)
+    finished_at = time.time()
     try:
         report = await anyio.to_thread.run_sync(
             functools.partial(
@@ -386,17 +386,22 @@ async def _finish(
                 exit_code_for,
                 collector=collector,
                 integrity_check=False,  # checked when this run opened the journal
+                finishing=(finished_at, run_stats),
             )
         )
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+    except BaseException as exc:
+        # No report: the run's end and what it did are recorded all the same.
+        with anyio.CancelScope(shield=True):
+            await journal.finish_run(run_id, None, run_stats, finished_at=finished_at)
+            await journal.flush()
+        if not isinstance(exc, OSError) or exc.errno != errno.ENOSPC:
             raise
         raise DiskFullError(
             f"{manifest.output}: the disk is full: the reports could not be written (the "
             f"journal has every result); free some space, then run `pipeline report "
             f"{manifest.output}`"
         ) from None
-    await journal.finish_run(run_id, report["exit_code"], run_stats)
+    await journal.finish_run(run_id, report["exit_code"], run_stats, finished_at=finished_at)
     await journal.flush()
     await anyio.to_thread.run_sync(
         _write_html, manifest.output, report, reports_keep, secrets, collector

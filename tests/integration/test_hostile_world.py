@@ -797,6 +797,39 @@ async def test_a_full_disk_stops_the_run_with_disk_full_and_the_rerun_pays_nothi
     assert _charges(emulator) == _once_each(inputs, BOTH)
 
 
+async def test_reports_that_cannot_be_written_still_leave_the_run_recorded_as_ended(
+    tmp_path: Path, emulator: RunningEmulator, write_manifest: Callable[..., Path]
+) -> None:
+    """The end of a run is committed once, after its reports: when they fail (a
+    folder planted where results.jsonl goes), its end and what it did are recorded all
+    the same, every item's outcome is kept, and a rerun pays for nothing again."""
+    import sqlite3
+
+    manifest = write_manifest(BOTH, concurrency=4)
+    cfg = _config_file(_config(emulator.base_url), tmp_path / "config.yaml")
+    inputs = _inputs(tmp_path, 3)
+    out = load_manifest(manifest).output
+    (out / "results.jsonl").mkdir(parents=True)
+    failed = await _cli(manifest, cfg, "--quiet")
+    stderr = failed.stderr.decode()
+    _no_traceback(stderr + failed.stdout.decode())
+    assert failed.returncode != 0 and "results.jsonl" in stderr, stderr
+    with contextlib.closing(sqlite3.connect(out / "journal.sqlite")) as conn:
+        finished_at, exit_code, stats = conn.execute(
+            "SELECT finished_at, exit_code, stats FROM runs ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        statuses = Counter(s for (s,) in conn.execute("SELECT status FROM items"))
+    assert finished_at is not None and exit_code is None
+    assert json.loads(stats)["requests"]["ailab"]["submit"] == 3
+    assert statuses == Counter({"succeeded": 6})
+    (out / "results.jsonl").rmdir()
+    rerun = await _cli(manifest, cfg, "--quiet")
+    assert rerun.returncode == 0, rerun.stderr.decode()
+    assert _read_outcome(out, 0).report["counts"]["skipped"] == 6
+    assert _submits(emulator) == _once_each(inputs, BOTH)
+    assert _charges(emulator) == _once_each(inputs, BOTH)
+
+
 # -- 3. a sync send with an unknown outcome ------------------------------------------------------
 
 
