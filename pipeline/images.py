@@ -14,8 +14,8 @@ image limits").
   that the pixels decode; it also recognises HEIC by its ``ftyp`` brand when Pillow
   has no HEIF plugin.
 * HEIC/HEIF: when ``pillow-heif`` is installed (the ``heif`` extra), its opener is
-  registered (imported on the first HEIF file opened), so HEIC inputs are decoded, checked and
-  (with ``auto_fix``) converted like any other format. Without it, a HEIC file is
+  registered (imported on the first HEIF file opened), so HEIC inputs are decoded,
+  checked and (with ``auto_fix``) converted like any other format. Without it, a HEIC file is
   recognised by its brand and sent untouched where it is accepted (ai-smile).
 * :func:`check_limits` lists what is wrong, one short sentence per problem.
 * :func:`prepare_payload` returns the bytes to send, named with the extension of
@@ -104,14 +104,12 @@ def _load_heif_opener() -> None:
 
 
 def _open_heif(fp: IO[bytes], filename: str | bytes) -> ImageFile.ImageFile:
+    # The stand-in accepted the file with the real opener's own test, and Pillow put
+    # ``fp`` back at its start: hand it over as it is.
     _load_heif_opener()
-    factory, accept = Image.OPEN["HEIF"]
+    factory, _accept = Image.OPEN["HEIF"]
     if factory is _open_heif:  # pragma: no cover - register_heif_opener always replaces it
         raise SyntaxError("no HEIF opener")
-    fp.seek(0)
-    if accept is not None and not accept(fp.read(16)):
-        raise SyntaxError("not a HEIF file")
-    fp.seek(0)
     return factory(fp, filename)
 
 

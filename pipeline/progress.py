@@ -231,7 +231,7 @@ class Progress:
         """When to count the inputs for the real total: at once for a bar; for progress
         lines, halfway to the first one; ``None`` when nobody sees a total (``--quiet``,
         no bar). The count walks every input a second time beside the engine, which
-        made a quick rerun a third slower (README "Performance"); a run over before
+        made a quick rerun a quarter slower (README "Performance"); a run over before
         its first line never needs it."""
         if self._bar is not None:
             return 0.0
@@ -382,7 +382,8 @@ async def report_progress(
 ) -> None:
     """Run beside the engine until cancelled: counts ``manifest``'s work items (for the
     real total, when someone sees it: :meth:`Progress.count_delay`) and keeps progress
-    lines coming every ``interval`` seconds even while nothing finishes. ``progress`` must be entered (``with Progress(...)``) first."""
+    lines coming every ``interval`` seconds even while nothing finishes. ``progress``
+    must be entered (``with Progress(...)``) first."""
     if interval is not None:
         progress.set_interval(interval)
     async with anyio.create_task_group() as tg:

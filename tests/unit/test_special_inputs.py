@@ -760,6 +760,18 @@ def test_real_heic_for_ai_smile(tmp_path: Path) -> None:
     assert prepared.changes == [] and prepared.notes == []
 
 
+def _fresh_python(script: str, *, path: Path | None = None) -> str:
+    """What ``script`` prints in a new interpreter (``path`` first on its import path)."""
+    env = dict(os.environ)
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+        check=True, env=env,
+    )  # fmt: skip
+    return out.stdout
+
+
 @needs_heif
 def test_pillow_heif_is_loaded_only_when_a_heic_file_is_opened(tmp_path: Path) -> None:
     """Start-up does not pay for pillow-heif's import; the first HEIC met loads it and
@@ -778,21 +790,8 @@ def test_pillow_heif_is_loaded_only_when_a_heic_file_is_opened(tmp_path: Path) -
         "seen.append('pillow_heif' in sys.modules)\n"
         "print(seen, info.format, info.width, info.height, info.decodable, info.damaged)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert out.stdout.split() == ["[False,", "False,", "True]", "HEIF", "64", "48", "True", "None"]
-
-
-def _fresh_python(script: str, *, path: Path | None = None) -> list[str]:
-    env = dict(os.environ)
-    if path is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-        check=True, env=env,
-    )  # fmt: skip
-    return out.stdout.split("|")
+    got = _fresh_python(script).split()
+    assert got == ["[False,", "False,", "True]", "HEIF", "64", "48", "True", "None"]
 
 
 @needs_heif
@@ -818,7 +817,7 @@ def test_a_broken_pillow_heif_counts_as_not_installed(tmp_path: Path) -> None:
         " sent.payload.data == path.read_bytes(), '|', images.HEIF_DECODER, '|',"
         " log.getvalue().count('could not be loaded'), sep='', end='')\n"
     )
-    got = _fresh_python(script, path=tmp_path / "fake")
+    got = _fresh_python(script, path=tmp_path / "fake").split("|")
     assert got == [
         "HEIFFalseno HEIF decoder installed (pip install pillow-heif)", "True",
         "image/heicTrue", "False", "1",
@@ -840,7 +839,7 @@ def test_every_brand_the_real_opener_takes_opens_first_time(tmp_path: Path) -> N
             f"info = inspect_image(Path({str(path)!r}))\n"
             "print(info.format, info.width, info.height, info.decodable, sep='|', end='')\n"
         )
-        assert _fresh_python(script) == ["HEIF", "64", "48", "True"], brand
+        assert _fresh_python(script).split("|") == ["HEIF", "64", "48", "True"], brand
 
 
 @needs_heif
