@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import heapq
 import itertools
 import secrets
@@ -254,6 +255,7 @@ class _Task:
     input_digest: str = ""  # sha256 of the first image's bytes: what a charge is booked to
     settled: bool = False
     link: Link | None = None
+    rendering: asyncio.Task[str] | None = None  # the result's blob id, once rendered
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -444,7 +446,23 @@ class AilabAPI(VendorAPI):
         )
         self.tasks[task.id] = task
         heapq.heappush(self._due, (task.completes_at, next(self._seq), task.id))
+        if not task.fails:
+            task.rendering = self.render_ahead(functools.partial(self._render, task))
         return task
+
+    async def _render(self, task: _Task) -> str:
+        """Render the task's result from its inputs (then dropped); its blob id."""
+        blobs = self.shared.blobs
+        inputs = [await blobs.get(blob_id) for blob_id in task.input_blobs]
+        if task.api is FACE_SWAP:
+            data = await asyncio.to_thread(render_face_swap, inputs[0], inputs[1])
+        else:
+            data = await asyncio.to_thread(render_beauty, inputs[0], task.params)
+        result_blob = await blobs.put(data)
+        for blob_id in task.input_blobs:
+            blobs.delete(blob_id)
+        task.input_blobs = []
+        return result_blob
 
     def _count(self, api: _Api, params: Mapping[str, object], digests: list[str]) -> None:
         self.stats.count_submit(digests[0], request_fingerprint(api.path, params, digests))
@@ -573,22 +591,16 @@ class AilabAPI(VendorAPI):
         return envelope(task_status=2, data={"image": url})
 
     async def _result_url(self, request: web.Request, task: _Task) -> str:
-        """Render the result once; its URL is fixed and lives 24 h from completion.
+        """The result (rendered while the task ran: :meth:`VendorAPI.render_ahead`); its
+        URL is fixed and lives 24 h from completion.
 
         (docs/vendors.md, "AILab: task lifetimes")
         """
         async with task.lock:
             if task.link is None:
-                blobs = self.shared.blobs
-                inputs = [await blobs.get(blob_id) for blob_id in task.input_blobs]
-                if task.api is FACE_SWAP:
-                    data = await asyncio.to_thread(render_face_swap, inputs[0], inputs[1])
-                else:
-                    data = await asyncio.to_thread(render_beauty, inputs[0], task.params)
-                result_blob = await blobs.put(data)
-                for blob_id in task.input_blobs:
-                    blobs.delete(blob_id)
-                task.input_blobs = []
+                if task.rendering is None:
+                    task.rendering = self.render_ahead(functools.partial(self._render, task))
+                result_blob = await asyncio.shield(task.rendering)
                 ttl = self.scenario.ailab_result_url_ttl_seconds
                 task.link = self.shared.links.result(
                     "ailab", result_blob, ttl, expires_at=task.completes_at + ttl

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import heapq
 import itertools
@@ -185,6 +186,7 @@ class _Task:
     settled: bool = False
     gone: bool = False  # expired unpolled or deleted: InvalidTaskId from now on
     result_blob: str | None = None
+    rendering: asyncio.Task[str] | None = None  # the result's blob id, once rendered
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -462,6 +464,8 @@ class PerfectCorpAPI(VendorAPI):
         )
         self.tasks[task.id] = task
         heapq.heappush(self._due, (task.completes_at, next(self._seq), task.id))
+        if outcome == "success":
+            task.rendering = self.render_ahead(functools.partial(self._render, task))
         self.stats.count_submit(
             input_digest,
             request_fingerprint(TASK_PATH, {"expression_type": expression_type}, [input_digest]),
@@ -570,14 +574,18 @@ class PerfectCorpAPI(VendorAPI):
             data["polling_interval"] = self.scenario.polling_interval_ms
         return ok(data)
 
+    async def _render(self, task: _Task) -> str:
+        """Render the task's result (:meth:`VendorAPI.render_ahead`); its blob id."""
+        source = await self.shared.blobs.get(task.source_blob) if task.source_blob else None
+        rendered = await asyncio.to_thread(render_smile, source, task.expression_type, task.note)
+        return await self.shared.blobs.put(rendered)
+
     async def _result_url(self, request: web.Request, task: _Task) -> str:
         async with task.lock:
             if task.result_blob is None:
-                source = await self.shared.blobs.get(task.source_blob) if task.source_blob else None
-                rendered = await asyncio.to_thread(
-                    render_smile, source, task.expression_type, task.note
-                )
-                task.result_blob = await self.shared.blobs.put(rendered)
+                if task.rendering is None:
+                    task.rendering = self.render_ahead(functools.partial(self._render, task))
+                task.result_blob = await asyncio.shield(task.rendering)
         # "A re-poll gives a fresh one", valid result_url_ttl_seconds (2 h) (docs/vendors.md,
         # "Perfect Corp: result URLs").
         link = self.shared.links.result(

@@ -1,0 +1,119 @@
+"""Results are rendered while a task runs, not by the poll that finds it done.
+
+A vendor's servers do the work during the task; the emulator did it at the done poll,
+so a wave of tasks ending together queued their renders behind one another and the
+done polls waited (README "Performance"). Each test records when the vendor's render
+function runs, beside the task's own clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from pipeline.emulator import ailab as ailab_module
+from pipeline.emulator import perfectcorp as perfectcorp_module
+
+from .conftest import StartEmulator
+from .helpers import (
+    FACE_SWAP,
+    ailab_post,
+    ailab_wait,
+    assert_ailab_ok,
+    fetch,
+    image_bytes,
+    is_jpeg,
+    pc_create,
+    pc_upload,
+    pc_wait,
+)
+
+TASK_SECONDS = 0.4
+
+
+def _record_calls(
+    monkeypatch: pytest.MonkeyPatch, module: Any, name: str
+) -> list[tuple[float, float]]:
+    """Wrap ``module.name``; each call appends (started, ended) in monotonic time."""
+    calls: list[tuple[float, float]] = []
+    real: Callable[..., bytes] = getattr(module, name)
+
+    def recorded(*args: Any, **kwargs: Any) -> bytes:
+        started = time.monotonic()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            calls.append((started, time.monotonic()))
+
+    monkeypatch.setattr(module, name, recorded)
+    return calls
+
+
+async def test_a_face_swap_result_is_rendered_during_the_task_and_once(
+    start: StartEmulator, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _record_calls(monkeypatch, ailab_module, "render_face_swap")
+    emu = await start(task_seconds=TASK_SECONDS)
+    files = {"image_target": image_bytes(seed=1), "image_template": image_bytes(seed=2)}
+    submitted = time.monotonic()
+    status, body = await ailab_post(http, emu, FACE_SWAP, files)
+    assert_ailab_ok(status, body)
+    status, done = await ailab_wait(http, emu, body["task_id"])
+    assert_ailab_ok(status, done)
+    assert done["task_status"] == 2
+    assert len(calls) == 1
+    assert calls[0][1] < submitted + TASK_SECONDS  # ready before the task ends
+    code, data = await fetch(http, done["data"]["image"])
+    assert code == 200 and is_jpeg(data)
+    again = await ailab_wait(http, emu, body["task_id"])
+    assert again[1]["data"]["image"] == done["data"]["image"] and len(calls) == 1
+    stats = emu.stats()["ailab"]
+    assert (stats["submits"], stats["charged"], stats["downloads"]) == (1, 1, 1)
+
+
+async def test_a_failing_face_swap_task_renders_nothing(
+    start: StartEmulator, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _record_calls(monkeypatch, ailab_module, "render_face_swap")
+    emu = await start(task_seconds=0.05, task_failure_rate=1.0)
+    files = {"image_target": image_bytes(seed=3), "image_template": image_bytes(seed=4)}
+    status, body = await ailab_post(http, emu, FACE_SWAP, files)
+    assert_ailab_ok(status, body)
+    _, done = await ailab_wait(http, emu, body["task_id"])
+    assert done["task_status"] == 3
+    assert calls == []
+    assert emu.stats()["ailab"]["charged"] == 0
+
+
+async def test_an_ai_smile_result_is_rendered_during_the_task_and_once(
+    start: StartEmulator, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _record_calls(monkeypatch, perfectcorp_module, "render_smile")
+    emu = await start(task_seconds=TASK_SECONDS)
+    file_id = await pc_upload(http, emu, image_bytes(seed=5))
+    submitted = time.monotonic()
+    task_id = await pc_create(http, emu, file_id)
+    status, done = await pc_wait(http, emu, task_id)
+    assert status == 200 and done["data"]["task_status"] == "success"
+    assert len(calls) == 1
+    assert calls[0][1] < submitted + TASK_SECONDS
+    code, data = await fetch(http, done["data"]["results"]["url"])
+    assert code == 200 and is_jpeg(data)
+    _, again = await pc_wait(http, emu, task_id)
+    assert again["data"]["task_status"] == "success" and len(calls) == 1
+
+
+async def test_a_reset_drops_the_renders_still_running(
+    start: StartEmulator, http: aiohttp.ClientSession
+) -> None:
+    emu = await start(task_seconds=5.0)
+    files = {"image_target": image_bytes(seed=6), "image_template": image_bytes(seed=7)}
+    status, body = await ailab_post(http, emu, FACE_SWAP, files)
+    assert_ailab_ok(status, body)
+    emu.reset()
+    status, gone = await ailab_wait(http, emu, body["task_id"])
+    assert status != 200 or gone.get("task_status") not in (0, 1, 2)
