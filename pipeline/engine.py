@@ -72,15 +72,6 @@ class Engine(RunContext):
     # -- scheduling -------------------------------------------------------------------
 
     async def run(self) -> None:
-        from pipeline.operations import OPERATIONS
-
-        for name, (unpaid, ready) in (await self.journal.live_tasks()).items():
-            self._uncollected += unpaid + ready
-            spec = OPERATIONS.get(name)
-            if spec is not None and self.credits.caps:
-                # Tasks of earlier runs are billed when they succeed, whichever run
-                # meets them: hold their price so new submits can't crowd them out.
-                self.credits.reserve_pool(spec.vendor, spec.price * unpaid)
         source = InputSource(self.manifest, self.journal, self.progress)
         send, receive = anyio.create_memory_object_stream[WorkItem](self.manifest.concurrency)
         cap = self.manifest.concurrency + prefetch(self.manifest.concurrency)
@@ -98,11 +89,28 @@ class Engine(RunContext):
                         started += 1
                         tg.start_soon(self._work, receive.clone())
 
-                tg.start_soon(self._produce, source, send, receive, one_more_worker)
+                counted = anyio.Event()
+                tg.start_soon(self._count_live_tasks, counted)
+                tg.start_soon(self._produce, source, send, receive, one_more_worker, counted)
         finally:
             self.result_folders.close()
         if self.usage_error is not None:
             raise self.usage_error
+
+    async def _count_live_tasks(self, counted: anyio.Event) -> None:
+        """Count the tasks earlier runs left at the vendors (and hold their price), while
+        the first inputs are read: a scan of the whole journal (0.5 s at 10^6 items,
+        1 ms of a 50 ms rerun of 10^3), which no item needs until one is started."""
+        from pipeline.operations import OPERATIONS
+
+        for name, (unpaid, ready) in (await self.journal.live_tasks()).items():
+            self._uncollected += unpaid + ready
+            spec = OPERATIONS.get(name)
+            if spec is not None and self.credits.caps:
+                # Tasks of earlier runs are billed when they succeed, whichever run
+                # meets them: hold their price so new submits can't crowd them out.
+                self.credits.reserve_pool(spec.vendor, spec.price * unpaid)
+        counted.set()
 
     async def _produce(
         self,
@@ -110,9 +118,10 @@ class Engine(RunContext):
         send: MemoryObjectSendStream[WorkItem],
         receive: MemoryObjectReceiveStream[WorkItem],
         one_more_worker: Callable[[], None],
+        counted: anyio.Event,
     ) -> None:
         try:
-            await self._feed(source, send, one_more_worker)
+            await self._feed(source, send, one_more_worker, counted)
         except UsageError as exc:  # no input matched, a template unreadable: exit 2
             self.usage_error = exc
         finally:
@@ -123,6 +132,7 @@ class Engine(RunContext):
         source: InputSource,
         send: MemoryObjectSendStream[WorkItem],
         one_more_worker: Callable[[], None],
+        counted: anyio.Event,
     ) -> None:
         # Settlement writes are not waited for one by one: they commit (group-committed)
         # while the next batch is read; the task group waits for the last of them, so
@@ -144,6 +154,8 @@ class Engine(RunContext):
                 unsettled.next_batch()
                 rest = await self._settle_done(batch, writes=writes, unsettled=unsettled, room=room)
                 for item in rest:
+                    if not counted.is_set():  # no item starts before the tasks are counted
+                        await counted.wait()
                     if self.stopping and self._uncollected <= 0:
                         return  # nothing left that is paid for or running at a vendor
                     self._queued.add(item.key)

@@ -264,7 +264,11 @@ def run_once(
     snap = world.journal.snapshot()
     found = "out.jpg" if world.written and world.journal.status is lc.Status.SUBMITTING else None
     if retry_failed and world.journal.status is lc.Status.FAILED:
-        world.consented = world.vendor.billed  # the user agreed to pay again
+        # The user agreed to pay again: for what the vendor billed so far, and for the
+        # tasks still running unnamed, which it bills when they end (a kill between
+        # a task's creation and its journal write: found by this explorer, a model
+        # that counted only what was billed by then).
+        world.consented = world.vendor.billed + _orphans(world)
     output_exists = world.journal.output is not None
     state = resume(
         snap, POLICY, world.now, retry_failed=retry_failed, output_exists=output_exists,
@@ -335,15 +339,18 @@ def explore(
     return world
 
 
+def _orphans(world: World) -> int:
+    """Tasks left running at the vendor that the journal does not name: each will
+    finish and be billed, collected or not."""
+    tasks, named = world.vendor.tasks, world.journal.task_id
+    return sum(state == "running" and tid != named for tid, state in tasks.items())
+
+
 def _check_payments(world: World) -> None:
     """Billing is bounded: one payment when every send's outcome was known; at most
     ``max_unknown_sends`` when some were not (a timeout, a kill mid-send). Payments
     the user consented to with --retry-failed don't count."""
-    # A task left running at the vendor that the journal no longer names will finish
-    # and be billed, collected or not.
-    tasks = world.vendor.tasks
-    orphans = sum(st == "running" and tid != world.journal.task_id for tid, st in tasks.items())
-    billed = world.vendor.billed + orphans - world.consented
+    billed = world.vendor.billed + _orphans(world) - world.consented
     allowed = POLICY.max_unknown_sends if world.unknown_window else 1
     if billed > allowed:
         raise Violation(f"billed {billed} times (bound {allowed})")

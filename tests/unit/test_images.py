@@ -6,6 +6,8 @@ import io
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline import images
@@ -617,3 +619,41 @@ def test_auto_fix_says_it_recompressed_an_oversized_png(tmp_path: Path) -> None:
     assert prepared.payload.content_type == "image/png"
     assert len(prepared.changes) == 1
     assert prepared.changes[0].startswith("re-compressed as PNG to fit the ")
+
+
+# ------------------------------------- one open: header and pixels checked together
+
+_WHOLE: dict[str, bytes] = {}
+
+
+def _whole(fmt: str) -> bytes:
+    if fmt not in _WHOLE:
+        buf = io.BytesIO()
+        noise(160, 120).save(buf, fmt)
+        _WHOLE[fmt] = buf.getvalue()
+    return _WHOLE[fmt]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(fmt=st.sampled_from(["JPEG", "PNG"]), cut=st.floats(0.0, 1.0), auto_fix=st.booleans())
+def test_a_cut_image_is_sent_whole_or_refused_as_unreadable_never_anything_else(
+    tmp_path: Path, fmt: str, cut: float, auto_fix: bool
+) -> None:
+    # prepare_payload checks the header and the pixels from one open (PNG's verify
+    # from a second: it must follow the open). Whatever the cut, the input is sent
+    # byte for byte or refused with PREFLIGHT_UNREADABLE, and inspect_image (pipeline
+    # validate) says the same of it.
+    data = _whole(fmt)
+    kept = data[: int(len(data) * cut)]
+    path = _write(tmp_path / f"cut.{fmt.lower()}", kept)
+    seen = inspect_image(path)
+    try:
+        prepared = prepare_payload(path, EMOTION, auto_fix=auto_fix)
+    except PermanentError as exc:
+        assert exc.code == "PREFLIGHT_UNREADABLE", exc.message
+        assert seen.format is None or seen.damaged
+    else:
+        assert prepared.payload.data == kept and prepared.changes == []
+        assert seen.format == fmt and seen.damaged is None
