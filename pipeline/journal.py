@@ -26,6 +26,7 @@ never overwritten.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -33,6 +34,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -40,12 +42,11 @@ from types import TracebackType
 from typing import Any, Final, Literal, NamedTuple, Self
 
 import anyio
-import anyio.abc
 import anyio.to_thread
 
 from pipeline.errors import DiskFullError, JournalError
 from pipeline.lifecycle import COLLECTABLE_STATUSES, ErrorInfo, Snapshot, Status, check_move
-from pipeline.offload import run_journal
+from pipeline.offload import run_journal, submit_journal
 from pipeline.outputs import check_no_symlink
 
 _KINDS = ("retryable", "permanent", "fatal")
@@ -258,9 +259,8 @@ class Journal:
         self.path = output_dir / JOURNAL_NAME
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
-        self._batch = _Batch()
-        self._wake = anyio.Event()
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._batch = _Batch()  # the writes queued for the next commit
+        self._committing = False  # a commit is running on the journal's thread
         self.commits = 0
         # The last status written (or read) per item met by this run: every change is
         # checked against the lifecycle's table before it is queued.
@@ -400,9 +400,6 @@ class Journal:
     async def __aenter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = await anyio.to_thread.run_sync(lambda: self.open_sync(self.path, create=True))
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self._writer)
         return self
 
     async def __aexit__(
@@ -411,36 +408,54 @@ class Journal:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._tg is not None
         with anyio.CancelScope(shield=True):
             await self.flush()
-        self._tg.cancel_scope.cancel()
-        await self._tg.__aexit__(None, None, None)
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
 
-    # -- the group-commit writer ------------------------------------------------------
+    # -- the group commit -----------------------------------------------------------------
 
-    async def _writer(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            batch, self._batch = self._batch, _Batch()
-            if batch.ops:
-                try:
-                    await run_journal(self._apply, batch.ops)
-                    self.commits += 1
-                except BaseException as exc:  # surfaced to every waiter of the batch
-                    batch.error = exc
-            if batch.error is None:
-                # Committed: nothing left to confirm. A failed batch's rows stay for
-                # the item's next change to write again.
-                for key in batch.seen:
-                    if self._unconfirmed.get(key, (None,))[0] is batch:
-                        del self._unconfirmed[key]
-            batch.ops = []  # a failed batch outlives its commit: not its data
+    # Commits chain by callbacks, not through a writer task: a write queued while no
+    # commit runs goes to the journal's thread at once, the writes queued meanwhile go
+    # together when it ends, and its end wakes the waiters from the callback. A writer
+    # task cost two more turns of the event loop per commit, and at concurrency 64 a
+    # turn is milliseconds: the checkpoint before each billable send waited 6 ms for
+    # a commit of under 1 (bench/pace.py async, README "Performance").
+
+    def _commit_next(self) -> None:
+        """Hand the queued writes to the journal's thread as one transaction (on the
+        event loop's thread, with no commit running)."""
+        batch, self._batch = self._batch, _Batch()
+        if not batch.ops:
             batch.done.set()
+            return
+        self._committing = True
+        loop = asyncio.get_running_loop()
+        future = submit_journal(self._apply, batch.ops)
+        future.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._committed, batch, done)
+        )
+
+    def _committed(self, batch: _Batch, future: Future[None]) -> None:
+        """The end of ``batch``'s commit (on the event loop's thread): wake its waiters,
+        then commit what was queued meanwhile."""
+        try:
+            future.result()
+            self.commits += 1
+        except BaseException as exc:  # surfaced to every waiter of the batch
+            batch.error = exc
+        if batch.error is None:
+            # Committed: nothing left to confirm. A failed batch's rows stay for
+            # the item's next change to write again.
+            for key in batch.seen:
+                if self._unconfirmed.get(key, (None,))[0] is batch:
+                    del self._unconfirmed[key]
+        batch.ops = []  # a failed batch outlives its commit: not its data
+        batch.done.set()
+        self._committing = False
+        if self._batch.ops:
+            self._commit_next()
 
     def _apply(self, ops: list[tuple[str, Sequence[Any]]]) -> None:
         with self._lock:
@@ -469,7 +484,8 @@ class Journal:
         """Queue writes for the next group commit without waiting for it."""
         batch = self._last = self._batch
         batch.ops.extend(ops)
-        self._wake.set()
+        if not self._committing:
+            self._commit_next()
         return batch
 
     async def _confirm(self, batch: _Batch) -> None:
@@ -489,8 +505,7 @@ class Journal:
         """Wait until every write issued so far is committed."""
         batch = self._last
         if batch is not None and not batch.done.is_set():
-            self._wake.set()  # the batch being committed, or the next one
-            await batch.done.wait()
+            await batch.done.wait()  # committing, or next when the one running ends
 
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:

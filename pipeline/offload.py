@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import anyio
 
-__all__ = ["INLINE_BYTES", "run_journal", "run_small", "run_sync"]
+__all__ = ["INLINE_BYTES", "run_journal", "run_small", "run_sync", "submit_journal"]
 
 T = TypeVar("T")
 
@@ -61,6 +61,12 @@ async def run_sync(fn: Callable[..., T], *args: object) -> T:
 async def run_journal(fn: Callable[..., T], *args: object) -> T:
     """:func:`run_sync` on the journal's own thread (for :mod:`pipeline.journal`)."""
     return await _run_in(_JOURNAL, fn, args)
+
+
+def submit_journal(fn: Callable[..., T], *args: object) -> Future[T]:
+    """``fn(*args)`` on the journal's thread, without awaiting it: for the journal's
+    group commit, which chains its commits by callbacks (:mod:`pipeline.journal`)."""
+    return _JOURNAL.submit(fn, *args)
 
 
 async def run_small(size: int, fn: Callable[..., T], *args: object) -> T:

@@ -67,6 +67,41 @@ async def test_journal_group_commits_concurrent_writes(tmp_path: Path) -> None:
             assert await journal.lookup(f"k{i}") is not None
 
 
+async def test_a_failed_commit_fails_exactly_its_own_writes_and_later_ones_commit(
+    tmp_path: Path,
+) -> None:
+    # Commits chain by callbacks: a write queued while one commits goes in the next.
+    # Whatever shares a transaction with a failing write fails with it (and says so);
+    # every other write commits, and a waiter hears ok only for what is in the file.
+    import anyio
+
+    async with Journal(tmp_path) as journal:
+        run_id = await journal.begin_run("m.yaml", os.getpid())
+        outcome: dict[str, str] = {}
+
+        async def write(name: str, sql: str, params: tuple[object, ...]) -> None:
+            try:
+                await journal._write(sql, params)
+                outcome[name] = "ok"
+            except JournalError:
+                outcome[name] = "failed"
+
+        mark = "UPDATE runs SET manifest = ? WHERE id = ?"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write, "a", mark, ("a", run_id))
+            tg.start_soon(write, "bad", "INSERT INTO no_such_table VALUES (?)", (1,))
+            tg.start_soon(write, "c", "INSERT INTO meta (name, value) VALUES (?, ?)", ("c", "1"))
+        await write("d", "INSERT INTO meta (name, value) VALUES (?, ?)", ("d", "1"))
+        other = sqlite3.connect(tmp_path / JOURNAL_NAME)
+        names = {n for (n,) in other.execute("SELECT name FROM meta WHERE name IN ('c', 'd')")}
+        manifest = other.execute("SELECT manifest FROM runs WHERE id = ?", (run_id,)).fetchone()
+        other.close()
+        assert outcome["bad"] == "failed" and outcome["d"] == "ok" and "d" in names
+        assert (outcome["c"] == "ok") == ("c" in names)
+        assert (outcome["a"] == "ok") == (manifest == ("a",))
+        assert journal.commits >= 2
+
+
 async def test_journal_refuses_a_move_the_lifecycle_table_forbids(tmp_path: Path) -> None:
     async with Journal(tmp_path) as journal:
         run_id = await journal.begin_run("m.yaml", os.getpid())
