@@ -317,10 +317,13 @@ def _cap_reason(limits: ImageLimits) -> str:
 def _inspect(
     path: Path, size: int, open_fp: Callable[[], IO[bytes]], *, decode: bool = False
 ) -> ImageInfo:
-    """The header's facts; with ``decode``, also whether the pixels decode
-    (``damaged``, :func:`_decode_check`), from the same open: a second open for
-    that was 25 of the 130 us of CPU a small JPEG's whole check took (measured
-    over 2 000 bench inputs)."""
+    """The header's facts; with ``decode``, for a JPEG (:data:`_CHECKED_IN_OPEN`),
+    also whether its pixels decode (``damaged``, :func:`_decode_check`) from the
+    same open: a second open for that was 25 of the 130 us of CPU a small JPEG's
+    whole check took (measured over 2 000 bench inputs). Other formats are checked
+    by the caller when they are to be sent as they are (:func:`_decode_error`):
+    a PNG's ``verify`` must come straight after its open (the EXIF read loads it),
+    and a HEIC or WebP that auto-fix converts is decoded there anyway, in full."""
     try:
         with open_fp() as fp, Image.open(fp) as im:
             info = ImageInfo(
@@ -334,14 +337,10 @@ def _inspect(
                 has_alpha=_has_alpha(im),
                 frames=int(getattr(im, "n_frames", 1) or 1),
             )
-            if decode and im.format != "PNG":
+            if decode and im.format in _CHECKED_IN_OPEN:
                 damaged = _decode_check(im)
                 return replace(info, damaged=damaged) if damaged else info
-        if decode:  # PNG: ``verify`` must come straight after the open (the EXIF read loads)
-            with open_fp() as fp, Image.open(fp) as im:
-                damaged = _decode_check(im)
-            return replace(info, damaged=damaged) if damaged else info
-        return info
+            return info
     except Image.DecompressionBombError as exc:
         error = f"too many pixels to process safely ({exc})"
     except UnidentifiedImageError:
@@ -398,7 +397,13 @@ def inspect_image(path: Path, *, max_bytes: int | None = None) -> ImageInfo:
     size = stat_input(path).st_size
     if max_bytes is not None and size > max_bytes:
         raise too_large_problem(path, size, max_bytes, "the most any of its operations reads")
-    return _inspect(path, size, _opener(path, max_bytes), decode=True)
+    opener = _opener(path, max_bytes)
+    info = _inspect(path, size, opener, decode=True)
+    if info.format is None or not info.decodable or info.format in _CHECKED_IN_OPEN:
+        return info
+    with opener() as fp:
+        damaged = _decode_error(fp)
+    return replace(info, damaged=damaged) if damaged else info
 
 
 # -------------------------------------------------------------------------- limits
@@ -556,6 +561,28 @@ def _unreadable(path: Path, detail: str) -> PermanentError:
     )
 
 
+# Formats whose cheap decode check runs in the open that reads the header.
+_CHECKED_IN_OPEN = frozenset({"JPEG", "MPO"})
+
+
+def _decode_error(fp: IO[bytes]) -> str | None:
+    """Open the image in ``fp`` and :func:`_decode_check` it; why it failed, or ``None``."""
+    try:
+        with Image.open(fp) as im:
+            return _decode_check(im)
+    except UnidentifiedImageError:
+        return "not a format Pillow recognises"
+    except _PIL_ERRORS as exc:
+        return str(exc) or type(exc).__name__
+
+
+def _verify_decodable(path: Path, data: bytes) -> None:
+    """Raise ``PREFLIGHT_UNREADABLE`` if ``data`` does not decode (see :func:`_decode_check`)."""
+    detail = _decode_error(io.BytesIO(data))
+    if detail is not None:
+        raise _unreadable(path, detail)
+
+
 def _decode_check(im: Image.Image) -> str | None:
     """Decode enough of the opened ``im`` to catch truncation, cheaply; why it
     failed, or ``None`` when it decodes. Read its header fields first: ``verify``
@@ -665,8 +692,10 @@ def _within_limits(
             f"convert it to JPEG or PNG",
             code="PREFLIGHT_FORMAT",
         )
-    if info.damaged:  # checked by _inspect while it had the image open
+    if info.damaged:  # a JPEG: checked by _inspect while it had the image open
         raise _unreadable(path, info.damaged)
+    if info.decodable and info.format not in _CHECKED_IN_OPEN:
+        _verify_decodable(path, data)
     if auto_fix and info.orientation != 1 and info.decodable:
         # Whether the vendors honour the EXIF tag is undocumented; a face lying on its
         # side may not be found. auto_fix opted in to changed pixels: send it upright.

@@ -27,6 +27,7 @@ never overwritten.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -244,7 +245,10 @@ class _Batch:
     def __init__(self) -> None:
         self.ops: list[tuple[str, Sequence[Any]]] = []
         self.seen: list[str] = []  # keys whose "seen" row (Journal.see) is in it
-        self.done = anyio.Event()
+        # asyncio's, not anyio's: it is set from a loop callback (Journal._committed),
+        # where anyio before 4.7 cannot find its backend (no current task) and raised,
+        # which stopped every later commit.
+        self.done = asyncio.Event()
         self.error: BaseException | None = None
 
 
@@ -425,37 +429,50 @@ class Journal:
 
     def _commit_next(self) -> None:
         """Hand the queued writes to the journal's thread as one transaction (on the
-        event loop's thread, with no commit running)."""
+        event loop's thread, with no commit running). If it cannot take them (the
+        interpreter is shutting down), their waiters hear so, as of a failed commit,
+        and the next write tries again."""
         batch, self._batch = self._batch, _Batch()
         if not batch.ops:
             batch.done.set()
             return
+        try:
+            loop = asyncio.get_running_loop()
+            future = submit_journal(self._apply, batch.ops)
+        except BaseException as exc:
+            batch.error, batch.ops = exc, []
+            batch.done.set()
+            return
         self._committing = True
-        loop = asyncio.get_running_loop()
-        future = submit_journal(self._apply, batch.ops)
-        future.add_done_callback(
-            lambda done: loop.call_soon_threadsafe(self._committed, batch, done)
-        )
+
+        def wake(done: Future[None]) -> None:  # on the journal's thread
+            # A closed loop (RuntimeError): the commit stands, and nobody waits for it.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._committed, batch, done)
+
+        future.add_done_callback(wake)
 
     def _committed(self, batch: _Batch, future: Future[None]) -> None:
         """The end of ``batch``'s commit (on the event loop's thread): wake its waiters,
         then commit what was queued meanwhile."""
         try:
-            future.result()
-            self.commits += 1
-        except BaseException as exc:  # surfaced to every waiter of the batch
-            batch.error = exc
-        if batch.error is None:
-            # Committed: nothing left to confirm. A failed batch's rows stay for
-            # the item's next change to write again.
-            for key in batch.seen:
-                if self._unconfirmed.get(key, (None,))[0] is batch:
-                    del self._unconfirmed[key]
-        batch.ops = []  # a failed batch outlives its commit: not its data
-        batch.done.set()
-        self._committing = False
-        if self._batch.ops:
-            self._commit_next()
+            try:
+                future.result()
+                self.commits += 1
+            except BaseException as exc:  # surfaced to every waiter of the batch
+                batch.error = exc
+            if batch.error is None:
+                # Committed: nothing left to confirm. A failed batch's rows stay for
+                # the item's next change to write again.
+                for key in batch.seen:
+                    if self._unconfirmed.get(key, (None,))[0] is batch:
+                        del self._unconfirmed[key]
+            batch.ops = []  # a failed batch outlives its commit: not its data
+            batch.done.set()
+        finally:
+            self._committing = False
+            if self._batch.ops:
+                self._commit_next()
 
     def _apply(self, ops: list[tuple[str, Sequence[Any]]]) -> None:
         with self._lock:
@@ -478,10 +495,12 @@ class Journal:
         Shielded: a cancelled caller must not be left unsure whether its transition
         (say, a task id) was committed; it waits for the commit.
         """
-        await self._confirm(self._enqueue(ops))
+        if ops:
+            await self._confirm(self._enqueue(ops))
 
     def _enqueue(self, ops: Sequence[tuple[str, Sequence[Any]]]) -> _Batch:
-        """Queue writes for the next group commit without waiting for it."""
+        """Queue writes for the next group commit without waiting for it (``ops`` not
+        empty: :meth:`_write_many` returns at once for none)."""
         batch = self._last = self._batch
         batch.ops.extend(ops)
         if not self._committing:

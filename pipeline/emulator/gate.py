@@ -110,8 +110,16 @@ class VendorAPI(abc.ABC):
         """Forget every counter, budget, account and task."""
         self.stats = VendorStats()
         self.limiter = self._new_limiter()
-        for job in list(self._rendering):
+        self.cancel_renders()
+
+    def cancel_renders(self) -> list[asyncio.Task[str]]:
+        """Cancel the renders still running (a reset, or the emulator closing: they
+        must not write into the blob store after it is emptied); the jobs, for the
+        caller to await."""
+        jobs = list(self._rendering)
+        for job in jobs:
             job.cancel()
+        return jobs
 
     # --- what each vendor words its own way ---------------------------------------
 

@@ -338,6 +338,17 @@ class PerfectCorpAPI(VendorAPI):
     def _expire(self, task: _Task) -> None:
         task.gone = True
         self.stats.expired += 1
+        self._drop_result(task)
+
+    def _drop_result(self, task: _Task) -> None:
+        """Free a gone task's result, rendered ahead or still rendering."""
+        job, task.rendering = task.rendering, None
+        if job is not None and not job.done():
+            job.cancel()
+        elif job is not None and not job.cancelled() and job.exception() is None:
+            self.shared.blobs.delete(job.result())
+        if task.result_blob is not None:
+            self.shared.blobs.delete(task.result_blob)
 
     def expire_lapsed(self) -> None:
         """Mark every task the window has already claimed as gone (and count it).
@@ -606,8 +617,7 @@ class PerfectCorpAPI(VendorAPI):
         if self.shared.clock() < task.completes_at:
             raise error(400, _CREATE_FAILED, "OperationInvalid", reason="the task is not finished")
         task.gone = True
-        if task.result_blob is not None:
-            self.shared.blobs.delete(task.result_blob)
+        self._drop_result(task)
         return web.json_response({"status": 200})
 
     async def credit(self, request: web.Request, key: str) -> web.StreamResponse:

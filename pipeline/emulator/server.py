@@ -77,7 +77,11 @@ class EmulatorState:
         self.shared.blobs.close()
         self.shared.faults.reset()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop the renders still running, wait for them, then remove every blob."""
+        jobs = [*self.ailab.cancel_renders(), *self.perfectcorp.cancel_renders()]
+        if jobs:
+            await asyncio.gather(*jobs, return_exceptions=True)
         self.shared.blobs.close()
 
 
@@ -114,7 +118,7 @@ def create_app(scenario: Scenario) -> web.Application:
     app.add_routes(state.perfectcorp.routes())
 
     async def _cleanup(_: web.Application) -> None:
-        state.close()
+        await state.close()
 
     app.on_cleanup.append(_cleanup)
     return app

@@ -102,6 +102,37 @@ async def test_a_failed_commit_fails_exactly_its_own_writes_and_later_ones_commi
         assert journal.commits >= 2
 
 
+async def test_a_commit_the_journal_thread_refuses_fails_its_writes_and_the_next_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The thread pool can refuse work (the interpreter is shutting down): the writes
+    # of that batch fail with a JournalError, and the journal goes on committing.
+    import pipeline.journal as journal_module
+
+    real = journal_module.submit_journal
+    refusals = [RuntimeError("cannot schedule new futures after interpreter shutdown")]
+
+    def refuse_once(*args: object) -> object:
+        if refusals:
+            raise refusals.pop()
+        return real(*args)  # type: ignore[arg-type]
+
+    async with Journal(tmp_path) as journal:
+        run_id = await journal.begin_run("m.yaml", os.getpid())
+        monkeypatch.setattr(journal_module, "submit_journal", refuse_once)
+        mark = "UPDATE runs SET manifest = ? WHERE id = ?"
+        with pytest.raises(JournalError, match="cannot schedule"):
+            await journal._write(mark, ("refused", run_id))
+        await journal._write(mark, ("kept", run_id))
+        await journal._write_many([])  # nothing to write: returns at once
+        await journal.flush()
+    other = sqlite3.connect(tmp_path / JOURNAL_NAME)
+    assert other.execute("SELECT manifest FROM runs WHERE id = ?", (run_id,)).fetchone() == (
+        "kept",
+    )
+    other.close()
+
+
 async def test_journal_refuses_a_move_the_lifecycle_table_forbids(tmp_path: Path) -> None:
     async with Journal(tmp_path) as journal:
         run_id = await journal.begin_run("m.yaml", os.getpid())

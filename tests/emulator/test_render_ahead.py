@@ -8,8 +8,13 @@ function runs, beside the task's own clock.
 
 from __future__ import annotations
 
+import asyncio
+import glob
+import os
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,6 +22,7 @@ import pytest
 
 from pipeline.emulator import ailab as ailab_module
 from pipeline.emulator import perfectcorp as perfectcorp_module
+from pipeline.emulator.server import _STATE
 
 from .conftest import StartEmulator
 from .helpers import (
@@ -28,6 +34,7 @@ from .helpers import (
     image_bytes,
     is_jpeg,
     pc_create,
+    pc_request,
     pc_upload,
     pc_wait,
 )
@@ -117,3 +124,42 @@ async def test_a_reset_drops_the_renders_still_running(
     emu.reset()
     status, gone = await ailab_wait(http, emu, body["task_id"])
     assert status != 200 or gone.get("task_status") not in (0, 1, 2)
+
+
+def _emulator_folders() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "pipeline-emulator-*")))
+
+
+async def test_closing_the_emulator_stops_its_renders_and_leaves_no_folder(
+    start: StartEmulator, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = ailab_module.render_face_swap
+
+    def slow(*args: Any, **kwargs: Any) -> bytes:
+        time.sleep(0.3)  # still rendering when the emulator closes
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ailab_module, "render_face_swap", slow)
+    before = _emulator_folders()
+    emu = await start(task_seconds=5.0)
+    files = {"image_target": image_bytes(seed=8), "image_template": image_bytes(seed=9)}
+    status, body = await ailab_post(http, emu, FACE_SWAP, files)
+    assert_ailab_ok(status, body)
+    await emu.close()
+    await asyncio.sleep(0.5)  # the render's thread has ended by now
+    assert _emulator_folders() - before == set()
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
+async def test_a_deleted_ai_smile_task_frees_the_result_rendered_ahead(
+    start: StartEmulator, http: aiohttp.ClientSession
+) -> None:
+    emu = await start(task_seconds=0.1)
+    file_id = await pc_upload(http, emu, image_bytes(seed=10))
+    task_id = await pc_create(http, emu, file_id)
+    await asyncio.sleep(0.3)  # done and rendered, never polled
+    blobs = Path(emu.app[_STATE].shared.blobs._path("x")).parent
+    before = set(os.listdir(blobs))
+    status, _ = await pc_request(http, emu, "POST", "/s2s/v2.0/task/delete", {"task_id": task_id})
+    assert status == 200
+    assert len(before - set(os.listdir(blobs))) == 1  # its result, and nothing else
