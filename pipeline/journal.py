@@ -422,10 +422,11 @@ class Journal:
 
     # Commits chain by callbacks, not through a writer task: a write queued while no
     # commit runs goes to the journal's thread at once, the writes queued meanwhile go
-    # together when it ends, and its end wakes the waiters from the callback. A writer
-    # task cost two more turns of the event loop per commit, and at concurrency 64 a
-    # turn is milliseconds: the checkpoint before each billable send waited 6 ms for
-    # a commit of under 1 (bench/pace.py async, README "Performance").
+    # together when it ends, and its end wakes the waiters from the callback: two
+    # turns of the event loop fewer per commit than a writer task took. At
+    # concurrency 64 the checkpoint before each billable send still waits about 3 ms
+    # (median) for a commit of 0.4 ms: the turns that remain are the loop's own, busy
+    # with a wave of items (bench/pace.py async, README "Performance").
 
     def _commit_next(self) -> None:
         """Hand the queued writes to the journal's thread as one transaction (on the
