@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.errors import JournalError, LockHeldError
 from pipeline.identity import hash_file, item_key
@@ -295,3 +297,86 @@ async def test_a_read_never_rolls_back_the_status_this_run_wrote(tmp_path: Path)
         other.close()
         await journal.lookup_many(["k1"])
         await journal.change("k1", Change(Status.READY))  # submitted -> ready: legal
+
+
+_WAVES = st.lists(
+    st.tuples(
+        st.lists(st.booleans(), min_size=1, max_size=12),  # each write: bad SQL or not
+        st.booleans(),  # its commits are slow (the next writes queue behind them)
+        st.booleans(),  # the loop turns before the next wave
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(waves=_WAVES)
+def test_every_write_the_journal_confirms_is_in_the_file_and_every_other_raised(
+    waves: list[tuple[list[bool], bool, bool]],
+) -> None:
+    # Waves of concurrent writes, some failing (a bad statement fails its whole
+    # transaction), some commits slow so that later writes queue behind them. No
+    # write may hang (its wait is shielded, so a hang ends at the suite's per-test
+    # timeout: checked by leaving the journal marked as committing after a failed
+    # batch); each either returns and is in the file, or raises JournalError and is
+    # not (checked by dropping a failed batch's error); with no bad statement at all,
+    # every write returns.
+    import tempfile
+    import time as clock
+
+    import anyio
+
+    async def scenario(folder: Path) -> tuple[dict[str, bool], set[str]]:
+        outcome: dict[str, bool] = {}
+        async with Journal(folder) as journal:
+            real_apply = journal._apply
+            slow = [False]
+
+            def apply(ops: list[tuple[str, object]]) -> None:
+                if slow[0]:
+                    clock.sleep(0.002)
+                real_apply(ops)  # type: ignore[arg-type]
+
+            journal._apply = apply  # type: ignore[method-assign]
+
+            async def write(name: str, bad: bool) -> None:
+                sql = (
+                    "INSERT INTO no_such_table VALUES (?)"
+                    if bad
+                    else ("INSERT INTO meta (name, value) VALUES (?, 'x')")
+                )
+                try:
+                    await journal._write(sql, (name,))
+                    outcome[name] = True
+                except JournalError:
+                    outcome[name] = False
+
+            with anyio.fail_after(10):
+                for w, (writes, is_slow, turn) in enumerate(waves):
+                    slow[0] = is_slow
+                    async with anyio.create_task_group() as tg:
+                        for i, bad in enumerate(writes):
+                            tg.start_soon(write, f"w{w}-{i}{'-bad' if bad else ''}", bad)
+                        if turn:
+                            await anyio.lowlevel.checkpoint()
+                await journal.flush()
+        other = sqlite3.connect(folder / JOURNAL_NAME)
+        stored = {name for (name,) in other.execute("SELECT name FROM meta")}
+        other.close()
+        return outcome, stored
+
+    with tempfile.TemporaryDirectory() as folder:
+        outcome, stored = anyio.run(scenario, Path(folder))
+    names = {
+        f"w{w}-{i}{'-bad' if bad else ''}"
+        for w, (ws, _, _) in enumerate(waves)
+        for i, bad in enumerate(ws)
+    }
+    assert set(outcome) == names  # nothing hung or went unanswered
+    for name, ok in outcome.items():
+        assert ok == (name in stored), name
+        if name.endswith("-bad"):
+            assert not ok
+    if not any(bad for ws, _, _ in waves for bad in ws):
+        assert all(outcome.values())
