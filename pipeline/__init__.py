@@ -14,14 +14,10 @@ Errors raised on purpose are :class:`PipelineError` subclasses; ``exit_code`` an
 
 from __future__ import annotations
 
-import gc as _gc
+from pipeline._collector import collection_paused
 
-# Importing the package makes some 10^5 objects that live as long as the process: a
-# collection while it runs finds no garbage and cost about 25 ms of every start
-# (README "Performance"). Collection is back on (if it was) once the imports are done.
-_collecting = _gc.isenabled()
-_gc.disable()
-try:
+# No collection while the package's modules are imported (pipeline._collector).
+with collection_paused():
     from pipeline.config import Config, load_config
     from pipeline.errors import (
         ConfigError,
@@ -44,9 +40,6 @@ try:
     )
     from pipeline.manifest import Manifest, load_manifest
     from pipeline.runner import RunOptions, RunResult, run_job
-finally:
-    if _collecting:
-        _gc.enable()
 
 # The one place the version is written: pyproject.toml reads it from here (setuptools
 # "attr:"). A literal rather than importlib.metadata, whose lookup cost every process

@@ -20,7 +20,6 @@ Every error is one line on stderr (``pipeline: error: ...``, or a JSON line with
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import sys
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, NoReturn
 import anyio
 
 from pipeline import __version__, logs
+from pipeline._collector import collection_paused
 from pipeline.errors import LockHeldError, PipelineError, UsageError
 
 if TYPE_CHECKING:
@@ -280,19 +280,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # sight, so a full collection during the run costs a fraction of a millisecond,
     # not 10-20 ms (README "Performance"). The CLI owns its process; run_job leaves a
     # caller's collector alone.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with collection_paused(freeze=True):
         from pipeline.config import load_config
         from pipeline.engine import RunOptions, run_job
         from pipeline.manifest import load_manifest
 
         manifest = load_manifest(args.manifest)
         config = load_config(args.config)
-    finally:
-        gc.freeze()
-        if collecting:
-            gc.enable()
     logs.set_progress_interval(config.reporting.progress_interval_seconds)
     options = RunOptions(
         retry_failed=args.retry_failed, quiet=args.quiet, emulate=args.emulate,

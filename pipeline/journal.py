@@ -433,10 +433,7 @@ class Journal:
         event loop's thread, with no commit running). If it cannot take them (the
         interpreter is shutting down), their waiters hear so, as of a failed commit,
         and the next write tries again."""
-        batch, self._batch = self._batch, _Batch()
-        if not batch.ops:
-            batch.done.set()
-            return
+        batch, self._batch = self._batch, _Batch()  # never empty: see _enqueue
         try:
             loop = asyncio.get_running_loop()
             future = submit_journal(self._apply, batch.ops)
@@ -457,20 +454,19 @@ class Journal:
         """The end of ``batch``'s commit (on the event loop's thread): wake its waiters,
         then commit what was queued meanwhile."""
         try:
-            try:
-                future.result()
-                self.commits += 1
-            except BaseException as exc:  # surfaced to every waiter of the batch
-                batch.error = exc
-            if batch.error is None:
-                # Committed: nothing left to confirm. A failed batch's rows stay for
-                # the item's next change to write again.
-                for key in batch.seen:
-                    if self._unconfirmed.get(key, (None,))[0] is batch:
-                        del self._unconfirmed[key]
+            future.result()
+        except BaseException as exc:  # surfaced to every waiter of the batch
+            batch.error = exc
+        else:
+            self.commits += 1
+            # Committed: nothing left to confirm. A failed batch's rows stay for the
+            # item's next change to write again.
+            for key in batch.seen:
+                if self._unconfirmed.get(key, (None,))[0] is batch:
+                    del self._unconfirmed[key]
+        finally:
             batch.ops = []  # a failed batch outlives its commit: not its data
             batch.done.set()
-        finally:
             self._committing = False
             if self._batch.ops:
                 self._commit_next()
