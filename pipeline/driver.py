@@ -96,12 +96,20 @@ class DurationEstimate:
     QUANTILE = 0.95
     EARLY = 0.1  # of an interval: how fast the aim probes downwards
     LEAN = 0.25  # of an interval past a running answer: a task that took a second poll
+    # A first poll that found its task running holds the aim at least EARLY above it
+    # for this many times ``keep`` observations, then the aim may probe below again.
+    FLOOR_SPAN = 4
 
     def __init__(self, interval: float, keep: int = 64) -> None:
         self.interval = interval
+        self._keep = keep
         self._done: deque[float] = deque(maxlen=keep)
         self._queued: deque[bool] = deque(maxlen=keep)  # recent polls, queued or not
         self._soonest: float | None = None  # the soonest a task was seen done, at all
+        self._seen = 0  # observations that gave a bound
+        # (observation number, seconds after the submit) of recent running answers
+        # to aimed first polls: the task was still running then.
+        self._floors: deque[tuple[int, float]] = deque(maxlen=8)
 
     def observe(
         self,
@@ -110,16 +118,29 @@ class DurationEstimate:
         asked_after: float | None = None,
         waited: float = 0.0,
         running_after: float | None = None,
+        due_after: float | None = None,
     ) -> None:
         """A task was seen done ``seen_done_after`` seconds after its submit, by a
         poll that asked the rate budget ``asked_after`` seconds after the submit and
         waited ``waited`` seconds there; ``running_after``: when the poll before it
-        answered "running" (None: it was the first). ``asked_after`` None: the answer
-        came just now, and the calling task's last grant
-        (:func:`pipeline.budget.last_grant`) says when that poll asked and how long
-        it waited."""
+        answered "running" (None: it was the first); ``due_after``: when that poll
+        was due (None: not known). ``asked_after`` None: the answer came just now,
+        and the calling task's last grant (:func:`pipeline.budget.last_grant`) says
+        when that poll asked and how long it waited."""
         if asked_after is None:
             asked_after, waited = _poll_asked(seen_done_after)
+        if due_after is not None and due_after < asked_after:
+            # The poll left after its due time, behind a busy event loop (a wave of
+            # tasks ending together at high concurrency). That delay is the
+            # client's, and the next first polls meet it again: counted into the
+            # bound, it compounded, each wave's first polls went the delay's 95th
+            # percentile later, and at concurrency 64 they climbed from 523 to 544 ms
+            # after the submit for 0.5 s tasks and came down 4 ms a wave (measured
+            # with bench/pace.py async: 25 ms late on average over the run). Taken at
+            # its due time, the aim keeps coming down a tenth of an interval a wave
+            # until a poll finds its task still running, and the bound from that
+            # running answer (below) sets it back just past the durations seen.
+            asked_after = due_after
         if self._soonest is None or seen_done_after < self._soonest:
             self._soonest = seen_done_after
         queued = waited > self.interval / 4
@@ -140,7 +161,9 @@ class DurationEstimate:
             # first) the bound leans back towards the poll that found it done.
             lean = max(self.LEAN, self.queued_share)
             bound = min(asked_after, running_after + self.interval * lean)
+            self._floors.append((self._seen, running_after))
         self._done.append(bound)
+        self._seen += 1
 
     @property
     def queued_share(self) -> float:
@@ -153,7 +176,24 @@ class DurationEstimate:
         ordered = sorted(self._done)
         high = ordered[int(self.QUANTILE * (len(ordered) - 1))]
         early = self.interval * self.EARLY * (1.0 - self.queued_share)
-        return max(self.interval, high - early)
+        aim = high - early
+        floor = self._floor(aim)
+        if floor is not None:
+            # Without it the aim came down a tenth of an interval a wave, past the
+            # running answer, set back by LEAN, and down again: at concurrency 64
+            # one wave in three took second polls, an interval late (measured with
+            # bench/pace.py async). A running answer above the aim (a task longer
+            # than most, or the aim's own probe) is not a floor: the aim stays
+            # within the quantile of the bounds, and cannot climb past them.
+            aim = floor + self.interval * self.EARLY
+        return max(self.interval, aim)
+
+    def _floor(self, limit: float) -> float | None:
+        """The latest a recent aimed poll found its task still running, at most
+        ``limit`` seconds after the submit."""
+        oldest = self._seen - self.FLOOR_SPAN * self._keep
+        recent = [after for seen, after in self._floors if seen >= oldest and after <= limit]
+        return max(recent) if recent else None
 
 
 def _poll_asked(seen_done_after: float) -> tuple[float, float]:
@@ -330,7 +370,9 @@ class ItemDriver:
                     else state.last_running - state.started
                 )
                 self.engine.estimates[self.op.name].observe(
-                    now - state.started, running_after=running_after
+                    now - state.started,
+                    running_after=running_after,
+                    due_after=state.due - state.started,
                 )
             since = state.last_running
             if since is None and state.started is not None:

@@ -37,7 +37,7 @@ from pipeline.errors import (
     FatalError,
     UsageError,
 )
-from pipeline.journal import ItemRecord
+from pipeline.journal import ItemRecord, ItemState
 from pipeline.offload import run_sync
 from pipeline.outputs import result_relpath
 from pipeline.runner import RunOptions, RunResult, run_job
@@ -287,7 +287,7 @@ class Engine(RunContext):
             return
         await self._drive(item, rec, state)
 
-    async def _unjournaled(self, item: WorkItem, rec: ItemRecord | None) -> str | None:
+    async def _unjournaled(self, item: WorkItem, rec: ItemRecord | ItemState | None) -> str | None:
         """A sync result written by a run killed before it journaled it, if any."""
         if rec is None or rec.status != "submitting" or item.variant.operation.is_async:
             return None
@@ -334,7 +334,9 @@ class Engine(RunContext):
             await self.journal.skip_many([item.key], self.run_id, "failed_earlier")
             self.progress.carried_over()
 
-    async def _drive(self, item: WorkItem, rec: ItemRecord | None, state: lc.State) -> None:
+    async def _drive(
+        self, item: WorkItem, rec: ItemRecord | ItemState | None, state: lc.State
+    ) -> None:
         op = item.variant.operation
         driver = ItemDriver(self, item, self.policies[op.vendor])
         driver.recorded_output = rec.output if rec is not None else None

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
@@ -52,7 +52,7 @@ from pipeline.outputs import check_no_symlink
 
 _KINDS = ("retryable", "permanent", "fatal")
 
-__all__ = ["JOURNAL_NAME", "KEEP", "Change", "ItemRecord", "Journal", "RunRecord"]
+__all__ = ["JOURNAL_NAME", "KEEP", "Change", "ItemRecord", "ItemState", "Journal", "RunRecord"]
 
 JOURNAL_NAME = "journal.sqlite"
 APPLICATION_ID = 0x50505031  # "PPP1": marks the file as ours
@@ -214,20 +214,51 @@ class ItemRecord:
 
     def snapshot(self, *, has_spool: bool = False) -> Snapshot:
         """What :func:`pipeline.lifecycle.resume` needs from this row."""
-        error = None
-        if self.error_code is not None:
-            kind = self.error_kind if self.error_kind in _KINDS else "permanent"
-            error = ErrorInfo(self.error_code, self.error_message or "", kind)  # type: ignore[arg-type]
-        return Snapshot(
-            status=Status(self.status),
-            task_id=self.task_id,
-            attempts=self.attempts,
-            unknown_sends=self.unknown_sends,
-            error=error,
-            output=self.output,
-            has_spool=has_spool,
-            unknown_total=self.unknown_total,
-        )
+        return _snapshot(self, has_spool)
+
+
+@dataclass(frozen=True)
+class ItemState:
+    """The columns of an item's row that say how a run takes it up again: what
+    :func:`pipeline.lifecycle.resume` needs, whether this run met it, its polls.
+
+    What a batch of inputs reads (:func:`item_states`): a rerun reads one per input,
+    and the 13 other columns of an :class:`ItemRecord` (operation, params, paths,
+    times) cost more than half of that read (README "Performance")."""
+
+    key: str
+    status: str
+    task_id: str | None
+    attempts: int
+    polls: int
+    output: str | None
+    error_code: str | None
+    error_message: str | None
+    error_kind: str | None
+    seen_run: int | None
+    unknown_sends: int
+    unknown_total: int
+
+    def snapshot(self, *, has_spool: bool = False) -> Snapshot:
+        """What :func:`pipeline.lifecycle.resume` needs from this row."""
+        return _snapshot(self, has_spool)
+
+
+def _snapshot(row: ItemRecord | ItemState, has_spool: bool) -> Snapshot:
+    error = None
+    if row.error_code is not None:
+        kind = row.error_kind if row.error_kind in _KINDS else "permanent"
+        error = ErrorInfo(row.error_code, row.error_message or "", kind)  # type: ignore[arg-type]
+    return Snapshot(
+        status=Status(row.status),
+        task_id=row.task_id,
+        attempts=row.attempts,
+        unknown_sends=row.unknown_sends,
+        error=error,
+        output=row.output,
+        has_spool=has_spool,
+        unknown_total=row.unknown_total,
+    )
 
 
 @dataclass(frozen=True)
@@ -581,7 +612,7 @@ class Journal:
         found = await self.lookup_many([key])
         return found.get(key)
 
-    def remember(self, rec: ItemRecord) -> None:
+    def remember(self, rec: ItemRecord | ItemState) -> None:
         """Take ``rec`` (read with ``track=False``) as the item's status before its
         first :meth:`change` of this run."""
         self._status.setdefault(rec.key, Status(rec.status))
@@ -858,6 +889,8 @@ def _disk_full(error: BaseException) -> bool:
 # Keys or paths per ``IN (...)`` query: well under SQLite's parameter limit.
 _IN_CHUNK = 500
 _ITEM_SELECT = f"SELECT {', '.join(_ITEM_COLUMNS)} FROM items WHERE key IN "
+_STATE_COLUMNS = tuple(f.name for f in fields(ItemState))
+_STATE_SELECT = f"SELECT {', '.join(_STATE_COLUMNS)} FROM items WHERE key IN "
 _FILES_SELECT = (
     "SELECT path, size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash FROM files"
     " WHERE path IN "
@@ -902,6 +935,20 @@ def _record_of(row: Sequence[Any]) -> ItemRecord:
     rec: ItemRecord = object.__new__(ItemRecord)
     rec.__dict__.update(zip(_ITEM_COLUMNS, row, strict=True))
     return rec
+
+
+def item_states(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, ItemState]:
+    """``key -> ItemState`` of the ``keys`` (any number) that have a row."""
+    out: dict[str, ItemState] = {}
+    new, names = object.__new__, _STATE_COLUMNS
+    for start in range(0, len(keys), _IN_CHUNK):
+        chunk = keys[start : start + _IN_CHUNK]
+        for row in conn.execute(_STATE_SELECT + _marks(len(chunk)), chunk):
+            # As _record_of: a frozen dataclass's __init__ sets each field apart.
+            state: ItemState = new(ItemState)
+            state.__dict__.update(zip(names, row, strict=True))
+            out[row[0]] = state
+    return out
 
 
 def item_records(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, ItemRecord]:

@@ -35,11 +35,11 @@ from pipeline.identity import (
 from pipeline.images import max_input_bytes
 from pipeline.inputs import InputEntry, iter_input_entries
 from pipeline.journal import (
-    ItemRecord,
+    ItemState,
     Journal,
     cached_hash_rows,
     db_text,
-    item_records,
+    item_states,
     open_reader,
 )
 from pipeline.manifest import Manifest, Variant
@@ -77,7 +77,7 @@ class WorkItem:
     input_rel: str
     variant: Variant
     problem: InputProblem | None
-    record: ItemRecord | None
+    record: ItemState | None
     _path: Path | None
 
     def __init__(
@@ -87,7 +87,7 @@ class WorkItem:
         input_rel: str,
         variant: Variant,
         problem: InputProblem | None = None,
-        record: ItemRecord | None = None,
+        record: ItemState | None = None,
     ) -> None:
         set_ = object.__setattr__
         set_(self, "key", key)
@@ -300,7 +300,7 @@ class InputSource:
             identity = content or f"path:{entry.rel}"
             for variant, key_of in keyed:
                 items.append((key_of(identity), entry, variant, problem))
-        records = item_records(reader, [i[0] for i in items])
+        records = item_states(reader, [i[0] for i in items])
         get = records.get
         out = Batch(
             WorkItem(key, entry.path_text, entry.rel, variant, problem, get(key))
