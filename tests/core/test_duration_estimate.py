@@ -246,15 +246,16 @@ def test_after_a_first_poll_came_too_early_the_aim_stays_just_above_it(
     # came down again: one wave in three. A running answer to an aimed poll now holds
     # the aim a tenth of an interval above it for FLOOR_SPAN x 64 observations.
     aims, early = _late_waves(duration, interval, interval * 0.02, seed, waves=60)
-    floors = 60 * 64 // (DurationEstimate.FLOOR_SPAN * 64)  # a probe each span at most
-    assert early <= (floors + 1) * 64
+    # A wave of first polls too early at the first descent, then one a span at most.
+    probes = 2 + 60 * 64 // (DurationEstimate.FLOOR_SPAN * 64)
+    assert early <= probes * 64
     assert max(aims[-20:]) <= max(interval, duration) + interval / 3 + interval * 0.02
 
 
 def test_without_the_floor_the_aim_keeps_dipping_below_the_tasks_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    probes = 2 + 60 * 64 // (DurationEstimate.FLOOR_SPAN * 64)  # the bound above
     monkeypatch.setattr(DurationEstimate, "FLOOR_SPAN", 0)
     _, early = _late_waves(0.5, 0.1, 0.002, seed=3, waves=60)
-    floors = 60 * 64 // (4 * 64)
-    assert early > (floors + 1) * 64
+    assert early > 3 * probes * 64
