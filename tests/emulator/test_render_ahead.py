@@ -163,3 +163,54 @@ async def test_a_deleted_ai_smile_task_frees_the_result_rendered_ahead(
     status, _ = await pc_request(http, emu, "POST", "/s2s/v2.0/task/delete", {"task_id": task_id})
     assert status == 200
     assert len(before - set(os.listdir(blobs))) == 1  # its result, and nothing else
+
+
+def _slow_smile(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[float]:
+    """render_smile that takes ``seconds``; each call that returns appends its end."""
+    real = perfectcorp_module.render_smile
+    ended: list[float] = []
+
+    def slow(*args: Any, **kwargs: Any) -> bytes:
+        time.sleep(seconds)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            ended.append(time.monotonic())
+
+    monkeypatch.setattr(perfectcorp_module, "render_smile", slow)
+    return ended
+
+
+async def test_a_deleted_ai_smile_task_still_rendering_keeps_no_result(
+    start: StartEmulator, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended = _slow_smile(monkeypatch, 0.5)
+    emu = await start(task_seconds=0.05)
+    file_id = await pc_upload(http, emu, image_bytes(seed=11))
+    task_id = await pc_create(http, emu, file_id)
+    blobs = Path(emu.app[_STATE].shared.blobs._path("x")).parent
+    before = set(os.listdir(blobs))
+    await asyncio.sleep(0.15)  # the task is finished, its result still rendering
+    status, _ = await pc_request(http, emu, "POST", "/s2s/v2.0/task/delete", {"task_id": task_id})
+    assert status == 200 and ended == []
+    await asyncio.sleep(0.6)  # the render's thread has returned by now
+    assert len(ended) == 1
+    assert set(os.listdir(blobs)) == before  # the cancelled render stored nothing
+
+
+async def test_an_expired_ai_smile_task_still_rendering_keeps_no_result(
+    start: StartEmulator, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended = _slow_smile(monkeypatch, 0.6)
+    emu = await start(task_seconds=2.0, unpolled_window_seconds=0.2)
+    file_id = await pc_upload(http, emu, image_bytes(seed=12))
+    task_id = await pc_create(http, emu, file_id)
+    blobs = Path(emu.app[_STATE].shared.blobs._path("x")).parent
+    before = set(os.listdir(blobs))
+    await asyncio.sleep(0.3)  # left unpolled past the window, its result rendering
+    status, gone = await pc_wait(http, emu, task_id)
+    assert status != 200 and ended == []
+    assert emu.stats()["perfectcorp"]["expired"] == 1
+    await asyncio.sleep(0.6)
+    assert len(ended) == 1
+    assert set(os.listdir(blobs)) == before
