@@ -380,3 +380,48 @@ def test_every_write_the_journal_confirms_is_in_the_file_and_every_other_raised(
             assert not ok
     if not any(bad for ws, _, _ in waves for bad in ws):
         assert all(outcome.values())
+
+
+def test_a_commit_that_ends_after_its_event_loop_closed_stands_and_logs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A hard stop can close the event loop while the journal's thread still commits:
+    # the commit must stand, and its callback, meeting the closed loop, must not raise
+    # in the thread (concurrent.futures would log "exception calling callback").
+    import asyncio
+    import logging
+    import threading
+    import time
+
+    real_apply = Journal._apply
+    committing = threading.Event()
+
+    def slow_apply(self: Journal, ops: list[tuple[str, object]]) -> None:
+        committing.set()
+        time.sleep(0.3)
+        real_apply(self, ops)  # type: ignore[arg-type]
+
+    holder: dict[str, object] = {}
+
+    async def start_a_late_commit() -> None:
+        journal = Journal(tmp_path)
+        await journal.__aenter__()
+        run_id = await journal.begin_run("m.yaml", os.getpid())
+        monkeypatch.setattr(Journal, "_apply", slow_apply)
+        holder["run_id"], holder["journal"] = run_id, journal
+        holder["waiter"] = asyncio.ensure_future(
+            journal._write("UPDATE runs SET manifest = ? WHERE id = ?", ("late", run_id))
+        )
+        await asyncio.sleep(0.05)
+
+    loop = asyncio.new_event_loop()
+    with caplog.at_level(logging.ERROR, logger="concurrent.futures"):
+        loop.run_until_complete(start_a_late_commit())
+        assert committing.is_set()
+        loop.close()  # the waiter never resumes: closed under the commit
+        time.sleep(0.6)  # the commit ends and its callback meets the closed loop
+    assert [r.getMessage() for r in caplog.records] == []
+    other = sqlite3.connect(tmp_path / JOURNAL_NAME)
+    row = other.execute("SELECT manifest FROM runs WHERE id = ?", (holder["run_id"],)).fetchone()
+    other.close()
+    assert row == ("late",)
