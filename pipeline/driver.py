@@ -101,6 +101,12 @@ class DurationEstimate:
     # case tasks got shorter). With 4, at concurrency 64 a wave in four probed and
     # took second polls: 1.41 polls a task against 1.27 (bench/pace.py async).
     FLOOR_SPAN = 16
+    # The share of recent aimed first polls finding their task running that marks the
+    # aim as having come down past the tasks' end (by design about 1 - QUANTILE do):
+    # only then does a running answer become a floor. Below it, with durations spread
+    # wide, each running answer held the aim up to the quantile (a review's simulation:
+    # 0.58 s late a task against 0.55, uniform 0.3-1.5 s tasks polled every 0.1 s).
+    OVERSHOOT = 0.15
 
     def __init__(self, interval: float, keep: int = 64) -> None:
         self.interval = interval
@@ -108,10 +114,11 @@ class DurationEstimate:
         self._done: deque[float] = deque(maxlen=keep)
         self._queued: deque[bool] = deque(maxlen=keep)  # recent polls, queued or not
         self._soonest: float | None = None  # the soonest a task was seen done, at all
-        self._seen = 0  # observations that gave a bound
+        self._seen = 0  # tasks observed
         # (observation number, seconds after the submit) of recent running answers
         # to aimed first polls: the task was still running then.
         self._floors: deque[tuple[int, float]] = deque(maxlen=8)
+        self._aimed: deque[bool] = deque(maxlen=keep)  # recent aimed first polls: running?
 
     def observe(
         self,
@@ -121,12 +128,15 @@ class DurationEstimate:
         waited: float = 0.0,
         running_after: float | None = None,
         due_after: float | None = None,
+        first_poll_running: bool | None = None,
     ) -> None:
         """A task was seen done ``seen_done_after`` seconds after its submit, by a
         poll that asked the rate budget ``asked_after`` seconds after the submit and
         waited ``waited`` seconds there; ``running_after``: when the poll before it
         answered "running" (None: it was the first); ``due_after``: when that poll
-        was due (None: not known). ``asked_after`` None: the answer came just now,
+        was due (None: not known); ``first_poll_running``: whether the task's first
+        poll, aimed at the estimate, found it still running (None: not aimed).
+        ``asked_after`` None: the answer came just now,
         and the calling task's last grant (:func:`pipeline.budget.last_grant`) says
         when that poll asked and how long it waited."""
         if asked_after is None:
@@ -147,6 +157,9 @@ class DurationEstimate:
             self._soonest = seen_done_after
         queued = waited > self.interval / 4
         self._queued.append(queued)
+        self._seen += 1
+        if first_poll_running is not None:
+            self._aimed.append(first_poll_running)
         if queued:
             return
         bound = asked_after
@@ -163,9 +176,10 @@ class DurationEstimate:
             # first) the bound leans back towards the poll that found it done.
             lean = max(self.LEAN, self.queued_share)
             bound = min(asked_after, running_after + self.interval * lean)
-            self._floors.append((self._seen, running_after))
+            overshot = sum(self._aimed) > self.OVERSHOOT * self._keep
+            if first_poll_running and overshot:
+                self._floors.append((self._seen, running_after))
         self._done.append(bound)
-        self._seen += 1
 
     @property
     def queued_share(self) -> float:
@@ -179,23 +193,23 @@ class DurationEstimate:
         high = ordered[int(self.QUANTILE * (len(ordered) - 1))]
         early = self.interval * self.EARLY * (1.0 - self.queued_share)
         aim = high - early
-        floor = self._floor(aim)
+        floor = self._floor()
         if floor is not None:
             # Without it the aim came down a tenth of an interval a wave, past the
             # running answer, set back by LEAN, and down again: at concurrency 64
             # one wave in three took second polls, an interval late (measured with
-            # bench/pace.py async). A running answer above the aim (a task longer
-            # than most, or the aim's own probe) is not a floor: the aim stays
-            # within the quantile of the bounds, and cannot climb past them.
-            aim = floor + self.interval * self.EARLY
+            # bench/pace.py async). The floor only raises the aim, never past the
+            # quantile of the bounds (which it cannot climb past), and it is the
+            # lowest recent running answer: with durations spread wide, the highest
+            # held the aim near the longest tasks (a review's simulation).
+            aim = max(aim, min(high, floor + self.interval * self.EARLY))
         return max(self.interval, aim)
 
-    def _floor(self, limit: float) -> float | None:
-        """The latest a recent aimed poll found its task still running, at most
-        ``limit`` seconds after the submit."""
+    def _floor(self) -> float | None:
+        """The soonest a recent aimed first poll found its task still running."""
         oldest = self._seen - self.FLOOR_SPAN * self._keep
-        recent = [after for seen, after in self._floors if seen >= oldest and after <= limit]
-        return max(recent) if recent else None
+        recent = [after for seen, after in self._floors if seen >= oldest]
+        return min(recent) if recent else None
 
 
 def _poll_asked(seen_done_after: float) -> tuple[float, float]:
@@ -375,6 +389,7 @@ class ItemDriver:
                     now - state.started,
                     running_after=running_after,
                     due_after=state.due - state.started,
+                    first_poll_running=running_after is not None if self.held.aimed else None,
                 )
             since = state.last_running
             if since is None and state.started is not None:

@@ -185,22 +185,27 @@ def _late_waves(
         aim = est.expected()
         aims.append(interval if aim is None else aim)
         for _ in range(width):
+            # A clock far from zero, as time.monotonic(): the bounds are differences.
+            started = 1e5 + rnd.uniform(0, 1e4)
             due, running, aimed = (interval, None, False) if aim is None else (aim, None, True)
+            due += started
+            runs = 0
             while True:
                 asked = due + rnd.uniform(0, lateness)
                 answer = asked + 0.001
-                if asked >= duration:
+                if asked - started >= duration:
                     break
                 if aimed and running is None:
                     early += 1
-                running = answer
+                running, runs = answer, runs + 1
                 due = answer + interval
             est.observe(
-                answer,
-                asked_after=asked,
+                answer - started,
+                asked_after=asked - started,
                 waited=0.0,
-                running_after=running if aimed else None,
-                due_after=due if give_due else None,
+                running_after=running - started if aimed and running is not None else None,
+                due_after=due - started if give_due else None,
+                first_poll_running=runs > 0 if aimed else None,
             )
     return aims, early
 

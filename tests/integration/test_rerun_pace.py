@@ -147,3 +147,41 @@ def test_a_fast_built_record_equals_the_dataclass(tmp_path: Path) -> None:
     assert rec == ItemRecord(*row) and hash(rec) == hash(ItemRecord(*row))
     with pytest.raises(AttributeError):
         rec.status = "failed"  # type: ignore[misc]
+
+
+def test_the_state_read_with_a_batch_equals_the_dataclass_and_resumes_as_the_full_row(
+    tmp_path: Path,
+) -> None:
+    # item_states builds ItemState rows without __init__ (the rerun's hot path); each
+    # must equal the dataclass built the usual way, and give the snapshot the full
+    # row gives, whatever the row holds.
+    import sqlite3
+
+    from pipeline.journal import ItemState, item_records, item_states
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute(f"CREATE TABLE items ({', '.join(_ITEM_COLUMNS)})")
+    rows = [
+        ("k1", "ailab/face-swap", "v", "{}", "/in/a.jpg", "a.jpg", "submitted", "T-1", 2,
+         3, None, None, None, None, None, 4, None, None, 1.0, None, 2.0, 1, None, None, 1),
+        ("k2", "ailab/face-swap", "v", "{}", "/in/b.jpg", "b.jpg", "failed", None, 4, 0,
+         None, "E", "bad input", "weird-kind", '["x"]', 2, "failed", None, None, 3.0, 4.0,
+         0, None, 0.2, 0),
+        ("k3", "ailab/emotion-editor", "v", "{}", "/in/c.jpg", "c.jpg", "succeeded", None,
+         1, 0, "out/c.jpg", None, None, None, None, 3, "succeeded", 3, None, 1.5, 2.5, 0,
+         3, None, 0),
+    ]  # fmt: skip
+    conn.executemany(f"INSERT INTO items VALUES ({', '.join('?' * len(_ITEM_COLUMNS))})", rows)
+    keys = ["k1", "k2", "k3", "missing"]
+    states, records = item_states(conn, keys), item_records(conn, keys)
+    assert set(states) == set(records) == {"k1", "k2", "k3"}
+    for key, state in states.items():
+        fields = {name: getattr(records[key], name) for name in ItemState.__dataclass_fields__}
+        usual = ItemState(**fields)
+        assert state == usual and hash(state) == hash(usual) and repr(state) == repr(usual)
+        assert vars(state) == fields  # exactly the 12 fields
+        for spool in (False, True):
+            assert state.snapshot(has_spool=spool) == records[key].snapshot(has_spool=spool)
+        with pytest.raises(AttributeError):
+            state.status = "failed"  # type: ignore[misc]
+    conn.close()
