@@ -38,7 +38,6 @@ import binascii
 import email.utils
 import errno
 import inspect
-import io
 import json
 import re
 import tempfile
@@ -661,15 +660,33 @@ async def read_capped(
 # ------------------------------------------------------------------------------- I/O
 
 
+_OCTETS = "application/octet-stream"  # aiohttp's default for a body of bytes
+
+
+class _Upload(aiohttp.payload.BytesPayload):
+    """An upload's bytes, sent as they are, without a copy.
+
+    Given an ``io.BytesIO`` (as it was), aiohttp measures it with ``getbuffer()``,
+    which copies a buffer shared with the caller's bytes, and the input is held for
+    a resend: a second copy of every photo in flight (tracemalloc at the peak of a run
+    of 3 MB photos at concurrency 64: 197 MB of the 504 MB traced). Given bytes,
+    aiohttp's ``BytesPayload`` warns that one write of a body over 1 MB may block the
+    event loop; it does not: the transport keeps what the socket cannot take yet and
+    the request waits for it to drain. So the warning, and only it, is skipped.
+    """
+
+    def __init__(self, value: bytes, *, content_type: str) -> None:
+        aiohttp.payload.Payload.__init__(self, value, content_type=content_type)
+        self._size = len(value)
+
+
 def _form_data(parts: tuple[FormPart, ...]) -> aiohttp.FormData:
     form = aiohttp.FormData(default_to_multipart=True)
     for part in parts:
         if isinstance(part, FilePart):
             form.add_field(
                 part.name,
-                # A file object, not raw bytes: aiohttp warns that bodies over 1 MB
-                # given as bytes may block the event loop (typical photos are 2-5 MB).
-                io.BytesIO(part.payload.data),
+                _Upload(part.payload.data, content_type=part.payload.content_type),
                 filename=part.payload.filename,
                 content_type=part.payload.content_type,
             )
@@ -687,7 +704,7 @@ def _request_body(request: HttpRequest, headers: CIMultiDict[str]) -> Any:
         headers.setdefault("Content-Type", "application/json")
         return json.dumps(request.json, separators=(",", ":")).encode()
     if request.data is not None:
-        return io.BytesIO(request.data)  # see _form_data
+        return _Upload(request.data, content_type=headers.get("Content-Type", _OCTETS))
     return None
 
 
