@@ -86,6 +86,15 @@ class DurationEstimate:
     share of recent polls that did not queue, so the aim still probes downwards
     when the budget binds, only more slowly, and a poll that the budget let go at
     once hits a task that was still running less often.
+
+    A poll that left after its due time (an event loop busy with a wave of tasks
+    ending together) counts from its due time: that delay is the client's, and
+    counted in it pushed each wave's aim later than the last. Once the aim has come
+    down past the tasks' end (more than ``OVERSHOOT`` of recent aimed first polls
+    found their task running), the soonest of those running answers is a floor: the
+    aim stays at least a tenth of an interval above it, never above the quantile,
+    for ``FLOOR_SPAN`` x ``keep`` tasks, instead of coming down past the tasks' end
+    again every few waves.
     """
 
     # A high quantile, a tenth of an interval early: about one task in twenty needs a
@@ -136,9 +145,9 @@ class DurationEstimate:
         answered "running" (None: it was the first); ``due_after``: when that poll
         was due (None: not known); ``first_poll_running``: whether the task's first
         poll, aimed at the estimate, found it still running (None: not aimed).
-        ``asked_after`` None: the answer came just now,
-        and the calling task's last grant (:func:`pipeline.budget.last_grant`) says
-        when that poll asked and how long it waited."""
+        ``asked_after`` None: the answer came just now, and the calling task's last
+        grant (:func:`pipeline.budget.last_grant`) says when that poll asked and how
+        long it waited."""
         if asked_after is None:
             asked_after, waited = _poll_asked(seen_done_after)
         if due_after is not None and due_after < asked_after:
