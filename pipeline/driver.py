@@ -137,14 +137,14 @@ class DurationEstimate:
         waited: float = 0.0,
         running_after: float | None = None,
         due_after: float | None = None,
-        first_poll_running: bool | None = None,
+        aimed: bool = False,
     ) -> None:
         """A task was seen done ``seen_done_after`` seconds after its submit, by a
         poll that asked the rate budget ``asked_after`` seconds after the submit and
         waited ``waited`` seconds there; ``running_after``: when the poll before it
         answered "running" (None: it was the first); ``due_after``: when that poll
-        was due (None: not known); ``first_poll_running``: whether the task's first
-        poll, aimed at the estimate, found it still running (None: not aimed).
+        was due (None: not known); ``aimed``: its first poll went at the estimate
+        (then a ``running_after`` says that poll came too early).
         ``asked_after`` None: the answer came just now, and the calling task's last
         grant (:func:`pipeline.budget.last_grant`) says when that poll asked and how
         long it waited."""
@@ -167,8 +167,8 @@ class DurationEstimate:
         queued = waited > self.interval / 4
         self._queued.append(queued)
         self._seen += 1
-        if first_poll_running is not None:
-            self._aimed.append(first_poll_running)
+        if aimed:
+            self._aimed.append(running_after is not None)
         if queued:
             return
         bound = asked_after
@@ -186,7 +186,7 @@ class DurationEstimate:
             lean = max(self.LEAN, self.queued_share)
             bound = min(asked_after, running_after + self.interval * lean)
             overshot = sum(self._aimed) > self.OVERSHOOT * self._keep
-            if first_poll_running and overshot:
+            if aimed and overshot:
                 self._floors.append((self._seen, running_after))
         self._done.append(bound)
 
@@ -398,7 +398,7 @@ class ItemDriver:
                     now - state.started,
                     running_after=running_after,
                     due_after=state.due - state.started,
-                    first_poll_running=running_after is not None if self.held.aimed else None,
+                    aimed=self.held.aimed,
                 )
             since = state.last_running
             if since is None and state.started is not None:

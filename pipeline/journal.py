@@ -30,17 +30,18 @@ import asyncio
 import contextlib
 import errno
 import json
+import operator
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, NamedTuple, Self
+from typing import Any, Final, Literal, NamedTuple, Self, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -928,48 +929,57 @@ def open_reader(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _record_of(row: Sequence[Any]) -> ItemRecord:
-    """``ItemRecord(*row)`` for a row of ``_ITEM_COLUMNS`` (the dataclass's fields, in
-    order), a third of its cost: a frozen dataclass's ``__init__`` sets its 25 fields
-    one ``object.__setattr__`` at a time, and a rerun reads 10^6 rows."""
-    rec: ItemRecord = object.__new__(ItemRecord)
-    rec.__dict__.update(zip(_ITEM_COLUMNS, row, strict=True))
-    return rec
+_Row = TypeVar("_Row")
+
+
+def _maker(cls: type[_Row], names: Sequence[str]) -> Callable[[Sequence[Any]], _Row]:
+    """``row -> cls(*row)`` for a frozen dataclass whose fields are ``names``, in
+    order, at a third of its cost: a frozen dataclass's ``__init__`` sets each field
+    with its own ``object.__setattr__``, and a rerun reads 10^6 rows."""
+    new = object.__new__
+
+    def make(row: Sequence[Any]) -> _Row:
+        built: _Row = new(cls)
+        built.__dict__.update(zip(names, row, strict=True))
+        return built
+
+    return make
+
+
+_record_of = _maker(ItemRecord, _ITEM_COLUMNS)  # a row of _ITEM_COLUMNS -> ItemRecord
+_state_of = _maker(ItemState, _STATE_COLUMNS)
+
+
+def _by_first_column(
+    conn: sqlite3.Connection,
+    select: str,
+    values: Sequence[str],
+    make: Callable[[Sequence[Any]], _Row],
+) -> dict[str, _Row]:
+    """``row[0] -> make(row)`` for the rows of ``select + "(?, ...)"`` matching any
+    of ``values`` (any number: one query per :data:`_IN_CHUNK`)."""
+    out: dict[str, _Row] = {}
+    for start in range(0, len(values), _IN_CHUNK):
+        chunk = values[start : start + _IN_CHUNK]
+        for row in conn.execute(select + _marks(len(chunk)), chunk):
+            out[row[0]] = make(row)
+    return out
 
 
 def item_states(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, ItemState]:
     """``key -> ItemState`` of the ``keys`` (any number) that have a row."""
-    out: dict[str, ItemState] = {}
-    new, names = object.__new__, _STATE_COLUMNS
-    for start in range(0, len(keys), _IN_CHUNK):
-        chunk = keys[start : start + _IN_CHUNK]
-        for row in conn.execute(_STATE_SELECT + _marks(len(chunk)), chunk):
-            # As _record_of: a frozen dataclass's __init__ sets each field apart.
-            state: ItemState = new(ItemState)
-            state.__dict__.update(zip(names, row, strict=True))
-            out[row[0]] = state
-    return out
+    return _by_first_column(conn, _STATE_SELECT, keys, _state_of)
 
 
 def item_records(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, ItemRecord]:
     """``key -> ItemRecord`` of the ``keys`` (any number) that have a row."""
-    out: dict[str, ItemRecord] = {}
-    for start in range(0, len(keys), _IN_CHUNK):
-        chunk = keys[start : start + _IN_CHUNK]
-        for row in conn.execute(_ITEM_SELECT + _marks(len(chunk)), chunk):
-            out[row[0]] = _record_of(row)
-    return out
+    return _by_first_column(conn, _ITEM_SELECT, keys, _record_of)
 
 
 def cached_hash_rows(conn: sqlite3.Connection, paths: Sequence[str]) -> dict[str, tuple[Any, ...]]:
     """The stat cache's ``db_text(path) -> (size, mtime_ns, ctime_ns, inode, dev,
     cached_at_ns, hash)`` of the ``paths`` (already :func:`db_text`) it knows."""
-    out: dict[str, tuple[Any, ...]] = {}
-    for start in range(0, len(paths), _IN_CHUNK):
-        chunk = paths[start : start + _IN_CHUNK]
-        for row in conn.execute(_FILES_SELECT + _marks(len(chunk)), chunk):
-            out[row[0]] = row[1:]
-    return out
+    return _by_first_column(conn, _FILES_SELECT, paths, operator.itemgetter(slice(1, None)))
 
 
 def latest_run(conn: sqlite3.Connection) -> RunRecord | None:

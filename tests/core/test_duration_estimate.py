@@ -189,7 +189,6 @@ def _late_waves(
             started = 1e5 + rnd.uniform(0, 1e4)
             due, running, aimed = (interval, None, False) if aim is None else (aim, None, True)
             due += started
-            runs = 0
             while True:
                 asked = due + rnd.uniform(0, lateness)
                 answer = asked + 0.001
@@ -197,7 +196,7 @@ def _late_waves(
                     break
                 if aimed and running is None:
                     early += 1
-                running, runs = answer, runs + 1
+                running = answer
                 due = answer + interval
             est.observe(
                 answer - started,
@@ -205,7 +204,7 @@ def _late_waves(
                 waited=0.0,
                 running_after=running - started if aimed and running is not None else None,
                 due_after=due - started if give_due else None,
-                first_poll_running=runs > 0 if aimed else None,
+                aimed=aimed,
             )
     return aims, early
 
