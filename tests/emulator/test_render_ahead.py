@@ -214,3 +214,27 @@ async def test_an_expired_ai_smile_task_still_rendering_keeps_no_result(
     await asyncio.sleep(0.6)
     assert len(ended) == 1
     assert set(os.listdir(blobs)) == before
+
+
+async def test_deleting_an_ai_smile_task_whose_render_failed_frees_nothing_and_answers(
+    start: StartEmulator, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A render that ended in an exception left no blob: the delete still succeeds,
+    deletes nothing else, and the exception is retrieved (no "never retrieved")."""
+
+    def broken(*args: Any, **kwargs: Any) -> bytes:
+        raise OSError("render failed")
+
+    monkeypatch.setattr(perfectcorp_module, "render_smile", broken)
+    emu = await start(task_seconds=0.05)
+    file_id = await pc_upload(http, emu, image_bytes(seed=13))
+    task_id = await pc_create(http, emu, file_id)
+    blobs = Path(emu.app[_STATE].shared.blobs._path("x")).parent
+    await asyncio.sleep(0.3)  # finished; its render has raised by now
+    task = emu.app[_STATE].perfectcorp.tasks[task_id]
+    assert task.rendering is not None and task.rendering.done()
+    before = set(os.listdir(blobs))
+    status, _ = await pc_request(http, emu, "POST", "/s2s/v2.0/task/delete", {"task_id": task_id})
+    assert status == 200
+    assert task.rendering is None and task.result_blob is None
+    assert set(os.listdir(blobs)) == before
