@@ -94,7 +94,9 @@ class DurationEstimate:
     found their task running), the soonest of those running answers is a floor: the
     aim stays at least a tenth of an interval above it, never above the quantile,
     for ``FLOOR_SPAN`` x ``keep`` tasks, instead of coming down past the tasks' end
-    again every few waves.
+    again every few waves. When no aimed first poll has found its task running for
+    ``DESCENT_PATIENCE`` x ``keep`` tasks and no floor holds, the tasks may have got
+    shorter: the step down doubles every ``keep`` tasks, up to ``DESCENT_MAX`` steps.
     """
 
     # A high quantile, a tenth of an interval early: about one task in twenty needs a
@@ -116,6 +118,17 @@ class DurationEstimate:
     # wide, each running answer held the aim up to the quantile (a review's simulation:
     # 0.58 s late a task against 0.55, uniform 0.3-1.5 s tasks polled every 0.1 s).
     OVERSHOOT = 0.15
+    # After DESCENT_PATIENCE x ``keep`` tasks in a row whose aimed first polls all found
+    # their task done (and no floor held), the step down doubles for every ``keep``
+    # tasks more, up to DESCENT_MAX x EARLY of an interval: the quantile of bounds that
+    # first polls found done says only "at most this long", so after durations fell
+    # (a vendor less busy) the aim came down a tenth of an interval per 64 tasks:
+    # 3 s tasks becoming 1 s ones (0.5 s polls) were still polled 1.4 s late on
+    # average over the next 4 000 (a simulation of the driver, README "Performance").
+    # Waiting four such spans first leaves a run of constant durations as it was: its
+    # aim reaches the tasks' end, or a floor holds it, within one or two.
+    DESCENT_PATIENCE = 4
+    DESCENT_MAX = 8
 
     def __init__(self, interval: float, keep: int = 64) -> None:
         self.interval = interval
@@ -128,6 +141,7 @@ class DurationEstimate:
         # to aimed first polls: the task was still running then.
         self._floors: deque[tuple[int, float]] = deque(maxlen=8)
         self._aimed: deque[bool] = deque(maxlen=keep)  # recent aimed first polls: running?
+        self._last_early = 0  # the observation whose aimed first poll last found it running
 
     def observe(
         self,
@@ -169,6 +183,8 @@ class DurationEstimate:
         self._seen += 1
         if aimed:
             self._aimed.append(running_after is not None)
+            if running_after is not None:
+                self._last_early = self._seen
         if queued:
             return
         bound = asked_after
@@ -200,9 +216,9 @@ class DurationEstimate:
             return None if self._soonest is None else max(self.interval, self._soonest)
         ordered = sorted(self._done)
         high = ordered[int(self.QUANTILE * (len(ordered) - 1))]
-        early = self.interval * self.EARLY * (1.0 - self.queued_share)
-        aim = high - early
         floor = self._floor()
+        early = self.interval * self.EARLY * self._descent(floor) * (1.0 - self.queued_share)
+        aim = high - early
         if floor is not None:
             # Without it the aim came down a tenth of an interval a wave, past the
             # running answer, set back by LEAN, and down again: at concurrency 64
@@ -213,6 +229,19 @@ class DurationEstimate:
             # held the aim near the longest tasks (a review's simulation).
             aim = max(aim, min(high, floor + self.interval * self.EARLY))
         return max(self.interval, aim)
+
+    def _descent(self, floor: float | None) -> int:
+        """How many steps of EARLY the aim comes down by: 1, doubling for every
+        ``keep`` tasks past DESCENT_PATIENCE x ``keep`` with no aimed first poll
+        found running, counted from the last floor's lapse if later, up to
+        DESCENT_MAX. Never while a floor holds the aim."""
+        if floor is not None:
+            return 1
+        start = self._last_early
+        if self._floors:
+            start = max(start, self._floors[-1][0] + self.FLOOR_SPAN * self._keep)
+        spans = (self._seen - start) // self._keep - self.DESCENT_PATIENCE
+        return 1 if spans < 0 else min(self.DESCENT_MAX, 1 << min(spans, 16))
 
     def _floor(self) -> float | None:
         """The soonest a recent aimed first poll found its task still running."""

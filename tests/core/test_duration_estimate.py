@@ -124,7 +124,9 @@ def _jittered(
     aims: list[float] = []
     polls = 0
     for n in range(tasks):
-        aim = est.expected() or interval
+        expected = est.expected()
+        aimed = expected is not None  # as the driver: only a measured first poll is aimed
+        aim = expected or interval
         aims.append(aim)
         asked, running = aim, None
         while True:
@@ -135,7 +137,13 @@ def _jittered(
                 break
             running = answer
             asked = answer + interval
-        est.observe(answer, asked_after=asked, waited=0.0, running_after=running)
+        est.observe(
+            answer,
+            asked_after=asked,
+            waited=0.0,
+            running_after=running if aimed else None,
+            aimed=aimed,
+        )
     tail = aims[-300:]
     return sum(tail) / len(tail), polls / len(tail)
 
@@ -172,16 +180,20 @@ def _late_waves(
     give_due: bool = True,
     waves: int = 40,
     width: int = 64,
+    shorter: tuple[int, float] | None = None,
 ) -> tuple[list[float], int]:
     """Waves of ``width`` tasks of exactly ``duration`` s, each wave's first polls at
     the aim of its start; every poll leaves up to ``lateness`` s after it was due (an
-    event loop busy with a wave ending at once). Returns (each wave's aim, how many
-    tasks were still running at their first aimed poll)."""
+    event loop busy with a wave ending at once). ``shorter`` (wave, seconds): from
+    that wave on, the tasks take that long. Returns (each wave's aim, how many tasks
+    were still running at their first aimed poll)."""
     rnd = random.Random(seed)
     est = DurationEstimate(interval)
     aims: list[float] = []
     early = 0
-    for _ in range(waves):
+    for wave in range(waves):
+        if shorter is not None and wave == shorter[0]:
+            duration = shorter[1]
         aim = est.expected()
         aims.append(interval if aim is None else aim)
         for _ in range(width):
@@ -263,3 +275,34 @@ def test_without_the_floor_the_aim_keeps_dipping_below_the_tasks_end(
     monkeypatch.setattr(DurationEstimate, "FLOOR_SPAN", 0)
     _, early = _late_waves(0.5, 0.1, 0.002, seed=3, waves=60)
     assert early > 3 * probes * 64
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    duration=st.floats(1.0, 20.0),
+    interval=st.sampled_from([0.1, 0.5, 5.0]),
+    gap=st.floats(2.0, 12.0),
+    seed=st.integers(0, 2**16),
+)
+def test_after_tasks_got_shorter_the_first_poll_follows_them_down(
+    duration: float, interval: float, gap: float, seed: int
+) -> None:
+    # The defect: a first poll that finds its task done bounds it only from above, so
+    # once durations fell the aim came down a tenth of an interval per 64 tasks: 3 s
+    # tasks that became 1 s ones (0.5 s polls) were polled 1.4 s late on average over
+    # the next 4 000. Now, after DESCENT_PATIENCE quiet spans, the step doubles up to
+    # 0.8 of an interval a wave: tasks up to 12 intervals shorter are followed within
+    # 50 waves of the change (the floor set at the old length holds for the first 16).
+    shorter = max(interval, duration - gap * interval)
+    aims, _ = _late_waves(
+        duration, interval, interval * 0.02, seed, waves=60, shorter=(10, shorter)
+    )
+    assert aims[-1] <= shorter + interval + interval * 0.02
+
+
+def test_without_the_doubling_the_first_poll_comes_down_a_tenth_of_an_interval_a_wave(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(DurationEstimate, "DESCENT_PATIENCE", 10**6)
+    aims, _ = _late_waves(3.0, 0.1, 0.002, seed=5, waves=60, shorter=(10, 1.8))
+    assert aims[-1] > 1.8 + 5 * 0.1  # still more than five intervals late
