@@ -10,8 +10,12 @@ reason. The order of the checks is what keeps memory bounded:
 3. the pixel count from the header, before anything is decoded: a 20000x20000 PNG is
    refused from its first 24 bytes. WebP's header is parsed here, because Pillow's
    WebP decoder allocates the whole canvas the moment it opens a file;
-4. integrity, cheaply: a JPEG is decoded at 1/8 scale (``draft()``), which reads every
-   byte of entropy-coded data, so a truncated file fails; a PNG's chunks and CRCs are
+4. integrity, cheaply: a JPEG's scans must between them code every coefficient of
+   every component (a file cut between two progressive scans is refused), and the
+   JPEG is then decoded at 1/8 scale by libjpeg-turbo (``simplejpeg``, strict), which
+   Huffman-decodes every scan and refuses on any libjpeg *warning* as well as an
+   error: a scan cut short, or replaced by an HTML page, with an end-of-image marker
+   appended only draws a warning, which Pillow ignores; a PNG's chunks and CRCs are
    walked by ``verify()`` up to ``IEND``; a WebP is decoded in full (its pixels are
    capped by :data:`FULL_DECODE_PIXELS`).
 
@@ -30,7 +34,9 @@ worker thread, so waiting checks never hold the thread pool.
 from __future__ import annotations
 
 import io
+import mmap
 import os
+import re
 import struct
 import threading
 from collections.abc import Iterator
@@ -40,6 +46,7 @@ from typing import IO, Final, cast
 
 import anyio
 import anyio.to_thread
+import simplejpeg  # type: ignore[import-untyped]  # no py.typed marker
 from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from pipeline.errors import ResultNotImageError
@@ -64,7 +71,8 @@ MAX_CONCURRENT_DECODES: Final = 2
 # Above this many pixels a progressive JPEG (libjpeg keeps every DCT coefficient of a
 # progressive scan: up to 6 bytes per pixel) or a WebP (the decoder allocates the
 # RGBA canvas: 4 bytes per pixel) is not decoded; its structure is checked instead
-# (JPEG: the last scan ends with EOI; WebP: every RIFF chunk is complete). 12 Mpx
+# (JPEG: its scans code every coefficient and end with EOI; WebP: every RIFF chunk is
+# complete). 12 Mpx
 # keeps one decode under ~72 MB; portraits are far smaller.
 FULL_DECODE_PIXELS: Final = 12_000_000
 
@@ -91,9 +99,11 @@ class _Source:
 
     def __init__(self, source: ResultSource) -> None:
         self._owned: IO[bytes] | None = None
+        self._data: memoryview | None = None
         if isinstance(source, bytes | bytearray | memoryview):
-            self.size = len(source)
-            self._fp: IO[bytes] = io.BytesIO(source)
+            self._data = memoryview(source).cast("B")
+            self.size = len(self._data)
+            self._fp: IO[bytes] = io.BytesIO(self._data)
         elif isinstance(source, str | os.PathLike):
             self.size = os.stat(source).st_size
             self._owned = self._fp = open(source, "rb")  # noqa: SIM115 (closed in close())
@@ -111,6 +121,27 @@ class _Source:
     def read_at(self, offset: int, n: int) -> bytes:
         self._fp.seek(offset)
         return self._fp.read(n)
+
+    @contextmanager
+    def buffer(self) -> Iterator[memoryview]:
+        """All the data as one read-only buffer, for the JPEG decoder, which needs it
+        in one piece: the caller's own bytes, else the file mapped (page cache, not
+        a copy), else (a file object without a descriptor) read into memory, which
+        is at most ``max_bytes``."""
+        if self._data is not None:
+            yield self._data
+            return
+        try:
+            mapped = mmap.mmap(self._fp.fileno(), 0, access=mmap.ACCESS_READ)
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            self._fp.seek(0)
+            yield memoryview(self._fp.read())
+            return
+        try:
+            with memoryview(mapped) as view:
+                yield view
+        finally:
+            mapped.close()
 
     def close(self) -> None:
         if self._owned is not None:
@@ -237,50 +268,99 @@ def _webp_structure(src: _Source, vendor: str) -> None:
         raise _refuse("truncated or corrupt WebP: a chunk runs past the end", vendor)
 
 
-def _jpeg_ends_with_eoi(src: _Source, vendor: str) -> None:
-    """The data after the last start-of-scan marker contains EOI (``FFD9``).
+# A marker after entropy-coded data: FF00 is a stuffed FF byte, RSTn belongs to the scan
+# and FF FF is fill before a marker.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # minus DHT, JPG, DAC
 
-    Markers cannot occur inside entropy-coded data (``FF`` is stuffed as ``FF00``), so
-    a file cut anywhere in its scans has no EOI after its last SOS. Read backwards in
-    1 MiB blocks (overlapping by one byte, for a marker split between two blocks):
-    memory stays bounded for any file size.
+
+def _jpeg_scans_complete(data: memoryview, progressive: bool, vendor: str) -> None:
+    """Every component of the frame coded in full by the scans, which end with EOI.
+
+    libjpeg decodes, without any warning, a file cut between two scans and given an
+    end-of-image marker (a progressive JPEG then shows only its first, coarse scans;
+    a non-interleaved sequential one lacks components), and no library reports which
+    coefficients the scans covered, so the scan headers are read here: segments by
+    their lengths, entropy-coded data skipped to the next marker by a regex (C speed).
+    A progressive component is complete when each of its 64 coefficients was sent by
+    a scan with Al=0 (the last successive-approximation step); every encoder in use
+    (libjpeg's, mozjpeg's, Pillow's) finishes that way. An interleaved sequential
+    scan of all components is complete by itself: the walk stops there.
     """
-    step = 1 << 20
-    pos = src.size
-    carry = b""
-    eoi_later = False
-    while pos > 0:
-        start = max(0, pos - step)
-        block = src.read_at(start, pos - start) + carry
-        sos = block.rfind(b"\xff\xda")
-        if sos >= 0:
-            if eoi_later or block.find(b"\xff\xd9", sos + 2) >= 0:
-                return
+    n = len(data)
+    pos = 2
+    components: list[int] = []
+    missing: dict[int, set[int]] = {}
+    while True:
+        while pos < n - 1 and data[pos] == 0xFF and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes before a marker
+        if pos + 2 > n or data[pos] != 0xFF:
             break
-        eoi_later = eoi_later or b"\xff\xd9" in block
-        carry = block[:1]
-        pos = start
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            if components and not any(missing.values()):
+                return
+            incomplete = sorted(c for c in components if missing.get(c))
+            raise _refuse(
+                "truncated JPEG: its scans end before coding all of component(s) "
+                + ", ".join(map(str, incomplete)),
+                vendor,
+            )
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        body = bytes(data[pos + 4 : pos + 2 + length])
+        if length < 2 or len(body) != length - 2:
+            break
+        pos += 2 + length
+        if marker in _JPEG_SOF and len(body) >= 6:
+            components = [body[6 + 3 * i] for i in range(body[5]) if 8 + 3 * i < len(body)]
+            missing = {c: set(range(64)) for c in components}
+        elif marker == 0xDA and len(body) >= 1:
+            ns = body[0]
+            ids = [body[1 + 2 * i] for i in range(ns) if 2 + 2 * i < len(body)]
+            ss, se, al = (body[-3], body[-2], body[-1] & 0x0F) if len(body) >= 4 else (0, 0, 1)
+            if not progressive:
+                if sorted(ids) == sorted(components):
+                    return  # one interleaved scan codes it all; the decoder checks it
+                ss, se, al = 0, 63, 0
+            if al == 0:
+                for c in ids:
+                    missing.get(c, set()).difference_update(range(ss, se + 1))
+            found = _JPEG_MARKER.search(data, pos)
+            if found is None:
+                break
+            pos = found.start()
     raise _refuse("truncated JPEG: no end-of-image marker after the last scan", vendor)
 
 
 def _verify_jpeg(src: _Source, max_pixels: int, vendor: str) -> None:
+    # Pillow parses the header (size, progressive) without decoding anything.
     im = JpegImagePlugin.JpegImageFile(src.fp())
     try:
         _check_pixels(im.size, max_pixels, "JPEG", vendor)
         w, h = im.size
         progressive = bool(im.info.get("progressive") or im.info.get("progression"))
-        if progressive and w * h > FULL_DECODE_PIXELS:
-            _jpeg_ends_with_eoi(src, vendor)
-            return
-        # 1/8 scale: libjpeg still reads (and Huffman-decodes) every scan, so a cut or
-        # damaged stream fails, but the pixel buffer is 64 times smaller.
-        im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
-        im.load()
     finally:
         im.close()
-    # Pillow (LOAD_TRUNCATED_IMAGES, set by anyone in the process) may accept a cut
-    # file; the marker check does not depend on that global.
-    _jpeg_ends_with_eoi(src, vendor)
+    with src.buffer() as data:
+        _jpeg_scans_complete(data, progressive, vendor)
+        if progressive and w * h > FULL_DECODE_PIXELS:
+            return
+        # Pillow is not used to decode: its libjpeg glue discards warnings
+        # (JpegDecode.c: an empty output_message, "if (jerr.pub.num_warnings) return
+        # BROKEN" commented out), and a scan cut short or made of junk, with EOI after
+        # it, only draws the warning "Corrupt JPEG data: premature end of data
+        # segment" (the rest is filled in grey). simplejpeg's strict mode raises on
+        # it. 1/8 scale (min_factor with a minimum size, else it does not scale):
+        # every scan is still Huffman-decoded, the pixel buffer is 64 times smaller;
+        # grey output skips the colour conversion, not the decoding of any component.
+        try:
+            simplejpeg.decode_jpeg(
+                data, colorspace="GRAY", min_height=1, min_width=1, min_factor=8, strict=True
+            )
+        except ValueError as exc:
+            detail = " ".join(str(exc).split())[:160]
+            raise _refuse(f"truncated or corrupt JPEG (libjpeg: {detail})", vendor) from None
 
 
 def _verify_png(src: _Source, max_pixels: int, vendor: str) -> None:

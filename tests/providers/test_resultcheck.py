@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import simplejpeg  # type: ignore[import-untyped]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -271,3 +272,222 @@ async def test_async_variant_and_concurrency() -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+# ------------------------------------------- JPEG scans cut short or made of junk
+
+
+def gradient(size: tuple[int, int]) -> Image.Image:
+    return Image.merge(
+        "RGB",
+        (
+            Image.linear_gradient("L").resize(size),
+            Image.linear_gradient("L").rotate(90).resize(size),
+            Image.new("L", size, 128),
+        ),
+    )
+
+
+def noise(size: tuple[int, int]) -> Image.Image:
+    return Image.effect_noise(size, 60).convert("RGB")
+
+
+def exif_and_icc() -> dict[str, object]:
+    from PIL import ImageCms
+
+    exif = Image.Exif()
+    exif[0x010F] = "Vendor"  # Make
+    exif[0x0110] = "Portrait model"  # Model
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return {"exif": exif.tobytes(), "icc_profile": icc}
+
+
+def cmyk_noise(size: tuple[int, int]) -> Image.Image:
+    return Image.merge("CMYK", [Image.effect_noise(size, 60) for _ in range(4)])
+
+
+VALID_JPEGS: dict[str, bytes] = {
+    "baseline_noise": save(noise((256, 256)), "JPEG", quality=90),
+    "baseline_gradient": save(gradient((256, 256)), "JPEG", quality=90),
+    "progressive": save(noise((256, 256)), "JPEG", quality=90, progressive=True),
+    "progressive_gradient": save(gradient((256, 256)), "JPEG", progressive=True),
+    "optimized": save(noise((256, 256)), "JPEG", quality=90, optimize=True),
+    "subsampling_420": save(noise((256, 256)), "JPEG", quality=90, subsampling="4:2:0"),
+    "subsampling_422": save(noise((256, 256)), "JPEG", quality=90, subsampling="4:2:2"),
+    "subsampling_444": save(noise((256, 256)), "JPEG", quality=90, subsampling="4:4:4"),
+    "progressive_444": save(
+        noise((256, 256)), "JPEG", quality=90, subsampling="4:4:4", progressive=True
+    ),
+    "restart_blocks": save(noise((256, 256)), "JPEG", quality=90, restart_marker_blocks=7),
+    "restart_rows": save(noise((256, 256)), "JPEG", quality=90, restart_marker_rows=1),
+    "progressive_restart": save(
+        noise((256, 256)), "JPEG", quality=90, progressive=True, restart_marker_blocks=5
+    ),
+    "exif_icc": save(noise((256, 256)), "JPEG", quality=90, **exif_and_icc()),
+    "grayscale": save(noise((256, 256)).convert("L"), "JPEG", quality=90),
+    "grayscale_progressive": save(noise((256, 256)).convert("L"), "JPEG", progressive=True),
+    "cmyk": save(cmyk_noise((256, 256)), "JPEG", quality=90),
+    "cmyk_progressive": save(cmyk_noise((96, 64)), "JPEG", progressive=True),
+    "odd_size": save(noise((257, 93)), "JPEG", quality=90),
+    "one_pixel": save(noise((1, 1)), "JPEG"),
+    "quality_100": save(noise((64, 64)), "JPEG", quality=100),
+    "quality_1": save(noise((64, 64)), "JPEG", quality=1),
+    "large_2000x1500": save(noise((2000, 1500)), "JPEG", quality=90),
+    "large_progressive": save(gradient((2000, 1500)), "JPEG", progressive=True),
+}
+
+
+def jpeg_scans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each scan's entropy-coded data, by walking the segments."""
+    scans, pos = [], 2
+    while data[pos + 1] != 0xD9:
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        pos += 2 + length
+        if data[pos - length - 1] == 0xDA:
+            end = pos
+            while not (data[end] == 0xFF and data[end + 1] not in (0x00, *range(0xD0, 0xD8))):
+                end += 1
+            scans.append((pos, end))
+            pos = end
+    return scans
+
+
+def cut_scan(data: bytes, scan: int, keep: float) -> bytes:
+    """The file cut inside scan ``scan`` (a fraction ``keep`` of its data), + EOI."""
+    start, end = jpeg_scans(data)[scan]
+    return data[: start + int((end - start) * keep)] + b"\xff\xd9"
+
+
+HTML_502 = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
+
+
+@pytest.mark.parametrize("name", sorted(VALID_JPEGS))
+def test_every_jpeg_pillow_writes_is_accepted(name: str, tmp_path: Path) -> None:
+    data = VALID_JPEGS[name]
+    assert check(data) == "jpg"
+    path = tmp_path / "r.jpg"
+    path.write_bytes(data)  # a path is mapped, not read: the same verdict
+    assert check_result_image(path, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS) == "jpg"
+
+
+def test_the_structure_walk_sees_the_scans_pillow_writes() -> None:
+    assert len(jpeg_scans(VALID_JPEGS["baseline_noise"])) == 1
+    assert len(jpeg_scans(VALID_JPEGS["progressive"])) == 10  # libjpeg's default script
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "baseline_noise",
+        "baseline_gradient",
+        "progressive",
+        "optimized",
+        "subsampling_420",
+        "subsampling_444",
+        "restart_blocks",
+        "grayscale",
+        "cmyk",
+        "large_2000x1500",
+    ],
+)
+def test_scan_cut_to_a_quarter_with_eoi_appended_is_refused(name: str) -> None:
+    # libjpeg only warns ("premature end of data segment") and fills the rest with
+    # grey; Pillow ignores the warning, so this passed before.
+    data = VALID_JPEGS[name]
+    last = len(jpeg_scans(data)) - 1
+    words = reason(cut_scan(data, last, 0.25))
+    assert words.startswith("the result is not an acceptable image: truncated or corrupt JPEG")
+    assert "premature end of data segment" in words
+
+
+@pytest.mark.parametrize(
+    "name", ["baseline_noise", "progressive", "subsampling_444", "grayscale", "large_2000x1500"]
+)
+def test_html_error_page_as_scan_data_is_refused(name: str) -> None:
+    data = VALID_JPEGS[name]
+    start, _ = jpeg_scans(data)[0]
+    words = reason(data[:start] + HTML_502 + b"\xff\xd9")
+    # libjpeg's warning, or (progressive) the scans that never came after the junk
+    assert words.startswith("the result is not an acceptable image: truncated")
+
+
+@pytest.mark.parametrize("name", ["progressive", "progressive_444", "grayscale_progressive"])
+def test_progressive_jpeg_cut_between_two_scans_with_eoi_is_refused(name: str) -> None:
+    # Every scan complete, so libjpeg decodes without a warning: the coarse image the
+    # first scans give. The scan headers tell that coefficients were never sent.
+    data = VALID_JPEGS[name]
+    scans = jpeg_scans(data)
+    for _, end in scans[:-1]:
+        words = reason(data[:end] + b"\xff\xd9")
+        assert "truncated JPEG: its scans end before coding all of component(s)" in words
+
+
+def test_big_progressive_jpeg_cut_between_scans_is_refused_undecoded() -> None:
+    buf = io.BytesIO()
+    gradient((4000, 3200)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    assert FULL_DECODE_PIXELS < 4000 * 3200
+    assert check(data) == "jpg"
+    _, end = jpeg_scans(data)[5]
+    assert "truncated JPEG: its scans end before" in reason(data[:end] + b"\xff\xd9")
+
+
+SEARCHED = sorted(set(VALID_JPEGS) - {"large_2000x1500", "large_progressive"})
+
+
+@given(st.sampled_from(SEARCHED), st.data())
+@settings(max_examples=400, deadline=None)
+def test_any_cut_in_the_scan_data_with_eoi_appended_is_refused(
+    name: str, draw: st.DataObject
+) -> None:
+    data = VALID_JPEGS[name]
+    scans = jpeg_scans(data)
+    scan = draw.draw(st.integers(0, len(scans) - 1), label="scan")
+    start, end = scans[scan]
+    # Any cut from the scan's first byte to its last one removed (the whole scan
+    # kept is the valid file itself, or a cut between two scans).
+    cut = draw.draw(st.integers(start, end - 1), label="cut")
+    with pytest.raises(ResultNotImageError) as info:
+        check(data[:cut] + b"\xff\xd9")
+    assert "truncated" in info.value.message and "\n" not in info.value.message
+
+
+@given(st.sampled_from(SEARCHED), st.data())
+@settings(max_examples=400, deadline=None)
+def test_a_corrupt_byte_in_the_scan_data_is_refused_unless_it_is_still_a_valid_stream(
+    name: str, draw: st.DataObject
+) -> None:
+    data = VALID_JPEGS[name]
+    start, end = draw.draw(st.sampled_from(jpeg_scans(data)), label="scan")
+    pos = draw.draw(st.integers(start, end - 1), label="pos")
+    value = draw.draw(st.integers(0, 255).filter(lambda v: v != data[pos]), label="value")
+    damaged = data[:pos] + bytes([value]) + data[pos + 1 :]
+    try:
+        simplejpeg.decode_jpeg(damaged, colorspace="GRAY", strict=True)  # full scale
+        clean = True
+    except ValueError:
+        clean = False
+    # A stuffed FF (FF 00) changed to another byte leaves plain data ("X 00"): only
+    # an FF written before anything but 00 makes a marker inside the scan.
+    makes_marker = value == 0xFF and damaged[pos + 1] != 0x00
+    try:
+        check(damaged)
+    except ResultNotImageError as exc:
+        assert exc.message.startswith("the result is not an acceptable image: ")
+        assert "\n" not in exc.message
+        # Refused exactly when a full-scale decode has libjpeg complain (the 1/8
+        # scale check is as strict), or when the scans no longer code every
+        # coefficient (a progressive scan header hit).
+        assert not clean or "its scans end before" in exc.message
+    else:
+        # Accepted: the changed bits still form Huffman codes that decode to exactly
+        # the frame's number of blocks, up to EOI, so libjpeg at full scale decodes it
+        # without any warning. JPEG has no checksum: such a file is a well-formed
+        # JPEG whose pixels differ, indistinguishable from a real image by any format
+        # check. A byte that made (or unmade) a marker never gets this far.
+        assert clean
+        assert not makes_marker
