@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from types import TracebackType
 from typing import IO, Any, Final
-from urllib.parse import quote, quote_plus, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 from urllib.request import getproxies, proxy_bypass
 
 import aiohttp
@@ -70,6 +70,7 @@ from pipeline.errors import (
 from pipeline.netguard import AddressRefused, ResolveError, UrlGuard, guarded_get
 from pipeline.perloop import PerLoop
 from pipeline.providers.base import ImagePayload, RequestStats, ResultSink
+from pipeline.redaction import contains_secret, redact_secret
 
 __all__ = [
     "CHUNK_BYTES",
@@ -331,38 +332,16 @@ def safe_url(url: str) -> str:
 _QUERY = re.compile(r"\?[^\s'\"<>]*")
 
 
-def _secret_forms(secret: str | None) -> tuple[str, ...]:
-    """The key and the forms a vendor could echo it back in: URL-encoded (path and
-    form style) and base64. Longest first, so a longer form is replaced whole."""
-    if not secret:
-        return ()
-    forms = {
-        secret,
-        quote(secret, safe=""),
-        quote_plus(secret),
-        base64.b64encode(secret.encode()).decode().rstrip("="),
-    }
-    return tuple(sorted(forms, key=len, reverse=True))
-
-
-def contains_secret(text: str, secret: str | None) -> bool:
-    """Whether ``text`` carries ``secret`` in any of the forms :func:`redact` replaces."""
-    return any(form in text for form in _secret_forms(secret))
-
-
 def redact(text: str, secret: str | None) -> str:
-    """``text`` with every form of ``secret`` and every URL query string replaced."""
-    for form in _secret_forms(secret):
-        if form in text:
-            text = text.replace(form, "***")
-    return _QUERY.sub("?…", text)
+    """``text`` with the key (whole, in part or encoded: :mod:`pipeline.redaction`)
+    and every URL query string replaced."""
+    return _QUERY.sub("?…", redact_secret(text, secret))
 
 
 def scrub(text: str, secret: str | None, limit: int = _MAX_MESSAGE) -> str:
     """A vendor-supplied string made safe to log: key forms and URL queries replaced,
     whitespace (newlines: log injection) collapsed, clipped to ``limit``."""
-    text = redact(" ".join(text.split()), secret)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return _cut(redact(" ".join(text.split()), secret), limit)
 
 
 def redact_error(err: VendorError, secret: str) -> VendorError:
@@ -383,8 +362,22 @@ def redact_error(err: VendorError, secret: str) -> VendorError:
 
 def clip(text: str) -> str:
     """A vendor-supplied text, shortened for an error message."""
-    text = " ".join(text.split())
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
+    return _cut(" ".join(text.split()), _MAX_MESSAGE)
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` (whitespace collapsed) in at most ``limit`` characters, "…" ending a
+    cut one. A cut falls after the last word that fits, where one ends in the second
+    half: a word cut in two could be a key cut in two, and its first part would not
+    be recognised (:mod:`pipeline.redaction` finds runs of 12 characters or more)."""
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 1]
+    if text[limit - 1] != " ":
+        space = head.rfind(" ")
+        if space >= limit // 2:
+            head = head[:space]
+    return head.rstrip() + "…"
 
 
 def body_excerpt(body: bytes) -> str:

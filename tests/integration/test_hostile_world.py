@@ -20,6 +20,7 @@ failed).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -1659,6 +1660,91 @@ async def test_a_vendor_echoing_the_key_in_its_answers_never_gets_it_printed(
         data = path.read_bytes()
         for secret in secrets:
             assert secret.encode() not in data, (secret, path)
+
+
+def _key_echoes(key: str, style: str) -> str:
+    """A vendor's error text that carries ``key`` cut, encoded or split."""
+    raw = key.encode()
+    if style == "cut":  # all but its last character inside the 300-character clip
+        return "x" * (288 - len(key)) + "invalid key " + key + " for this account"
+    if style == "cut-in-a-word":  # no space before it: cut mid-word
+        return "x" * (300 - len(key)) + key + " for this account"
+    if style == "hex":
+        return f"key {raw.hex()} refused"
+    if style == "bearer-base64":
+        return "header " + base64.b64encode(b"Bearer " + raw).decode() + " refused"
+    raise AssertionError(style)
+
+
+def _runs(data: bytes, piece: str, run: int = 12) -> list[str]:
+    """Every ``run``-character piece of ``piece`` in ``data`` (either case), but those
+    the run writes itself: the test keys are not random, and "perfectcorp-" is also
+    in the name of every AI Smile result folder."""
+    low = data.lower()
+    ours = " ".join(str(op["op"]).replace("/", "-") for op in (SYNC, SMILE, SWAP))
+    return [
+        piece[i : i + run]
+        for i in range(len(piece) - run + 1)
+        if piece[i : i + run].lower().encode() in low and piece[i : i + run] not in ours
+    ]
+
+
+@pytest.mark.parametrize("style", ["cut", "cut-in-a-word", "hex", "bearer-base64"])
+async def test_a_key_echoed_cut_or_encoded_never_reaches_a_file_or_the_terminal(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+    write_manifest: Callable[..., Path],
+    style: str,
+) -> None:
+    # The defect: vendor messages were clipped to 300 characters before the key was
+    # looked for, so a key straddling the cut got through as all but its last
+    # character (stderr, results.jsonl, report.html, the journal); hex and base64 of
+    # "Bearer <key>" were not looked for at all.
+    emu: RunningEmulator = await emulator_factory(transient_error_rate=1.0, seed=3)
+    _inputs(tmp_path, 2)
+    manifest = write_manifest([SYNC, SMILE], max_attempts=2, concurrency=2)
+
+    def echo(request: Any, body: bytes) -> bytes:
+        key = AILAB_KEY if request.path.startswith("/api/") else PERFECTCORP_KEY
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return body
+        if not isinstance(doc, dict):
+            return body
+        for field in ("error_msg", "message", "error_message", "error"):
+            if isinstance(doc.get(field), str):
+                doc[field] = _key_echoes(key, style)
+        detail = doc.get("error_detail")
+        if isinstance(detail, dict):
+            for field in ("message", "code_message"):
+                if isinstance(detail.get(field), str):
+                    detail[field] = _key_echoes(key, style)
+        return json.dumps(doc).encode()
+
+    async with _Proxy(emu.base_url) as proxy:
+        proxy.transform = echo
+        cfg = _config_file(_config(proxy.base_url), tmp_path / "config.yaml")
+        done = await _cli(manifest, cfg, "-v", "--log-json")
+    assert (
+        emu.stats()["ailab"]["transient_errors"] + emu.stats()["perfectcorp"]["transient_errors"]
+        > 0
+    )
+    shown = done.stdout + done.stderr
+    _no_traceback(shown)
+    echoed = 0
+    for key in (AILAB_KEY, PERFECTCORP_KEY):
+        raw = key.encode()
+        pieces = {
+            "cut": key, "cut-in-a-word": key, "hex": raw.hex(),
+            "bearer-base64": base64.b64encode(b"Bearer " + raw).decode()[12:-4],
+        }  # fmt: skip
+        piece = pieces[style]
+        assert _runs(shown, piece) == [], (key, style)
+        for path in [*_files_under(tmp_path / "out"), *_files_under(tmp_path / "logs")]:
+            assert _runs(path.read_bytes(), piece) == [], (key, style, path)
+        echoed += b"***" in shown or b"x" * 200 in shown  # replaced, or cut off whole
+    assert echoed  # the vendor's text did reach the terminal, only not the key
 
 
 async def test_possibly_billed_total_remembers_sends_retried_with_retry_failed(

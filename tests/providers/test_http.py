@@ -7,6 +7,7 @@ import email.utils
 import errno
 import math
 import os
+import string
 from urllib.parse import quote, quote_plus
 
 import aiohttp
@@ -24,6 +25,7 @@ from pipeline.errors import (
 )
 from pipeline.netguard import AddressRefused, ResolveError
 from pipeline.providers import http
+from pipeline.redaction import MIN_RUN
 
 from ._server import JPEG, PNG
 
@@ -366,3 +368,95 @@ async def test_an_upload_over_1_mb_is_sent_whole_with_its_length_uncopied_and_un
         assert int(headers["Content-Length"]) >= len(photo)
     assert isinstance(got["put_headers"], dict)
     assert got["put_headers"]["Content-Type"] == "image/jpeg"
+
+
+# -- a key echoed in part, encoded or cut (pipeline.redaction) --------------------------
+
+_KEY_CHARS = string.ascii_letters + string.digits + "-_"
+
+
+def _runs_of(text: str, form: str, run: int = MIN_RUN) -> list[str]:
+    """Every ``run``-character piece of ``form`` found in ``text`` (either case)."""
+    low = text.lower()
+    return [
+        form[i : i + run] for i in range(len(form) - run + 1) if form[i : i + run].lower() in low
+    ]
+
+
+def _encodings(key: str) -> dict[str, str]:
+    """How a vendor could echo ``key``, each as the part that encodes the key alone."""
+    raw = key.encode()
+    bearer = base64.b64encode(b"Bearer " + raw).decode()
+    return {
+        "raw": key,
+        "hex": raw.hex(),
+        "HEX": raw.hex().upper(),
+        "b64": base64.b64encode(raw).decode(),
+        "b64 at 1": base64.b64encode(b"x" + raw).decode(),
+        "urlsafe b64 at 2": base64.urlsafe_b64encode(b"xy" + raw).decode(),
+        "Bearer b64": bearer,
+    }
+
+
+def _key_part(name: str, encoded: str) -> str:
+    """The characters of ``encoded`` that depend on the key's bytes alone."""
+    skip = {"b64 at 1": 4, "urlsafe b64 at 2": 4, "Bearer b64": 12}.get(name, 0)
+    end = len(encoded.rstrip("=")) - (4 if "b64" in name else 0)
+    return encoded[skip:end]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    key=st.text(_KEY_CHARS, min_size=MIN_RUN, max_size=64),
+    before=st.text(max_size=400),
+    after=st.text(max_size=100),
+    name=st.sampled_from(sorted(_encodings("k" * 20))),
+    cut=st.integers(0, 500),
+)
+def test_no_run_of_the_key_survives_a_scrub_whatever_the_encoding_or_the_cut(
+    key: str, before: str, after: str, name: str, cut: int
+) -> None:
+    # The defect: vendor messages were clipped to 300 characters before the key was
+    # looked for; a key straddling the cut survived as all but its last characters.
+    # Hex and base64 of "Bearer <key>" were not looked for at all.
+    encoded = _encodings(key)[name]
+    text = (before + encoded + after)[:cut] if cut else before + encoded + after
+    clipped = http.clip(text)  # as the parsers do, before any key is looked for
+    out = http.scrub(clipped, key)
+    part = _key_part(name, encoded)
+    assert _runs_of(out, part) == [], (out, part)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    key=st.text(_KEY_CHARS, min_size=2 * MIN_RUN, max_size=64),
+    split=st.integers(MIN_RUN, 64),
+    between=st.text(max_size=40),
+)
+def test_a_key_split_in_two_fields_leaves_no_half_behind(
+    key: str, split: int, between: str
+) -> None:
+    split = min(split, len(key) - MIN_RUN)
+    err = VendorError(f"{key[split:]} {between}", code=key[:split], vendor="v")
+    http.redact_error(err, key)
+    assert _runs_of(err.code + " " + err.message, key) == []
+
+
+def test_a_word_cut_in_two_is_dropped_whole() -> None:
+    key = "ak-" + "Q7x" * 10
+    text = "x" * 270 + " invalid key " + key + " for this account"
+    out = http.clip(text)
+    assert out.endswith("invalid key…") and len(out) <= 300
+    assert "ak-Q" not in out
+
+
+def test_a_short_key_is_matched_whole_only() -> None:
+    # Runs of a key this short turn up in ordinary text by chance.
+    assert http.redact("use key abc123 not abc1234", "abc123") == "use key *** not ***4"
+    assert not http.contains_secret("abc12", "abc123")
+
+
+def test_runs_of_ordinary_text_are_left_alone() -> None:
+    key = "test-ailab-key-123"
+    text = "the ailab key was refused (test-ailab-) for HTTP 401"
+    assert http.redact(text, key) == text  # 11 characters of it: not a run
