@@ -180,7 +180,8 @@ def print_plan(manifest: Manifest, config: Config, options: RunOptions) -> int:
     Items, variants, what the journal says is already done, requests per vendor,
     credits/units from the documented prices, the time the rate budget needs, and
     (when keys are set, or against the emulator) the balances from the vendors'
-    credit endpoints.
+    credit endpoints. A balance that is not a finite number (``NaN``, ``Infinity``) is
+    reported as unknown, naming the field, and never called enough.
     """
     inputs = list(iter_inputs(manifest.base_dir, manifest.inputs, manifest.output))
     print(f"plan for {manifest.path} -> {manifest.output} (dry run: nothing billable is sent)")
@@ -202,6 +203,15 @@ def print_plan(manifest: Manifest, config: Config, options: RunOptions) -> int:
             continue
         where = " (emulator)" if emulate else ""
         need = spend.get(vendor, 0.0)
+        unreadable = _unreadable_balance(balance)
+        if unreadable is not None:
+            # Unknown is neither enough nor short: never compared with the price.
+            print(
+                f"  {vendor} balance{where}: unknown: {unreadable}, not a finite number, so "
+                f"the balance is unknown; not compared with the {_amount(need)} "
+                f"{balance.unit} needed"
+            )
+            continue
         verdict = "enough" if balance.balance >= need else f"NOT enough: {_amount(need)} needed"
         print(f"  {vendor} balance{where}: {_amount(balance.balance)} {balance.unit}; {verdict}")
     print("  nothing was sent (dry run)")
@@ -281,7 +291,41 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+# The field of each vendor's credit answer that a balance is summed from
+# (docs/vendors.md, "AILab: credits and prices"; "Perfect Corp: units and prices":
+# `amount_dec`, the deprecated `amount` only where `amount_dec` is missing).
+_BALANCE_FIELDS = {"ailab": "data[].balance", "perfectcorp": "results[].amount_dec (or amount)"}
+
+
+def _unreadable_balance(balance: CreditBalance) -> str | None:
+    """What makes ``balance`` unreadable, or ``None`` when it is a finite number.
+
+    JSON parsers accept ``NaN``, ``Infinity``, ``-Infinity`` and overflowing numbers
+    (``1e999``), and the vendors' parsers keep them as read. Such a balance is
+    unknown: not huge (enough), not below any price (short)."""
+    field = _BALANCE_FIELDS.get(balance.vendor, "balance")
+    bad = [(name, value) for name, value in balance.pools.items() if not math.isfinite(value)]
+    if bad:
+        pools = ", ".join(f"{_number(value)} (pool {name})" for name, value in bad)
+        return f"the vendor's credit answer has {field} = {pools}"
+    if not math.isfinite(balance.balance):
+        # Finite pools whose sum overflows (two of 1e308).
+        return f"the vendor's credit answer has {field} adding up to {_number(balance.balance)}"
+    return None
+
+
+def _number(value: float) -> str:
+    """A float as JSON would spell a non-finite one."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return f"{value:g}"
+
+
 def _amount(value: float) -> str:
+    if not math.isfinite(value):  # int() of NaN or Infinity raises
+        return _number(value)
     return f"{value:,.0f}" if value == int(value) else f"{value:,.2f}"
 
 

@@ -369,8 +369,11 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
     ``PermanentError``; ``404
     ERROR_RESOURCE_NOT_FOUND`` / ``410 ERROR_RESOURCE_RECLAIMED`` → ``RetryableError``
     with the code kept (the task is lost; the engine decides about resubmitting);
-    ``task_status`` 3, any status outside 0-2, or 2 without a usable result →
-    ``RetryableError``.
+    ``task_status`` 3 or any status outside 0-2 → ``RetryableError``.
+
+    ``task_status`` 2 without a usable result is ``succeeded`` with neither
+    ``result_url`` nor ``image``: the task was billed, so it is asked again for its
+    result, never resubmitted (docs/vendors.md, "AILab: task failures at poll").
     """
     err, doc = envelope_error(status, headers, body)
     if err is not None:
@@ -385,7 +388,7 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
     if task_status in (_QUEUED, _PROCESSING):
         return TaskState(state="running")
     if task_status == _SUCCEEDED:
-        return _succeeded(doc, status, rid)
+        return _succeeded(doc)
     return _task_failed(doc, task_status, status, rid)
 
 
@@ -407,8 +410,16 @@ def _poll_failure(err: VendorError) -> TaskState:
     raise err
 
 
-def _succeeded(doc: Mapping[str, Any], status: int, rid: str | None) -> TaskState:
-    """``task_status`` 2: the first usable result among the candidates."""
+def _succeeded(doc: Mapping[str, Any]) -> TaskState:
+    """``task_status`` 2: the first usable result among the candidates.
+
+    Without one, the task still succeeded, and a succeeded task is charged
+    (docs/vendors.md, "Both vendors: billing"): it is ``succeeded`` with neither a URL
+    nor an image, never a failure, which would create and pay for a second task. The
+    lifecycle polls the same task again for its result a bounded number of times,
+    then reports it as paid but lost (``RESULT_LOST``) without resubmitting it
+    (docs/vendors.md, "AILab: task failures at poll").
+    """
     for value in _result_candidates(doc):
         if not isinstance(value, str) or not value.strip():
             continue
@@ -420,18 +431,7 @@ def _succeeded(doc: Mapping[str, Any], status: int, rid: str | None) -> TaskStat
             return TaskState(state="succeeded", image=image)
         if _SCHEME.match(text):
             return TaskState(state="succeeded", result_url=text)
-    # "AILab: task failures at poll": status 2 without a result is an R failure.
-    return TaskState(
-        state="failed",
-        error=RetryableError(
-            "task_status 2 but no result_url, data.result_url, data.image, "
-            "data.result_urls or data.images",
-            code="MISSING_RESULT",
-            vendor=VENDOR,
-            http_status=status,
-            request_id=rid,
-        ),
-    )
+    return TaskState(state="succeeded")
 
 
 def _task_failed(
@@ -458,6 +458,11 @@ def parse_credits(status: int, headers: Mapping[str, str], body: bytes) -> Credi
     docs/vendors.md, "AILab: credits and prices": third-party code sums all pools; the
     usable balance of one API is [unsure] ``common``
     plus its own pool, which callers can compute from ``pools``.
+
+    A pool's ``balance`` is kept as read even when it is not a finite number (``NaN``,
+    ``Infinity``, ``1e999``; JSON parsers accept them): it is what the vendor said, and
+    the pool it came from stays named in ``pools``. Such a balance is unknown, never a
+    large one: :mod:`pipeline.plan` says so instead of comparing it with a price.
     """
     doc = parse_envelope(status, headers, body)
     rid = _request_id(doc)

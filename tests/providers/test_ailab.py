@@ -448,11 +448,16 @@ def test_poll_succeeded_with_base64() -> None:
         {"data": {"image": "!!!"}},
     ],
 )
-def test_poll_2_without_result_is_retryable_failure(fields: dict[str, Any]) -> None:
+def test_poll_2_without_result_is_succeeded_without_a_result(fields: dict[str, Any]) -> None:
+    # The task succeeded and is billed (docs/vendors.md, "Both vendors: billing"): a
+    # failure would be resubmitted and paid twice. Succeeded with neither a URL nor an
+    # image sends the lifecycle to re-poll, then RESULT_LOST ("AILab: task failures at
+    # poll").
     state = ailab.parse_poll(200, {}, body(ailab_ok(task_status=2, **fields)))
-    assert state.state == "failed"
-    assert isinstance(state.error, RetryableError)
-    assert state.error.code == "MISSING_RESULT"
+    assert state.state == "succeeded"
+    assert state.result_url is None
+    assert state.image is None
+    assert state.error is None
 
 
 def test_poll_status_3_is_retryable_failure() -> None:

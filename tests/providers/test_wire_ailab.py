@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import socket
 from collections.abc import AsyncIterator
 
@@ -173,6 +174,48 @@ async def test_credits_wire(vendor: Vendor, session: aiohttp.ClientSession) -> N
     assert vendor.seen[0].header("ailabapi-api-key") == KEY
     assert kit.budget.taken == 1
     assert kit.stats.by_vendor() == {"ailab": {"credits": 1}}
+
+
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity", "1e999"])
+async def test_credits_keep_a_non_finite_balance_as_read(
+    vendor: Vendor, session: aiohttp.ClientSession, raw: str
+) -> None:
+    # JSON parsers accept these; parse_credits keeps them (the pool named) for
+    # pipeline.plan to call the balance unknown (tests/unit/test_plan_credits_nonfinite.py).
+    body = (
+        '{"request_id":"r","log_id":"l","error_detail":{"code":""},"data":['
+        '{"unique_sign":"common","balance":3.0},'
+        f'{{"unique_sign":"portrait_ai_face_swap","balance":{raw}}}]}}'
+    )
+    vendor.route("GET", CREDITS, Reply(body=body, headers={"Content-Type": "application/json"}))
+    bal = await provider(make_kit(session, vendor.url())).credits()
+    assert bal.pools["common"] == 3.0
+    assert not math.isfinite(bal.pools["portrait_ai_face_swap"])
+    assert not math.isfinite(bal.balance)
+
+
+async def test_poll_2_without_a_result_is_succeeded_then_asked_again(
+    vendor: Vendor, session: aiohttp.ClientSession
+) -> None:
+    # A succeeded task is billed (docs/vendors.md, "Both vendors: billing"): status 2
+    # without a result is succeeded without one, and the same task is polled again.
+    result_url = vendor.url("/outputs/late.jpg")
+    vendor.route(
+        "GET",
+        POLL,
+        Reply(body=ailab_ok(task_status=2)),
+        Reply(body=ailab_ok(task_status=2, data={})),
+        Reply(body=ailab_ok(task_status=2, data={"image": result_url})),
+    )
+    kit = make_kit(session, vendor.url())
+    p = provider(kit)
+    states = [await p.poll("ailab/face-swap", "t-1") for _ in range(3)]
+    assert [(s.state, s.result_url, s.image, s.error) for s in states] == [
+        ("succeeded", None, None, None),
+        ("succeeded", None, None, None),
+        ("succeeded", result_url, None, None),
+    ]
+    assert [s.raw_path for s in vendor.seen] == [f"{POLL}?task_id=t-1"] * 3
 
 
 async def test_key_never_in_errors(vendor: Vendor, session: aiohttp.ClientSession) -> None:
