@@ -234,12 +234,13 @@ class DurationEstimate:
         """How many steps of EARLY the aim comes down by: 1, doubling for every
         ``keep`` tasks past DESCENT_PATIENCE x ``keep`` with no aimed first poll
         found running, counted from the last floor's lapse if later, up to
-        DESCENT_MAX. Never while a floor holds the aim."""
-        if floor is not None:
+        DESCENT_MAX. Only once a floor has held the aim and lapsed."""
+        if floor is not None or not self._floors:
+            # Before any floor, the aim is still coming down from the first tasks,
+            # polled every interval: at most an interval and a quarter too high.
+            # Doubling then overshot, and a whole wave took second polls.
             return 1
-        start = self._last_early
-        if self._floors:
-            start = max(start, self._floors[-1][0] + self.FLOOR_SPAN * self._keep)
+        start = max(self._last_early, self._floors[-1][0] + self.FLOOR_SPAN * self._keep)
         spans = (self._seen - start) // self._keep - self.DESCENT_PATIENCE
         return 1 if spans < 0 else min(self.DESCENT_MAX, 1 << min(spans, 16))
 

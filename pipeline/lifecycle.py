@@ -171,11 +171,13 @@ class PollPolicy:
 
     @property
     def max_gap(self) -> float:
-        """Longest wait between two polls of a running task."""
+        """Longest wait between two polls of a running task: never past the task's
+        deadline (a vendor's ``polling_interval`` of 10^12 ms kept a task unpolled
+        for good when no window was set)."""
         if self.window is None:
-            return math.inf
+            return self.deadline
         # Keep a margin for the budget wait and the network: a quarter of the window.
-        return max(0.05, self.window * 0.75)
+        return min(self.deadline, max(0.05, self.window * 0.75))
 
     def first_delay(self, expected: float | None) -> float:
         """Seconds from the submit to the first poll.
@@ -275,10 +277,14 @@ class Send:
 
 @dataclass(frozen=True)
 class Retry:
-    """Back off until ``until``, then send again. Checkpoint: ``pending``."""
+    """Back off until ``until``, then send again (``prepare``: read the input first).
+    Checkpoint: ``pending``."""
 
     tally: Tally
     until: float
+    # A task resumed from the journal was never read in this run: its failure sends a
+    # new one, which needs the input read and checked first.
+    prepare: bool = False
 
 
 @dataclass(frozen=True)
@@ -657,7 +663,8 @@ def _one_more_unknown(tally: Tally) -> Tally:
 
 def _on_retry(state: Retry, event: Event, now: float, policy: Policy) -> State:
     if isinstance(event, Timer):
-        return _send_or_give_up(state.tally, policy)
+        after = _send_or_give_up(state.tally, policy)
+        return Prepare(state.tally) if state.prepare and isinstance(after, Send) else after
     if isinstance(event, Stopping):
         return Unsent(event.reason)
     raise _unexpected(state, event)
@@ -671,7 +678,8 @@ def _on_poll(state: Poll, event: Event, now: float, policy: Policy) -> State:
         )
         if now >= state.deadline:
             return _deadline(polled, policy)
-        return replace(polled, due=now + policy.poll.next_delay(interval))
+        # Polled at its deadline at the latest, where a task still running fails.
+        return replace(polled, due=min(now + policy.poll.next_delay(interval), state.deadline))
     if isinstance(event, TaskSucceeded):
         polled = replace(state, polls=state.polls + 1, billed=True)
         if event.has_image:
@@ -720,8 +728,9 @@ def _task_failed(state: Poll, error: ErrorInfo, now: float, policy: Policy) -> S
     if not isinstance(after, Send):
         return after
     # The vendor says the task failed: failures are not billed (docs/vendors.md
-    # "Both vendors: billing"), so a new task may be created.
-    return Retry(tally, until=now + policy.backoff(tally.attempts))
+    # "Both vendors: billing"), so a new task may be created. A task resumed from
+    # the journal (not started in this run) has no input read yet: Prepare first.
+    return Retry(tally, until=now + policy.backoff(tally.attempts), prepare=state.started is None)
 
 
 def _poll_error(state: Poll, event: PollError, now: float, policy: Policy) -> State:

@@ -292,10 +292,11 @@ def test_after_tasks_got_shorter_the_first_poll_follows_them_down(
     # tasks that became 1 s ones (0.5 s polls) were polled 1.4 s late on average over
     # the next 4 000. Now, after DESCENT_PATIENCE quiet spans, the step doubles up to
     # 0.8 of an interval a wave: tasks up to 12 intervals shorter are followed within
-    # 50 waves of the change (the floor set at the old length holds for the first 16).
+    # 50 waves of the change (the floor set at the old length holds for the first 16;
+    # the change comes once the first floor has formed, after the first 25 waves).
     shorter = max(interval, duration - gap * interval)
     aims, _ = _late_waves(
-        duration, interval, interval * 0.02, seed, waves=60, shorter=(10, shorter)
+        duration, interval, interval * 0.02, seed, waves=75, shorter=(25, shorter)
     )
     assert aims[-1] <= shorter + interval + interval * 0.02
 
@@ -304,5 +305,5 @@ def test_without_the_doubling_the_first_poll_comes_down_a_tenth_of_an_interval_a
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(DurationEstimate, "DESCENT_PATIENCE", 10**6)
-    aims, _ = _late_waves(3.0, 0.1, 0.002, seed=5, waves=60, shorter=(10, 1.8))
+    aims, _ = _late_waves(3.0, 0.1, 0.002, seed=5, waves=75, shorter=(25, 1.8))
     assert aims[-1] > 1.8 + 5 * 0.1  # still more than five intervals late

@@ -482,3 +482,33 @@ def test_lifecycle_imports_no_io() -> None:
         "enum",
         "typing",
     }
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hint=st.one_of(st.none(), st.floats(0.5, 1e12, allow_nan=False)),
+    window=st.one_of(st.none(), st.floats(1.0, 600.0)),
+    deadline=st.floats(1.0, 60.0),
+    now=st.floats(0.0, 1e6),
+)
+def test_a_running_task_is_polled_again_by_its_deadline_whatever_the_vendor_asks(
+    hint: float | None, window: float | None, deadline: float, now: float
+) -> None:
+    # The defect: a vendor's polling_interval of 10^12 ms, with no polling window set,
+    # put the next poll past the task's deadline: the run never ended.
+    policy = lc.Policy(poll=lc.PollPolicy(interval=1.0, window=window, deadline=deadline))
+    state: lc.State = lc.Poll(lc.Tally(), "t1", due=now, deadline=now + deadline, started=now)
+    at = now
+    for _ in range(2 * int(deadline) + 3):  # polls at least half a second apart
+        assert isinstance(state, lc.Poll)
+        after = lc.next(state, lc.TaskRunning(vendor_interval=hint), at, policy)
+        if not isinstance(after, lc.Poll):
+            state = after
+            break
+        assert at < after.due <= now + deadline
+        if window is not None:
+            assert after.due - at <= window
+        state, at = after, after.due
+    # Still running at its deadline: it fails there, never later.
+    assert isinstance(state, lc.Failed) and state.error.code == "TASK_DEADLINE", state
+    assert at <= now + deadline

@@ -1348,6 +1348,61 @@ async def test_rerun_after_every_task_failed_retries_them(
     assert _charges(healthy) == _once_each(inputs, [SMILE, SWAP])
 
 
+@pytest.mark.parametrize("outcome", ["task failed", "vendor forgot the task"])
+async def test_a_resumed_task_that_failed_is_sent_again_after_its_input_is_read(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+    write_manifest: Callable[..., Path],
+    outcome: str,
+) -> None:
+    # The defect: a rerun resumed a journaled task at its poll, without reading the
+    # input; when the vendor said the task failed (or no longer knew it), the retry
+    # went straight to the send, which found no payload: INTERNAL_ERROR, the task id
+    # dropped, and the row left "submitting", counted as a send of unknown outcome
+    # (after two such runs the item ended OUTCOME_UNKNOWN, every send answered).
+    if outcome == "task failed":
+        first_emu = second_emu = await emulator_factory(task_seconds=1.5, task_failure_rate=1.0)
+    else:
+        first_emu = await emulator_factory(task_seconds=60.0)
+        second_emu = await emulator_factory()
+    inputs = _inputs(tmp_path, 3)
+    # A Perfect Corp task it no longer knows expired there, and is charged anyway
+    # (docs/vendors.md, "Perfect Corp: task lifetimes"): lost, not sent again.
+    ops = [SMILE, SWAP] if outcome == "task failed" else [SWAP]
+    manifest = write_manifest(ops, max_attempts=3, concurrency=6)
+    cfg = _config_file(_config(first_emu.base_url), tmp_path / "config.yaml")
+    created = len(inputs) * len(ops)
+    with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
+        await _wait_for(
+            lambda: sum(sum(c.values()) for c in _submits(first_emu).values()) >= created,
+            "every task created",
+        )
+        await anyio.sleep(0.3)  # each task id committed to the journal by now
+        proc.kill()
+        await anyio.to_thread.run_sync(proc.wait)
+    if outcome == "task failed":
+        await anyio.sleep(1.6)  # every task has failed at the vendor
+        second = await _run(manifest, _config(second_emu.base_url))
+        assert second.code == 1, second.report["errors_by_code"]
+        codes = {SMILE["op"]: "error_inference", SWAP["op"]: "TASK_FAILED"}
+        assert sorted(
+            (x["operation"], x["error"]["code"], x["attempts"]) for x in second.lines
+        ) == sorted((op["op"], codes[op["op"]], 3) for op in ops for _ in inputs)
+        # One task created by the killed run, three by the rerun (attempts are per run).
+        once = _once_each(inputs, ops)
+        assert _submits(first_emu) == {
+            v: Counter({k: 4 * n for k, n in c.items()}) for v, c in once.items()
+        }
+        assert second.report["possibly_billed_total"] == 0
+    else:
+        second = await _run(manifest, _config(second_emu.base_url))
+        assert second.code == 0, second.report["errors_by_code"]
+        assert second.report["counts"] == _counts(succeeded=created)
+        assert _charges(second_emu) == _once_each(inputs, ops)
+        assert second.report["possibly_billed_total"] == 0
+    assert _charges(first_emu) == {v: Counter() for v in VENDORS}  # no task finished there
+
+
 @pytest.mark.parametrize(
     "signals",
     [
