@@ -640,17 +640,26 @@ class ItemDriver:
                 full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
                 if full:
                     self.engine.disk_full = True
+                    # Nothing more is sent: each answer now needs room it may not find.
+                    self.engine.stop_starting(None, halted=f"the disk is full (writing {rel})")
                 # A full disk: the space held back lets a paid result in, once.
                 if last or not full or not self.engine.reserve.release():
                     return _store_failed(rel, exc)
         raise AssertionError("unreachable")
 
     def _output_rel(self, ext: str) -> str:
-        """Where the result goes: the path a journal already recorded, else the mapping."""
+        """Where the result goes: the path a journal already recorded, else the mapping
+        (a name of the item's own where another item's result is: ``displaced``)."""
         if self.recorded_output:
             return self.recorded_output
-        v = self.item.variant
-        return result_relpath(v.operation.name, v.label, self.item.input_rel, ext)
+        return mapped_output(self.item, ext)
+
+
+def mapped_output(item: WorkItem, ext: str) -> str:
+    """The result path of ``item`` with no recorded one, for a result of ``ext``."""
+    v = item.variant
+    key = item.key if item.displaced else None
+    return result_relpath(v.operation.name, v.label, item.input_rel, ext, displaced_key=key)
 
 
 # Input problems a rerun may not meet again: the file moved away mid-run.
@@ -669,8 +678,9 @@ def _store_failed(rel: str, exc: BaseException) -> lc.StoreFailed:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         info = lc.ErrorInfo(
             "DISK_FULL",
-            f"the disk is full: cannot write {rel}; the paid result is kept in the journal. "
-            "Free some space and rerun",
+            f"the disk is full: cannot write {rel}; the paid result is kept in the journal "
+            "if it fits there (else it is recorded as lost, RESULT_LOST). Free some space "
+            "and rerun",
             "fatal",
         )
         return lc.StoreFailed(info, disk_full=True)

@@ -22,8 +22,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import stat
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 import anyio
 import anyio.abc
@@ -32,14 +35,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pipeline import lifecycle as lc
 from pipeline import logs
 from pipeline.context import RunContext
-from pipeline.driver import ItemDriver, terminal_change
+from pipeline.driver import ItemDriver, mapped_output, terminal_change
 from pipeline.errors import (
     FatalError,
     UsageError,
 )
 from pipeline.journal import ItemRecord, ItemState
+from pipeline.manifest import Variant
 from pipeline.offload import run_sync
-from pipeline.outputs import result_relpath
+from pipeline.outputs import RESULT_EXTS
 from pipeline.runner import RunOptions, RunResult, run_job
 from pipeline.sources import (
     Batch,
@@ -69,9 +73,14 @@ class Engine(RunContext):
     class is the work queue: inputs in, one worker per item in flight.
     """
 
+    # Items met only in the journal: an earlier run's task for an input this run did
+    # not meet. Collected, never sent again (their input is not this run's to send).
+    _collect_only: set[str]
+
     # -- scheduling -------------------------------------------------------------------
 
     async def run(self) -> None:
+        self._collect_only = set()
         source = InputSource(self.manifest, self.journal, self.progress)
         send, receive = anyio.create_memory_object_stream[WorkItem](self.manifest.concurrency)
         cap = self.manifest.concurrency + prefetch(self.manifest.concurrency)
@@ -161,6 +170,65 @@ class Engine(RunContext):
                     self._queued.add(item.key)
                     one_more_worker()
                     await send.send(item)
+            await counted.wait()
+            for item in await self._uncollected_elsewhere():
+                if self.stopping and self._uncollected <= 0:
+                    return
+                self._queued.add(item.key)
+                one_more_worker()
+                await send.send(item)
+
+    async def _uncollected_elsewhere(self) -> list[WorkItem]:
+        """The tasks earlier runs created for inputs this run did not meet: deleted,
+        edited, or left out of the manifest since. Each is still running or billed at
+        its vendor, and nothing else would ever collect it: the result is fetched
+        (to a name of its own, ``displaced``: its input's name may be another item's
+        now), a failure is not sent again (collect only). A vendor this run has no
+        provider for is left for a run that has (said in the log)."""
+        from pipeline.operations import OPERATIONS
+
+        if self._uncollected <= 0:
+            return []  # none left (a rerun of done items does not scan the journal again)
+        items: list[WorkItem] = []
+        left: Counter[str] = Counter()
+        for (
+            state,
+            operation,
+            label,
+            params,
+            input_path,
+            input_rel,
+        ) in await self.journal.uncollected_elsewhere(self.run_id):
+            if state.key in self._met or state.key in self._queued:
+                continue
+            spec = OPERATIONS.get(operation)
+            if spec is None or spec.vendor not in self.providers:
+                left[operation] += 1
+                continue
+            try:
+                given = json.loads(params)
+            except ValueError:
+                given = {}
+            variant = Variant(spec, given if isinstance(given, dict) else {}, label=label)
+            items.append(WorkItem(state.key, input_path, input_rel, variant, None, state, True))
+            self._collect_only.add(state.key)
+        if items:
+            log.info(
+                "%d task(s) of earlier runs for inputs this run does not meet (moved, edited "
+                "or left out of the manifest): collected, not sent again", len(items),
+            )  # fmt: skip
+        for operation, count in sorted(left.items()):
+            log.warning(
+                "%d task(s) of earlier runs for %s are not collected: this manifest does not "
+                "use its vendor; a run of a manifest that does collects them", count, operation,
+            )  # fmt: skip
+        return items
+
+    def _policy(self, item: WorkItem) -> lc.Policy:
+        policy = self.policies[item.variant.operation.vendor]
+        if item.key in self._collect_only:
+            return replace(policy, max_attempts=0)  # a failed task is not sent again
+        return policy
 
     async def _settle_done(
         self,
@@ -269,7 +337,7 @@ class Engine(RunContext):
                 self._uncollected -= 1
         state = lc.resume(
             snap,
-            self.policies[item.variant.operation.vendor],
+            self._policy(item),
             time.monotonic(),
             retry_failed=self.options.retry_failed,
             output_exists=bool(rec and rec.output and (self.output_dir / rec.output).is_file()),
@@ -288,15 +356,26 @@ class Engine(RunContext):
         await self._drive(item, rec, state)
 
     async def _unjournaled(self, item: WorkItem, rec: ItemRecord | ItemState | None) -> str | None:
-        """A sync result written by a run killed before it journaled it, if any."""
+        """A sync result written by a run killed before it journaled it, if any: a file
+        at the item's own result path (never another item's: see ``displaced``), written
+        after the checkpoint the killed run made before its send. An older file there
+        is no answer to that send (a photo replaced under the same name, say)."""
         if rec is None or rec.status != "submitting" or item.variant.operation.is_async:
             return None
-        v = item.variant
+        full = await self.journal.lookup(item.key)
+        if full is None:
+            return None
+        # File times come from the kernel's coarse clock, a tick behind time.time().
+        checkpoint = full.updated_at - 1.0
 
         def look() -> str | None:
-            for ext in ("jpg", "png", "webp"):
-                rel = result_relpath(v.operation.name, v.label, item.input_rel, ext)
-                if (self.output_dir / rel).is_file():
+            for ext in RESULT_EXTS:
+                rel = mapped_output(item, ext)
+                try:
+                    st = (self.output_dir / rel).lstat()
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_mtime >= checkpoint:
                     return rel
             return None
 
@@ -338,7 +417,7 @@ class Engine(RunContext):
         self, item: WorkItem, rec: ItemRecord | ItemState | None, state: lc.State
     ) -> None:
         op = item.variant.operation
-        driver = ItemDriver(self, item, self.policies[op.vendor])
+        driver = ItemDriver(self, item, self._policy(item))
         driver.recorded_output = rec.output if rec is not None else None
         driver.billed_before = rec is not None and rec.status in ("ready", "succeeded")
         if isinstance(state, lc.Poll) and not state.billed:

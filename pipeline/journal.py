@@ -123,6 +123,9 @@ CREATE TABLE files (
 );
 """
 _SCHEMA = _SCHEMA_V1 + _MIGRATE_V1_TO_V2
+# Which item stored a result at a path (:func:`output_owners`): added to journals of
+# either schema when a run opens them (no version change: older releases ignore it).
+_OUTPUT_INDEX = "CREATE INDEX IF NOT EXISTS items_output ON items (output)"
 
 _ITEM_COLUMNS = (
     "key", "operation", "variant", "params", "input_path", "input_rel", "status",
@@ -435,7 +438,18 @@ class Journal:
 
     async def __aenter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = await anyio.to_thread.run_sync(lambda: self.open_sync(self.path, create=True))
+
+        def open_for_the_run() -> sqlite3.Connection:
+            conn = self.open_sync(self.path, create=True)
+            try:
+                conn.execute(_OUTPUT_INDEX)  # once per journal: about a second at 10^6 rows
+            except sqlite3.Error as exc:
+                conn.close()
+                _refuse_if_disk_full(self.path, exc)
+                raise JournalError(f"{self.path}: cannot index the journal: {exc}") from None
+            return conn
+
+        self._conn = await anyio.to_thread.run_sync(open_for_the_run)
         return self
 
     async def __aexit__(
@@ -663,6 +677,22 @@ class Journal:
         )
         return {str(op): (int(unpaid), int(ready)) for op, unpaid, ready in rows}
 
+    async def uncollected_elsewhere(
+        self, run_id: int
+    ) -> list[tuple[ItemState, str, str, str, str, str]]:
+        """The tasks :meth:`live_tasks` counts whose items this run has not met (as far
+        as committed): ``(state, operation, variant, params, input_path, input_rel)``."""
+        statuses = ", ".join(f"'{s.value}'" for s in sorted(COLLECTABLE_STATUSES))
+        rows = await self._read(
+            f"SELECT {', '.join(_STATE_COLUMNS)}, operation, variant, params, input_path,"
+            " input_rel FROM items WHERE task_id IS NOT NULL AND (status IN"
+            f" ({statuses}) OR (status = 'failed' AND error_kind IS NOT NULL AND"
+            " error_kind != 'permanent')) AND (seen_run IS NULL OR seen_run != ?)",
+            (run_id,),
+        )
+        cut = len(_STATE_COLUMNS)
+        return [(_state_of(row[:cut]), *row[cut:]) for row in rows]
+
     async def see(
         self,
         *,
@@ -819,6 +849,30 @@ class Journal:
             applied += 1
         return applied
 
+    async def apply_paid_lost(self, lost: Sequence[tuple[str, int]]) -> int:
+        """Record ``(key, run_id)`` sync answers a run was billed for on a full disk and
+        could note only in its rescue file (:func:`pipeline.rescue.read_paid_lost`), for
+        items still ``submitting``: failed ``RESULT_LOST``, paid for in that run, never
+        sent again on their own (an unknown outcome would be). Returns how many."""
+        found = await self.lookup_many([key for key, _ in lost])
+        applied = 0
+        for key, run_id in lost:
+            rec = found.get(key)
+            if rec is None or rec.status != Status.SUBMITTING.value or rec.task_id:
+                continue
+            error = ErrorInfo(
+                "RESULT_LOST",
+                "paid for in an earlier run, whose disk was full: the result could not be "
+                "kept; rerun with --retry-failed to pay for it once more",
+                "permanent",
+            )
+            change = Change(
+                Status.FAILED, error=error, billed_run=run_id, run_status="failed", finished=True
+            )
+            await self.change(key, change)
+            applied += 1
+        return applied
+
     # -- the stat cache -------------------------------------------------------------------
 
     async def cached_hashes(self, paths: Sequence[str]) -> dict[str, tuple[Any, ...]]:
@@ -892,6 +946,7 @@ _IN_CHUNK = 500
 _ITEM_SELECT = f"SELECT {', '.join(_ITEM_COLUMNS)} FROM items WHERE key IN "
 _STATE_COLUMNS = tuple(f.name for f in fields(ItemState))
 _STATE_SELECT = f"SELECT {', '.join(_STATE_COLUMNS)} FROM items WHERE key IN "
+_OWNER_SELECT = "SELECT output, key FROM items WHERE output IN "
 _FILES_SELECT = (
     "SELECT path, size, mtime_ns, ctime_ns, inode, dev, cached_at_ns, hash FROM files"
     " WHERE path IN "
@@ -974,6 +1029,12 @@ def item_states(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, Item
 def item_records(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, ItemRecord]:
     """``key -> ItemRecord`` of the ``keys`` (any number) that have a row."""
     return _by_first_column(conn, _ITEM_SELECT, keys, _record_of)
+
+
+def output_owners(conn: sqlite3.Connection, outputs: Sequence[str]) -> dict[str, str]:
+    """``output -> key`` of the items whose recorded result path is one of
+    ``outputs`` (any number; result paths are ASCII-safe, never :func:`db_text`-ed)."""
+    return _by_first_column(conn, _OWNER_SELECT, outputs, operator.itemgetter(1))
 
 
 def cached_hash_rows(conn: sqlite3.Connection, paths: Sequence[str]) -> dict[str, tuple[Any, ...]]:

@@ -28,6 +28,12 @@ so a file added tomorrow never renames today's outputs):
   ``ailab-emotion-editor``).
 * **Deep trees**: at most 32 folder levels and 1 024 bytes of folders are mirrored;
   the rest of a deeper path becomes one ``_deep~hash`` folder (hash of the exact rest).
+* **A displaced result**: the path is a function of the names, and an item is its
+  content and parameters, so a later run can map a different item to a path where an
+  earlier one stored its paid result (a new photo saved under an old photo's name, a
+  template replaced by another of the same name). The journal knows every stored
+  path: such an item's file is ``readable~hash.ext`` with the hash taken over its key
+  and the name (tagged apart from a name's hash), and the earlier result stays.
 
 Why this is collision-free: plain outputs contain no ``~`` and are their own NFC and
 case fold, so two plain outputs are equal only if the names were; hashed outputs
@@ -76,11 +82,12 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Final, Self
 
 __all__ = [
     "MAX_COMPONENT_BYTES",
     "RESERVE_NAME",
+    "RESULT_EXTS",
     "TEMP_SUFFIX",
     "AtomicFile",
     "DiskReserve",
@@ -94,6 +101,7 @@ __all__ = [
     "open_result",
     "resolve_inside",
     "result_relpath",
+    "result_relpaths",
     "sweep_partial_files",
     "write_file_nofollow",
     "write_result",
@@ -236,6 +244,14 @@ def _file_component(name: str, ext: str) -> str:
     return f"{_readable(readable_of)}~{_hash('name', name)}.{ext}"
 
 
+def _keyed(name: str, ext: str, key: str) -> str:
+    """A displaced result's file name: readable, then a hash of the item's key and the
+    exact name (tagged apart from a name's own hash)."""
+    stem, dot, suffix = name.rpartition(".")
+    readable_of = stem if dot and stem and suffix.lower() in _SAME_FORMAT[ext] else name
+    return f"{_readable(readable_of)}~{_hash('key', key + chr(0) + name)}.{ext}"
+
+
 def _operation_component(operation: str) -> str:
     if _OPERATION.fullmatch(operation) and len(operation) <= _PLAIN_MAX:
         return operation.replace("/", "-")
@@ -250,14 +266,23 @@ def _normal_ext(result_ext: str) -> str:
     return ext
 
 
-def result_relpath(operation: str, variant_label: str, input_rel: str, result_ext: str) -> str:
+def result_relpath(
+    operation: str,
+    variant_label: str,
+    input_rel: str,
+    result_ext: str,
+    *,
+    displaced_key: str | None = None,
+) -> str:
     """The result's path relative to the output folder (posix separators).
 
     Pure and injective over distinct ``(operation, variant_label, input_rel)``, even
     after Unicode NFC and case folding of the whole path and whatever ``result_ext``
     (``jpg``, ``png`` or ``webp``) each item gets; never absolute, never ``..``. The
     rule is in the module docstring. ``input_rel`` is split on ``/`` and every part,
-    even an empty one, maps to exactly one component.
+    even an empty one, maps to exactly one component. ``displaced_key``: the item's
+    key, when an earlier item already stored its result at that path (a displaced
+    result, in the module docstring).
     """
     ext = _normal_ext(result_ext)
     raw_parts = input_rel.split("/")
@@ -281,9 +306,20 @@ def result_relpath(operation: str, variant_label: str, input_rel: str, result_ex
         _operation_component(operation),
         _dir_component(variant_label),
         *dirs,
-        _file_component(name, ext),
+        _file_component(name, ext) if displaced_key is None else _keyed(name, ext, displaced_key),
     ]
     return "/".join(parts)
+
+
+RESULT_EXTS: Final = ("jpg", "png", "webp")
+
+
+def result_relpaths(operation: str, variant_label: str, input_rel: str) -> tuple[str, ...]:
+    """:func:`result_relpath` for each result extension of :data:`RESULT_EXTS` (the
+    folders computed once)."""
+    first = result_relpath(operation, variant_label, input_rel, RESULT_EXTS[0])
+    folder, name = first.rsplit("/", 1)[0], input_rel.rsplit("/", 1)[-1]
+    return (first, *(f"{folder}/{_file_component(name, ext)}" for ext in RESULT_EXTS[1:]))
 
 
 # --------------------------------------------------------------------------------------

@@ -41,8 +41,10 @@ from pipeline.journal import (
     db_text,
     item_states,
     open_reader,
+    output_owners,
 )
 from pipeline.manifest import Manifest, Variant
+from pipeline.outputs import result_relpaths
 
 if TYPE_CHECKING:
     from pipeline.progress import Progress
@@ -65,12 +67,16 @@ class WorkItem:
 
     An input that can't be used (a FIFO, a broken link...) is keyed by its path and
     carries the ``problem``; it fails with that code and is never opened.
-    ``record`` is the journal row as it was when the batch was read. ``input_text``
+    ``record`` is the journal row as it was when the batch was read. ``displaced``:
+    another item already stored its result where this one's maps to (its result goes
+    to a name of its own: :func:`pipeline.outputs.result_relpath`). ``input_text``
     is ``str(input_path)``; the :class:`~pathlib.Path` is made on first use (a rerun
     settles 10^6 items that never need one). Read-only.
     """
 
-    __slots__ = ("_path", "input_rel", "input_text", "key", "problem", "record", "variant")
+    __slots__ = (
+        "_path", "displaced", "input_rel", "input_text", "key", "problem", "record", "variant",
+    )  # fmt: skip
 
     key: str
     input_text: str
@@ -78,6 +84,7 @@ class WorkItem:
     variant: Variant
     problem: InputProblem | None
     record: ItemState | None
+    displaced: bool
     _path: Path | None
 
     def __init__(
@@ -88,8 +95,10 @@ class WorkItem:
         variant: Variant,
         problem: InputProblem | None = None,
         record: ItemState | None = None,
+        displaced: bool = False,
     ) -> None:
         set_ = object.__setattr__
+        set_(self, "displaced", displaced)
         set_(self, "key", key)
         set_(self, "_path", input_path if isinstance(input_path, Path) else None)
         set_(self, "input_text", os.fspath(input_path))
@@ -302,13 +311,35 @@ class InputSource:
                 items.append((key_of(identity), entry, variant, problem))
         records = item_states(reader, [i[0] for i in items])
         get = records.get
+        displaced = _displaced(reader, items, records)
         out = Batch(
-            WorkItem(key, entry.path_text, entry.rel, variant, problem, get(key))
+            WorkItem(key, entry.path_text, entry.rel, variant, problem, get(key), key in displaced)
             for key, entry, variant, problem in items
         )
         if judge is not None:
             out.verdicts = judge(out)
         return out, fresh
+
+
+def _displaced(
+    reader: sqlite3.Connection,
+    items: list[tuple[str, InputEntry, Variant, InputProblem | None]],
+    records: dict[str, ItemState],
+) -> set[str]:
+    """The keys among ``items`` with no result of their own yet whose result path
+    (for any result format) is another item's recorded output: a later run met a new
+    photo under an old photo's name, or a template replaced by one of the same name.
+    Storing there would overwrite a paid result (README "Where results go"). A rerun
+    of done items asks nothing: they have their recorded paths."""
+    wanted: dict[str, list[str]] = {}
+    for key, entry, variant, problem in items:
+        rec = records.get(key)
+        if problem is None and (rec is None or not rec.output):
+            wanted[key] = list(result_relpaths(variant.operation.name, variant.label, entry.rel))
+    if not wanted:
+        return set()
+    owners = output_owners(reader, [path for paths in wanted.values() for path in paths])
+    return {key for key, paths in wanted.items() if any(owners.get(p, key) != key for p in paths)}
 
 
 def _take(entries: Iterator[InputEntry], n: int) -> list[InputEntry]:

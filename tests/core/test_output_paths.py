@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 
 from pipeline.outputs import (
     MAX_COMPONENT_BYTES,
+    RESULT_EXTS,
     atomic_write_bytes,
     resolve_inside,
     result_relpath,
+    result_relpaths,
 )
 
 OP = "ailab/emotion-editor"
@@ -337,3 +339,34 @@ def test_the_rule_is_pinned() -> None:
     assert rel("Studio A/ana.png", "a/b", "png") == (
         "ailab-emotion-editor/a_b~qnjpnxbgs3/Studio_A~swnwewcghg/ana.png"
     )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pairs=st.one_of(twin_sets(), st.lists(pair, min_size=2, max_size=30, unique=True)),
+       data=st.data())  # fmt: skip
+def test_displaced_results_collide_with_nothing(
+    pairs: list[tuple[str, str]], data: st.DataObject
+) -> None:
+    # A displaced result (another item stored its result at the item's path in an
+    # earlier run) gets a name of its own, keyed: distinct from every mapped path,
+    # and from every other item's displaced one, after NFC and case folding.
+    exts = data.draw(st.lists(st.sampled_from(EXTS), min_size=len(pairs), max_size=len(pairs)))
+    keys = data.draw(st.lists(st.text("0123456789abcdef", min_size=40, max_size=40),
+                              min_size=2, max_size=2, unique=True))  # fmt: skip
+    mapped = [rel(i, v, e) for (i, v), e in zip(pairs, exts, strict=True)]
+    displaced = [
+        result_relpath(OP, v, i, e, displaced_key=k)
+        for (i, v), e in zip(pairs, exts, strict=True)
+        for k in keys
+    ]
+    folded = [fold(p) for p in mapped + displaced]
+    assert len(set(folded)) == len(folded)
+    for p, (i, v) in zip(displaced[:: len(keys)], pairs, strict=True):
+        check_safe(p)
+        # In the same folder as its mapped path: only the file name differs.
+        assert p.rsplit("/", 1)[0] == rel(i, v, "jpg").rsplit("/", 1)[0]
+
+
+@given(i=input_rel, v=variant)
+def test_the_paths_for_every_result_format_are_the_mapping_for_each(i: str, v: str) -> None:
+    assert result_relpaths(OP, v, i) == tuple(rel(i, v, e) for e in RESULT_EXTS)

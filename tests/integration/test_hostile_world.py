@@ -2061,3 +2061,209 @@ async def test_a_short_key_met_by_chance_inside_a_task_id_costs_nothing(
         return
     assert outcome.tally() == Counter({(SMILE["op"], "succeeded", None): 8}), outcome.tally()
     assert _charges(emulator) == _once_each(inputs, [SMILE])
+
+
+# -- a later item mapped to an earlier item's result path ---------------------------------
+
+
+def _outputs(outcome: Outcome, out: Path) -> dict[tuple[str, str], tuple[str, str]]:
+    """(operation, input_rel) -> (status, sha256 of its result file)."""
+    return {
+        (x["operation"], x["input_rel"]): (x["status"], _sha(out / x["output_rel"]))
+        for x in outcome.lines
+        if x["output_rel"]
+    }
+
+
+@pytest.mark.parametrize("change", ["renamed, new photo under the old name", "replaced, then back"])
+async def test_a_new_photo_under_an_old_name_never_overwrites_the_old_paid_result(
+    tmp_path: Path,
+    emulator: RunningEmulator,
+    write_manifest: Callable[..., Path],
+    change: str,
+) -> None:
+    # The defect: the result path is a function of the name, and a run met a new photo
+    # under the name an earlier photo's paid result was stored for: it renamed its own
+    # result over it, and both items (the old one skipped at its recorded path) named
+    # one file. Replaced and put back, the old photo was "skipped" with the new one's
+    # result in its file.
+    ops = [SYNC, SWAP]
+    old, other = _inputs(tmp_path, 2)
+    manifest = write_manifest(ops, concurrency=4)
+    out = tmp_path / "out"
+    config = _config(emulator.base_url)
+    first = await _run(manifest, config)
+    assert first.code == 0
+    kept = _outputs(first, out)
+    original = old.read_bytes()
+    new_photo = make_portrait(tmp_path / "new.jpg", seed=500).read_bytes()
+    if change == "renamed, new photo under the old name":
+        old.rename(old.with_name("moved.jpg"))
+    old.write_bytes(new_photo)
+    second = await _run(manifest, config)
+    assert second.code == 0, second.report["errors_by_code"]
+    for op in ops:
+        moved = "in/moved.jpg" if change.startswith("renamed") else None
+        old_rel = first.line(op["op"], old)["output_rel"]
+        new_line = second.line(op["op"], old)
+        assert new_line["status"] == "succeeded" and new_line["output_rel"] != old_rel
+        assert _sha(out / old_rel) == kept[(op["op"], "in/p000.jpg")][1]  # untouched
+        if moved:
+            (moved_line,) = [
+                x for x in second.lines if x["operation"] == op["op"] and x["input_rel"] == moved
+            ]
+            assert moved_line["status"] == "skipped" and moved_line["output_rel"] == old_rel
+    if change == "replaced, then back":
+        old.write_bytes(original)
+        third = await _run(manifest, config)
+        assert third.code == 0 and third.report["counts"] == _counts(skipped=4)
+        assert _outputs(third, out) == {k: ("skipped", sha) for k, (_, sha) in kept.items()}
+    files = _result_files(out)
+    assert len(files) == len({_sha(f) for f in files}) == 6  # three photos x two operations
+    shas = {_sha(p) for p in (tmp_path / "new.jpg", other)} | {hashlib.sha256(original).hexdigest()}
+    # Each photo paid once per operation (both AILab's), none twice.
+    assert _charges(emulator) == {
+        "ailab": Counter(dict.fromkeys(shas, 2)),
+        "perfectcorp": Counter(),
+    }
+
+
+async def test_a_template_replaced_under_its_name_gets_results_of_its_own(
+    tmp_path: Path, emulator: RunningEmulator, write_manifest: Callable[..., Path]
+) -> None:
+    # The same with a variant: face-swap's folder is named after the template's file
+    # name, and a template replaced by another image under that name mapped its
+    # results onto the first template's.
+    inputs = _inputs(tmp_path, 2)
+    manifest = write_manifest([SWAP], concurrency=2)
+    out = tmp_path / "out"
+    first = await _run(manifest, _config(emulator.base_url))
+    assert first.code == 0
+    kept = {x["output_rel"]: _sha(out / x["output_rel"]) for x in first.lines}
+    make_portrait(tmp_path / "template.jpg", seed=424_242)  # another template, same name
+    second = await _run(manifest, _config(emulator.base_url))
+    assert second.code == 0 and second.report["counts"] == _counts(succeeded=2)
+    assert {_sha(out / rel) for rel in kept} == set(kept.values())
+    assert {x["output_rel"] for x in second.lines}.isdisjoint(kept)
+    assert _charges(emulator)["ailab"] == Counter({_sha(p): 2 for p in inputs})
+
+
+async def test_a_kill_mid_send_never_adopts_another_photos_result_as_its_own(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+    write_manifest: Callable[..., Path],
+) -> None:
+    # The defect: after a kill during a sync send, the rerun adopted any file at the
+    # item's result path as the result the killed run wrote but had not journaled,
+    # here the result of the photo that had the name before: the new photo reported
+    # succeeded with the old one's image, and its own paid result never stored.
+    emu: RunningEmulator = await emulator_factory(sync_seconds=3.0)
+    (photo,) = _inputs(tmp_path, 1)
+    manifest = write_manifest([SYNC], concurrency=1)
+    out = tmp_path / "out"
+    cfg = _config_file(_config(emu.base_url), tmp_path / "config.yaml")
+    first = await _run(manifest, _config(emu.base_url))
+    assert first.code == 0
+    old_rel = first.lines[0]["output_rel"]
+    old_result = _sha(out / old_rel)
+    make_portrait(photo, seed=777)  # another photo under the same name
+    new_sha = _sha(photo)
+    with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
+        await _wait_for(lambda: _submits(emu)["ailab"][new_sha] >= 1, "the new photo's send")
+        proc.kill()
+        await anyio.to_thread.run_sync(proc.wait)
+    third = await _run(manifest, _config(emu.base_url))
+    assert third.code == 0, third.report["errors_by_code"]
+    (line,) = third.lines
+    assert line["status"] == "succeeded" and line["output_rel"] != old_rel
+    assert _sha(out / line["output_rel"]) != old_result
+    assert _sha(out / old_rel) == old_result
+    # Its first send's outcome was unknown (killed mid-send): sent once more, no more.
+    assert third.report["possibly_billed_total"] == 1
+    assert _submits(emu)["ailab"][new_sha] == 2
+
+
+@pytest.mark.parametrize("change", ["deleted", "edited", "left out", "template replaced"])
+async def test_a_task_of_an_input_the_rerun_does_not_meet_is_still_collected(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+    write_manifest: Callable[..., Path],
+    change: str,
+) -> None:
+    # The defect: a rerun collected only the tasks of inputs its walk met. A task
+    # created for an input deleted, edited or left out of the manifest since was
+    # charged at the vendor and its result never fetched; nothing reported it, and
+    # `pipeline status` advised a rerun that would never resume it.
+    emu: RunningEmulator = await emulator_factory(task_seconds=2.0)
+    inputs = _inputs(tmp_path, 2)
+    manifest = write_manifest([SWAP], concurrency=2)
+    cfg = _config_file(_config(emu.base_url), tmp_path / "config.yaml")
+    out = tmp_path / "out"
+    first_shas = [_sha(p) for p in inputs]
+    with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
+        await _wait_for(lambda: sum(_submits(emu)["ailab"].values()) >= 2, "both tasks created")
+        await anyio.sleep(0.3)  # their task ids committed by now
+        proc.kill()
+        await anyio.to_thread.run_sync(proc.wait)
+    gone = inputs[0]
+    if change == "deleted":
+        gone.unlink()
+    elif change == "edited":
+        make_portrait(gone, seed=4242)
+    elif change == "left out":
+        manifest = write_manifest([SWAP], concurrency=2, inputs=["in/p001.jpg"])
+    else:
+        make_portrait(tmp_path / "template.jpg", seed=31337)
+    second = await _run(manifest, _config(emu.base_url))
+    assert second.code == 0, second.report["errors_by_code"]
+    for line in second.lines:
+        assert line["status"] == "succeeded", line
+        assert (out / line["output_rel"]).is_file()
+    created_first = Counter(dict.fromkeys(first_shas, 1))
+    new = Counter()
+    if change == "edited":
+        new[_sha(gone)] = 1
+    elif change == "template replaced":
+        new = Counter(dict.fromkeys(first_shas, 1))
+    assert _charges(emu)["ailab"] == created_first + new
+    assert _submits(emu)["ailab"] == created_first + new
+    # One line per task the killed run created, and one per new item; all kept.
+    assert len(second.lines) == 2 + sum(new.values())
+    assert len({x["output_rel"] for x in second.lines}) == len(second.lines)
+    assert second.report["paid_lost"] == 0
+    spent = second.report["credits_spent"]["ailab"]
+    assert spent == {"amount": 5 * sum((created_first + new).values()), "unit": "credits"}
+    # And the next run has nothing left to collect or send.
+    third = await _run(manifest, _config(emu.base_url))
+    assert third.code == 0 and third.report["counts"]["succeeded"] == 0
+    assert _submits(emu)["ailab"] == created_first + new
+
+
+async def test_a_collected_task_of_a_deleted_input_that_failed_is_not_sent_again(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+    write_manifest: Callable[..., Path],
+) -> None:
+    # Collect only: the input is not this run's to send (it is gone, or is another
+    # photo now), so a task of it that failed at the vendor ends failed, unsent.
+    emu: RunningEmulator = await emulator_factory(task_seconds=1.5, task_failure_rate=1.0)
+    inputs = _inputs(tmp_path, 2)
+    manifest = write_manifest([SWAP], concurrency=2, max_attempts=2)
+    cfg = _config_file(_config(emu.base_url), tmp_path / "config.yaml")
+    with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
+        await _wait_for(lambda: sum(_submits(emu)["ailab"].values()) >= 2, "both tasks created")
+        await anyio.sleep(0.3)
+        proc.kill()
+        await anyio.to_thread.run_sync(proc.wait)
+    gone, kept = inputs
+    gone_sha, kept_sha = _sha(gone), _sha(kept)
+    gone.unlink()
+    second = await _run(manifest, _config(emu.base_url))
+    assert second.code == 1
+    by_input = {x["input_rel"]: x for x in second.lines}
+    assert by_input["in/p000.jpg"]["status"] == "failed"
+    assert by_input["in/p000.jpg"]["error"]["code"] == "TASK_FAILED"
+    assert by_input["in/p001.jpg"]["status"] == "failed"
+    # The deleted input's task: its one submit; the other input sent again twice.
+    assert _submits(emu)["ailab"] == Counter({gone_sha: 1, kept_sha: 3})
+    assert _charges(emu)["ailab"] == Counter()
