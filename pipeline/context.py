@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
@@ -35,7 +35,7 @@ from pipeline.errors import (
 from pipeline.htmlreport import GALLERY_MAX
 from pipeline.images import prepare_payload
 from pipeline.inputs import stat_input
-from pipeline.journal import Change, Journal
+from pipeline.journal import KEEP, Change, Journal
 from pipeline.manifest import Manifest
 from pipeline.metkeys import MetKeys
 from pipeline.offload import run_sync
@@ -90,6 +90,11 @@ class RunContext:
     # The disk filled: what is left of it goes to the journal (task ids, billed
     # results), not to downloads that a rerun can make from the kept task ids.
     disk_full: bool = False
+    # Answers the full disk let nothing record (the run's one-line error says so).
+    _lost_answers: int = 0
+    _first_lost: str | None = None
+    # One disk-full fallback commit at a time: two grouped would fail together.
+    _full_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def __post_init__(self) -> None:
         self.output_dir = self.manifest.output
@@ -143,7 +148,27 @@ class RunContext:
         """Journal one change. On a full disk the run stops sending at once; a change
         that records what the vendor answered (a task id, a billed result) gets the
         space held in reserve and one more try, one made before a send does not: the
-        send is never made."""
+        send is never made. A billed result whose bytes still find no room is journaled
+        without them (:meth:`_record_without_spool`); a task id or a lost sync answer
+        the journal cannot take at all goes to the rescue file; and if nothing can
+        record the answer, the run's one-line error says so (:meth:`_unrecorded`)."""
+        spooled = isinstance(change.spool, bytes)
+        if self.disk_full and spooled and not self.reserve.size:
+            # Known full, the reserve spent: the bytes may still fit (a small result),
+            # but a failed commit of them takes the other writes of its group commit
+            # down with it (rows that journal other answers): one such try at a time,
+            # then the row alone. Shielded, like the journal's own commits: a fatal
+            # stop elsewhere (this disk-full stop itself) must not cancel the record
+            # of an answer already paid for.
+            with anyio.CancelScope(shield=True):
+                async with self._full_lock:
+                    with contextlib.suppress(DiskFullError):
+                        await self.journal.change(key, change)
+                        return
+                    if await self._record_without_spool(key, change):
+                        return
+                await self._rescue(key, change, None)
+            return
         try:
             await self.journal.change(key, change)
         except DiskFullError as exc:
@@ -155,19 +180,110 @@ class RunContext:
                 with contextlib.suppress(DiskFullError):
                     await self.journal.change(key, change)
                     return
-            # No room even so: a task id goes to the preallocated rescue file, which
-            # the next run applies before it sends anything (pipeline.rescue).
-            task_id = change.task_id
-            if not isinstance(task_id, str) or self.rescue is None:
-                raise
-            kept_before = self.rescue.holds(key)
-            if not await run_sync(self.rescue.add, key, task_id):
-                raise
-            if not kept_before:
+            with anyio.CancelScope(shield=True):  # as above
+                if spooled:
+                    async with self._full_lock:
+                        if await self._record_without_spool(key, change):
+                            return
+                await self._rescue(key, change, exc)
+
+    async def _rescue(self, key: str, change: Change, exc: DiskFullError | None) -> None:
+        """No room even so: a task id goes to the preallocated rescue file, which the
+        next run applies before it sends anything (pipeline.rescue); a sync answer
+        (no task id) goes there as paid for and lost. Raises if neither is kept."""
+        task_id = change.task_id
+        rescue = self.rescue
+        kept_before = rescue is not None and rescue.holds(key)
+        if rescue is None:
+            kept = False
+        elif isinstance(task_id, str):
+            kept = await run_sync(rescue.add, key, task_id)
+        elif isinstance(change.spool, bytes):
+            kept = await run_sync(rescue.add_paid_lost, key, self.run_id)
+        elif exc is not None:
+            raise exc  # nothing the vendor answered rides on it (a result stored, say)
+        else:
+            kept = False
+        if not kept:
+            raise self._unrecorded(key) from None
+        if not kept_before and rescue is not None:
+            what = "task id" if isinstance(task_id, str) else "paid (and lost) result"
+            log.warning(
+                "the disk is full: the %s of %s is kept in %s for the next run",
+                what, key[:12], rescue.path.name,
+            )  # fmt: skip
+
+    async def _record_without_spool(self, key: str, change: Change) -> bool:
+        """A billed result the journal cannot take with its bytes: journal the item
+        without them, so the next run knows the vendor answered and does not pay
+        again. True once committed.
+
+        The trade-off (README "Reruns, resume and cron": the reserve goes to
+        "journaling the answers already received"; a second payment only for
+        "sends of unknown outcome" and a kill in the commit window). The bytes (a
+        sync answer, a few hundred KB) need new journal pages the full disk no
+        longer has; the row that says "answered and billed" needs a page or two
+        (often inside the WAL space the failed commit already took). Without it the
+        item stays ``submitting``, and the rerun sends it again: a second payment
+        for an answer received. So the bytes are given up, not the answer: the item
+        is recorded ``failed`` ``RESULT_LOST`` (paid for; counted in
+        ``credits_spent`` and ``paid_lost``), and, as README "Expiring results"
+        says of lost results, it is sent again only on ``--retry-failed``. A result
+        the vendor can still give (a task id) or the journal already holds (spooled
+        by an earlier run) is not lost: the row keeps ``ready`` and the next run
+        collects it.
+        """
+        kept = isinstance(change.task_id, str)
+        if not kept:
+            with contextlib.suppress(Exception):  # a read: needs no space
+                kept = await self.journal.has_spool(key)
+        if kept:
+            smaller = replace(change, spool=KEEP)
+        else:
+            lost = lc.ErrorInfo(
+                "RESULT_LOST",
+                "paid for (the vendor answered and billed it), but the disk was full and "
+                "the result could not be kept; it is not sent again unless you rerun with "
+                "--retry-failed",
+                "permanent",
+            )
+            smaller = replace(
+                change, status=lc.Status.FAILED, error=lost, run_status="failed",
+                finished=True, spool=KEEP,
+            )  # fmt: skip
+        # The space a row needs may be held for a moment by another item's result
+        # write, failing too and about to be removed (or by another item's bytes in the
+        # same group commit): a few tries, a little apart (under a second in all).
+        for wait in (0.0, 0.05, 0.2, 0.5):
+            await anyio.sleep(wait)
+            try:
+                await self.journal.change(key, smaller)
+            except DiskFullError:
+                continue
+            if not kept:
                 log.warning(
-                    "the disk is full: the task id of %s is kept in %s for the next run",
-                    key[:12], self.rescue.path.name,
+                    "the disk is full: the result of %s was paid for and could not be "
+                    "kept; it is recorded as RESULT_LOST, not sent again", key[:12],
                 )  # fmt: skip
+            return True
+        return False
+
+    def _unrecorded(self, key: str) -> DiskFullError:
+        """Nothing at all could record what the vendor answered for ``key``: the run's
+        one-line error says so (this item may be paid for twice by the next run)."""
+        self._lost_answers += 1
+        self._first_lost = self._first_lost or key[:12]
+        where = "the journal" if self.rescue is None else f"the journal or {self.rescue.path.name}"
+        error = DiskFullError(
+            f"{self.journal.path}: the disk is full, and the vendor's answer for "
+            f"{self._lost_answers} item(s) (first {self._first_lost}) could not be recorded "
+            f"in {where}: the next run sends them again and may pay twice. Free some space "
+            "and rerun"
+        )
+        if self.fatal is None or isinstance(self.fatal, DiskFullError):
+            self.fatal = error  # the one line the run ends with names it
+        log.error("%s", error)
+        return error
 
     async def prepared_file(self, path: Path, limits: ImageLimits) -> ImagePayload:
         """A variant's extra file (face swap's template), read and checked once per

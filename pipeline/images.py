@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -115,6 +116,19 @@ def _open_heif(fp: IO[bytes], filename: str | bytes) -> ImageFile.ImageFile:
 
 if HEIF_DECODER:
     Image.register_open("HEIF", _open_heif, _pillow_heif_accepts)
+
+# Pillow says what it finds odd in a file (a corrupt EXIF block: "Corrupt EXIF data",
+# from PIL/TiffImagePlugin.py) with ``warnings.warn``, which prints a Python source
+# path on stderr, where only the pipeline's own log lines belong (README "Logs").
+# What matters of it is handled here (an unreadable EXIF reads as orientation 1:
+# :func:`_orientation`). A filter installed once for the process, not
+# ``warnings.catch_warnings`` around each open: that swaps the process's filter list
+# and is not thread-safe (Python 3.11), and images are opened in worker threads.
+# Only Pillow's ``UserWarning`` (``DecompressionBombWarning`` is a ``RuntimeWarning``
+# and bombs are refused on their own, :data:`Image.MAX_IMAGE_PIXELS`).
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
+
+log = logging.getLogger("pipeline")
 
 __all__ = [
     "AUTO_FIX_MIN_READ_BYTES",
@@ -293,10 +307,20 @@ def _has_alpha(im: Image.Image) -> bool:
 
 def _orientation(im: Image.Image) -> int:
     try:
-        value = im.getexif().get(_ORIENTATION_TAG, 1)
-    except _PIL_ERRORS:
+        exif = im.getexif()
+        value = exif.get(_ORIENTATION_TAG, 1)
+    except _PIL_ERRORS as exc:
+        log.debug("%s: the EXIF block is unreadable (%s): orientation taken as 1", _name(im), exc)
         return 1
+    if not exif and len(im.info.get("exif") or b"") > 14:
+        # An EXIF block is there, but Pillow could read nothing of it (it warned
+        # "Corrupt EXIF data", filtered out above): no orientation to apply.
+        log.debug("%s: the EXIF block is unreadable: orientation taken as 1", _name(im))
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _name(im: Image.Image) -> str:
+    return str(getattr(im, "filename", "") or "an image")
 
 
 def max_input_bytes(limits: ImageLimits) -> int:

@@ -101,6 +101,10 @@ INPUT_UNREADABLE = "INPUT_UNREADABLE"  # permission, I/O error, folder that can'
 INPUT_MISSING = "INPUT_MISSING"  # gone between the listing and the read
 INPUT_TOO_LARGE = "INPUT_TOO_LARGE"  # over what the pipeline reads for one input
 
+# Matching files inside the output folder are counted up to this many (only once
+# nothing else matched: to say why, see NoInputsMatched).
+_IN_OUTPUT_CAP = 10_000
+
 # Patterns whose braces hold "/" are expanded into several walks; more than this
 # many is almost certainly a mistake (and would walk the tree that many times).
 _MAX_EXPANSIONS = 256
@@ -113,11 +117,32 @@ class NoInputsMatched(UsageError):
     :func:`iter_input_entries`, once it is known that not one entry matched.
     """
 
-    def __init__(self, patterns: Sequence[str], base_dir: Path, hints: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        patterns: Sequence[str],
+        base_dir: Path,
+        hints: Sequence[str] = (),
+        *,
+        in_output: int = 0,
+        output: Path | None = None,
+    ) -> None:
         self.patterns = tuple(patterns)
         self.base_dir = base_dir
+        self.in_output = in_output  # matching files left out: inside the output folder
         shown = ", ".join(repr(p) for p in self.patterns) or "(none given)"
         hint = f" ({'; '.join(hints)})" if hints else ""
+        if in_output and output is not None:
+            # The files are there: saying "check that the folder is mounted" would
+            # send the user looking in the wrong place.
+            many = f"{in_output}+" if in_output >= _IN_OUTPUT_CAP else str(in_output)
+            super().__init__(
+                f"no input to process: {many} file(s) match the input patterns {shown} "
+                f"under {display_path(base_dir)}, but all are inside the output folder "
+                f"{display_path(output)}, and inputs are never taken from there (results "
+                "would become inputs); put the output folder elsewhere, outside what the "
+                "patterns reach (say `output: ../out`), or move the photos out of it"
+            )
+            return
         super().__init__(
             f"no file matches the input patterns {shown} under {display_path(base_dir)}{hint}; "
             f"check the patterns, and that the folder (or network share) is there and mounted"
@@ -945,7 +970,26 @@ def iter_input_entries(
             found = True
             yield _entry(rel_of, path, problem)
     if not found:
-        raise NoInputsMatched(patterns, Path(base), _hints(compiled))
+        in_output = _count_in_output(compiled, excluded)
+        raise NoInputsMatched(
+            patterns, Path(base), _hints(compiled), in_output=in_output,
+            output=Path(excluded.paths[0]) if in_output else None,
+        )  # fmt: skip
+
+
+def _count_in_output(compiled: Sequence[_Pattern], excluded: _Exclude) -> int:
+    """How many files the patterns match when the output folder is not left out:
+    nothing matched with it left out, so every one of them is inside it."""
+    if not excluded.paths:
+        return 0
+    seen: set[str] = set()
+    for pattern in compiled:
+        for path, _kind, problem in _walk(pattern, _Exclude()):
+            if problem is None:
+                seen.add(path)
+                if len(seen) >= _IN_OUTPUT_CAP:
+                    return len(seen)
+    return len(seen)
 
 
 def iter_inputs(

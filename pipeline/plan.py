@@ -291,19 +291,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-# The field of each vendor's credit answer that a balance is summed from
-# (docs/vendors.md, "AILab: credits and prices"; "Perfect Corp: units and prices":
-# `amount_dec`, the deprecated `amount` only where `amount_dec` is missing).
-_BALANCE_FIELDS = {"ailab": "data[].balance", "perfectcorp": "results[].amount_dec (or amount)"}
-
-
 def _unreadable_balance(balance: CreditBalance) -> str | None:
     """What makes ``balance`` unreadable, or ``None`` when it is a finite number.
 
     JSON parsers accept ``NaN``, ``Infinity``, ``-Infinity`` and overflowing numbers
     (``1e999``), and the vendors' parsers keep them as read. Such a balance is
     unknown: not huge (enough), not below any price (short)."""
-    field = _BALANCE_FIELDS.get(balance.vendor, "balance")
+    spec = VENDORS.get(balance.vendor)
+    field = spec.balance_field if spec is not None else "balance"
     bad = [(name, value) for name, value in balance.pools.items() if not math.isfinite(value)]
     if bad:
         pools = ", ".join(f"{_number(value)} (pool {name})" for name, value in bad)

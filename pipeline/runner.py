@@ -38,7 +38,7 @@ from pipeline.progress import Progress, report_progress
 from pipeline.providers.base import Provider, RequestStats
 from pipeline.providers.http import proxy_for
 from pipeline.report import build_reports
-from pipeline.rescue import RescueLog, read_rescued
+from pipeline.rescue import RescueLog, read_paid_lost, read_rescued
 
 if TYPE_CHECKING:
     from pipeline.emulator import RunningEmulator
@@ -180,11 +180,21 @@ async def run_job(manifest: Manifest, config: Config, options: RunOptions) -> Ru
 
 async def _apply_rescued(journal: Journal, output: Path) -> None:
     """Task ids a run could not journal (its disk was full) go in now, before anything
-    is sent: those items are polled, not sent and paid for again (pipeline.rescue)."""
+    is sent: those items are polled, not sent and paid for again (pipeline.rescue).
+    So do the billed sync answers it could note only there: lost, not sent again."""
     rescued = await anyio.to_thread.run_sync(read_rescued, output)
     if rescued:
         applied = await journal.apply_rescued([(r.key, r.task_id) for r in rescued])
         log.info("recovered %d task id(s) an earlier run kept aside on a full disk", applied)
+    lost = await anyio.to_thread.run_sync(read_paid_lost, output)
+    if lost:
+        applied = await journal.apply_paid_lost([(x.key, x.run_id) for x in lost])
+        if applied:
+            log.warning(
+                "%d result(s) an earlier run was billed for on a full disk could not be "
+                "kept: recorded as RESULT_LOST, not sent again (--retry-failed pays again)",
+                applied,
+            )
 
 
 async def _run(

@@ -134,6 +134,8 @@ class VendorSpec:
     provider: Hook
     rate_limit_rule: Hook
     explain: Hook | None = None
+    # The field of the credit answer a balance is summed from, for messages.
+    balance_field: str = "balance"
 
     def provider_factory(self) -> ProviderFactory:
         """The provider class (imported now, not when the registry is)."""
@@ -165,6 +167,8 @@ VENDORS: dict[str, VendorSpec] = {
         provider="pipeline.providers.ailab:AILabProvider",
         rate_limit_rule="pipeline.providers.classify:is_ailab_rate_limit",
         explain="pipeline.htmlreport:explain_ailab_code",
+        # docs/vendors.md, "AILab: credits and prices".
+        balance_field="data[].balance",
     ),
     "perfectcorp": VendorSpec(
         name="perfectcorp",
@@ -188,6 +192,9 @@ VENDORS: dict[str, VendorSpec] = {
         provider="pipeline.providers.perfectcorp:PerfectCorpProvider",
         rate_limit_rule="pipeline.providers.classify:is_perfectcorp_rate_limit",
         explain="pipeline.htmlreport:explain_perfectcorp_code",
+        # docs/vendors.md, "Perfect Corp: units and prices": ``amount_dec``, the
+        # deprecated ``amount`` only where ``amount_dec`` is missing.
+        balance_field="results[].amount_dec (or amount)",
     ),
 }
 

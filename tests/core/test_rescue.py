@@ -7,8 +7,10 @@ import tempfile
 from pathlib import Path
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import given, settings
 
+from pipeline.errors import JournalError
 from pipeline.rescue import RESCUE_BYTES, RESCUE_NAME, Rescued, RescueLog, read_rescued
 
 _ids = st.text(alphabet="0123456789abcdef-", min_size=1, max_size=64)
@@ -72,7 +74,10 @@ def test_a_planted_symlink_is_not_followed(tmp_path: Path) -> None:
     target = tmp_path / "elsewhere"
     target.write_text('{"key": "k", "task_id": "t"}\n')
     (tmp_path / RESCUE_NAME).symlink_to(target)
-    assert read_rescued(tmp_path) == []
+    # Refused (one line, exit 2), as the journal and the lock file refuse a link;
+    # never read through (tests/unit/test_rescue_planted.py has the run).
+    with pytest.raises(JournalError, match="is a symbolic link; refusing to follow it"):
+        read_rescued(tmp_path)
     log = RescueLog(tmp_path)
     log.open()  # replaces the link with its own file
     assert log.add("k2", "t2")

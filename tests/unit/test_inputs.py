@@ -433,6 +433,32 @@ def test_no_match_at_all_raises_at_the_end(tmp_path: Path) -> None:
     assert list(iter_inputs(tmp_path, ["photos/*.jpg"])) == []
 
 
+def test_files_left_out_as_inside_the_output_folder_are_named_as_such(tmp_path: Path) -> None:
+    # output: . with inputs ["*.jpg"]: the photos exist, but all are in the output
+    # folder. The error says so (and where to put the output), not "is it mounted?".
+    make(tmp_path, "p0.jpg")
+    make(tmp_path, "p1.jpg")
+    make(tmp_path, "sub/p2.jpg")
+    with pytest.raises(NoInputsMatched) as err:
+        list(iter_input_entries(tmp_path, ["*.jpg", "**/*.jpg"], exclude=tmp_path))
+    assert err.value.in_output == 3 and err.value.exit_code == 2
+    assert str(err.value) == (
+        f"no input to process: 3 file(s) match the input patterns '*.jpg', '**/*.jpg' under "
+        f"{tmp_path}, but all are inside the output folder {tmp_path}, and inputs are never "
+        "taken from there (results would become inputs); put the output folder elsewhere, "
+        "outside what the patterns reach (say `output: ../out`), or move the photos out of it"
+    )
+    assert "mounted" not in str(err.value)
+    # A file outside the output folder is an input as before; with none matching at
+    # all, the usual message.
+    make(tmp_path, "elsewhere/q.jpg")
+    (entry,) = iter_input_entries(tmp_path, ["elsewhere/*.jpg"], exclude=tmp_path / "out")
+    assert entry.rel == "elsewhere/q.jpg"
+    with pytest.raises(NoInputsMatched, match="no file matches") as none:
+        list(iter_input_entries(tmp_path, ["*.png"], exclude=tmp_path))
+    assert none.value.in_output == 0
+
+
 def test_no_match_names_a_folder_given_as_a_pattern(tmp_path: Path) -> None:
     make(tmp_path, "photos/a.jpg")
     with pytest.raises(NoInputsMatched, match=r"photos is a folder: write photos/\*\*/\*\.jpg"):
