@@ -27,6 +27,7 @@ import anyio
 from pipeline import lifecycle as lc
 from pipeline.budget import last_grant
 from pipeline.errors import (
+    DiskFullError,
     FatalError,
     PermanentError,
     RateLimitedError,
@@ -40,6 +41,7 @@ from pipeline.journal import KEEP, Change, Journal, Keep
 from pipeline.offload import run_small, run_sync
 from pipeline.outputs import AtomicFile, result_relpath, write_result
 from pipeline.providers.base import BEFORE_BILLABLE_SEND
+from pipeline.sources import input_signature
 
 if TYPE_CHECKING:
     from pipeline.engine import Engine, WorkItem
@@ -492,6 +494,9 @@ class ItemDriver:
             if info.code in _TRANSIENT_INPUT:
                 info = lc.ErrorInfo(info.code, info.message, "retryable")
             return lc.InputRejected(info)
+        changed = await run_small(0, _changed_since_listed, self.item)
+        if changed is not None:
+            return lc.InputRejected(changed)
         self.held.payload = prepared.payload
         self.held.changes = list(prepared.changes)
         return lc.InputReady()
@@ -641,7 +646,12 @@ class ItemDriver:
                 if full:
                     self.engine.disk_full = True
                     # Nothing more is sent: each answer now needs room it may not find.
-                    self.engine.stop_starting(None, halted=f"the disk is full (writing {rel})")
+                    self.engine.stop_starting(
+                        DiskFullError(
+                            f"the disk is full (writing {rel}); paid results are kept in "
+                            "the journal. Free some space and rerun"
+                        )
+                    )
                 # A full disk: the space held back lets a paid result in, once.
                 if last or not full or not self.engine.reserve.release():
                     return _store_failed(rel, exc)
@@ -664,6 +674,26 @@ def mapped_output(item: WorkItem, ext: str) -> str:
 
 # Input problems a rerun may not meet again: the file moved away mid-run.
 _TRANSIENT_INPUT = frozenset({"INPUT_MISSING"})
+
+
+def _changed_since_listed(item: WorkItem) -> lc.ErrorInfo | None:
+    """Why ``item``'s input is no longer what its key was hashed from, if it is not:
+    bytes read now would go to the vendor under another photo's key (a file replaced
+    while its task ran, say). Retryable: a rerun hashes it again, as a new item."""
+    if item.signature is None:
+        return None
+    try:
+        now = input_signature(os.stat(item.input_path))
+    except OSError:
+        now = None
+    if now == item.signature:
+        return None
+    return lc.ErrorInfo(
+        "INPUT_CHANGED",
+        f"{item.input_rel}: the file changed since this run read it; not sent under "
+        "its old content's key. Rerun to send it as it is now",
+        "retryable",
+    )
 
 
 def _size_hint(path: pathlib.Path) -> int:

@@ -180,14 +180,15 @@ class Engine(RunContext):
 
     async def _uncollected_elsewhere(self) -> list[WorkItem]:
         """The tasks earlier runs created for inputs this run did not meet: deleted,
-        edited, or left out of the manifest since. Each is still running or billed at
-        its vendor, and nothing else would ever collect it: the result is fetched
+        edited, or left out of the manifest since, and the paid results they kept in
+        the spool. Each is still running or billed at its vendor (or paid for, in the
+        journal), and nothing else would ever collect it: the result is fetched
         (to a name of its own, ``displaced``: its input's name may be another item's
         now), a failure is not sent again (collect only). A vendor this run has no
         provider for is left for a run that has (said in the log)."""
         from pipeline.operations import OPERATIONS
 
-        if self._uncollected <= 0:
+        if self._uncollected <= 0 and not await self.journal.any_spool():
             return []  # none left (a rerun of done items does not scan the journal again)
         items: list[WorkItem] = []
         left: Counter[str] = Counter()

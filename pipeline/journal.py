@@ -658,6 +658,10 @@ class Journal:
         rows = await self._read("SELECT 1 FROM spool WHERE key = ?", (key,))
         return bool(rows)
 
+    async def any_spool(self) -> bool:
+        """Whether any paid result waits in the spool (usually none: one read)."""
+        return bool(await self._read("SELECT 1 FROM spool LIMIT 1"))
+
     async def load_spool(self, key: str) -> bytes | None:
         rows = await self._read("SELECT data FROM spool WHERE key = ?", (key,))
         return bytes(rows[0][0]) if rows else None
@@ -680,14 +684,16 @@ class Journal:
     async def uncollected_elsewhere(
         self, run_id: int
     ) -> list[tuple[ItemState, str, str, str, str, str]]:
-        """The tasks :meth:`live_tasks` counts whose items this run has not met (as far
-        as committed): ``(state, operation, variant, params, input_path, input_rel)``."""
+        """The tasks :meth:`live_tasks` counts, and the paid results kept in the spool,
+        whose items this run has not met (as far as committed): ``(state, operation,
+        variant, params, input_path, input_rel)``."""
         statuses = ", ".join(f"'{s.value}'" for s in sorted(COLLECTABLE_STATUSES))
         rows = await self._read(
             f"SELECT {', '.join(_STATE_COLUMNS)}, operation, variant, params, input_path,"
-            " input_rel FROM items WHERE task_id IS NOT NULL AND (status IN"
+            " input_rel FROM items WHERE (task_id IS NOT NULL AND (status IN"
             f" ({statuses}) OR (status = 'failed' AND error_kind IS NOT NULL AND"
-            " error_kind != 'permanent')) AND (seen_run IS NULL OR seen_run != ?)",
+            " error_kind != 'permanent')) OR (status = 'ready' AND task_id IS NULL AND"
+            " key IN (SELECT key FROM spool))) AND (seen_run IS NULL OR seen_run != ?)",
             (run_id,),
         )
         cut = len(_STATE_COLUMNS)

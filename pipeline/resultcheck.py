@@ -359,8 +359,26 @@ def _verify_jpeg(src: _Source, max_pixels: int, vendor: str) -> None:
                 data, colorspace="GRAY", min_height=1, min_width=1, min_factor=8, strict=True
             )
         except ValueError as exc:
-            detail = " ".join(str(exc).split())[:160]
-            raise _refuse(f"truncated or corrupt JPEG (libjpeg: {detail})", vendor) from None
+            if "subsampling" not in str(exc):
+                detail = " ".join(str(exc).split())[:160]
+                raise _refuse(f"truncated or corrupt JPEG (libjpeg: {detail})", vendor) from None
+            # TurboJPEG's API, which simplejpeg decodes through, cannot classify some
+            # samplings libjpeg itself decodes (3x1, 4x2, one per component...: cjpeg
+            # writes them): refusing one would lose a valid paid result. Pillow decodes
+            # those at 1/8 scale, blind to libjpeg's warnings; the scan walk above
+            # still refuses a file cut between scans.
+            _pillow_decode(src)
+
+
+def _pillow_decode(src: _Source) -> None:
+    """Decode the JPEG at 1/8 scale with Pillow (errors raise; warnings are unseen)."""
+    im = JpegImagePlugin.JpegImageFile(src.fp())
+    try:
+        w, h = im.size
+        im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+        im.load()
+    finally:
+        im.close()
 
 
 def _verify_png(src: _Source, max_pixels: int, vendor: str) -> None:

@@ -67,7 +67,9 @@ class WorkItem:
 
     An input that can't be used (a FIFO, a broken link...) is keyed by its path and
     carries the ``problem``; it fails with that code and is never opened.
-    ``record`` is the journal row as it was when the batch was read. ``displaced``:
+    ``record`` is the journal row as it was when the batch was read. ``signature``:
+    the input's ``(size, mtime_ns, ctime_ns, inode)`` when it was listed, which its
+    key was hashed from (:func:`input_signature`). ``displaced``:
     another item already stored its result where this one's maps to (its result goes
     to a name of its own: :func:`pipeline.outputs.result_relpath`). ``input_text``
     is ``str(input_path)``; the :class:`~pathlib.Path` is made on first use (a rerun
@@ -75,7 +77,8 @@ class WorkItem:
     """
 
     __slots__ = (
-        "_path", "displaced", "input_rel", "input_text", "key", "problem", "record", "variant",
+        "_path", "displaced", "input_rel", "input_text", "key", "problem", "record",
+        "signature", "variant",
     )  # fmt: skip
 
     key: str
@@ -85,6 +88,7 @@ class WorkItem:
     problem: InputProblem | None
     record: ItemState | None
     displaced: bool
+    signature: tuple[int, int, int, int] | None
     _path: Path | None
 
     def __init__(
@@ -96,9 +100,11 @@ class WorkItem:
         problem: InputProblem | None = None,
         record: ItemState | None = None,
         displaced: bool = False,
+        signature: tuple[int, int, int, int] | None = None,
     ) -> None:
         set_ = object.__setattr__
         set_(self, "displaced", displaced)
+        set_(self, "signature", signature)
         set_(self, "key", key)
         set_(self, "_path", input_path if isinstance(input_path, Path) else None)
         set_(self, "input_text", os.fspath(input_path))
@@ -313,12 +319,20 @@ class InputSource:
         get = records.get
         displaced = _displaced(reader, items, records)
         out = Batch(
-            WorkItem(key, entry.path_text, entry.rel, variant, problem, get(key), key in displaced)
+            WorkItem(
+                key, entry.path_text, entry.rel, variant, problem, get(key), key in displaced,
+                None if entry.stat is None else input_signature(entry.stat),
+            )
             for key, entry, variant, problem in items
-        )
+        )  # fmt: skip
         if judge is not None:
             out.verdicts = judge(out)
         return out, fresh
+
+
+def input_signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file's content may have: size, mtime, ctime, inode."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def _displaced(

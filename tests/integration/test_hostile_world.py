@@ -2267,3 +2267,66 @@ async def test_a_collected_task_of_a_deleted_input_that_failed_is_not_sent_again
     # The deleted input's task: its one submit; the other input sent again twice.
     assert _submits(emu)["ailab"] == Counter({gone_sha: 1, kept_sha: 3})
     assert _charges(emu)["ailab"] == Counter()
+
+
+async def test_a_retried_resumed_task_never_sends_other_bytes_under_its_key(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+    write_manifest: Callable[..., Path],
+) -> None:
+    # The defect: a resumed task the vendor said failed was sent again after reading
+    # the input afresh, with nothing comparing it with what the item's key was hashed
+    # from: a photo replaced meanwhile was sent (twice) under the old photo's key.
+    emu: RunningEmulator = await emulator_factory(task_seconds=3.0, task_failure_rate=1.0)
+    (photo,) = _inputs(tmp_path, 1)
+    manifest = write_manifest([SWAP], concurrency=1, max_attempts=3)
+    cfg = _config_file(_config(emu.base_url), tmp_path / "config.yaml")
+    old_sha = _sha(photo)
+    with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
+        await _wait_for(lambda: _submits(emu)["ailab"][old_sha] >= 1, "the task created")
+        await anyio.sleep(0.3)
+        proc.kill()
+        await anyio.to_thread.run_sync(proc.wait)
+    polls_before = emu.stats()["ailab"]["polls"]
+    outcome: list[Outcome] = []
+
+    async def rerun() -> None:
+        outcome.append(await _run(manifest, _config(emu.base_url)))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(rerun)
+        # Polled again: the rerun read the photo and resumed its task. Replace it now,
+        # before the task fails at the vendor and a new one is sent.
+        await _wait_for(lambda: emu.stats()["ailab"]["polls"] > polls_before, "the resumed poll")
+        make_portrait(photo, seed=8888)
+    new_sha = _sha(photo)
+    (second,) = outcome
+    (line,) = second.lines
+    assert line["status"] == "failed" and line["error"]["code"] == "INPUT_CHANGED", line
+    assert line["error"]["kind"] == "retryable"
+    assert _submits(emu)["ailab"] == Counter({old_sha: 1})  # the new photo: never sent
+    assert new_sha != old_sha
+
+
+async def test_a_spooled_result_of_an_input_edited_since_is_stored_all_the_same(
+    tmp_path: Path, emulator: RunningEmulator, write_manifest: Callable[..., Path]
+) -> None:
+    # The defect: a paid sync result kept in the journal (its file could not be
+    # written) was stored only if a later run met its input again; with the photo
+    # edited since, it stayed "paid for, not stored" for good.
+    (photo,) = _inputs(tmp_path, 1)
+    manifest = write_manifest([SYNC], concurrency=1)
+    out = tmp_path / "out"
+    blocker = out / SYNC_DIR / SYNC_VARIANT / "in" / "p000.jpg"
+    blocker.mkdir(parents=True)  # a folder where the result must go: STORE_FAILED
+    first = await _run(manifest, _config(emulator.base_url))
+    assert first.lines[0]["error"]["code"] == "STORE_FAILED"
+    blocker.rmdir()
+    old_sha = _sha(photo)
+    make_portrait(photo, seed=9999)
+    second = await _run(manifest, _config(emulator.base_url))
+    assert second.code == 0, second.report["errors_by_code"]
+    assert sorted(x["status"] for x in second.lines) == ["succeeded", "succeeded"]
+    outputs = {x["output_rel"] for x in second.lines}
+    assert len(outputs) == 2 and all((out / rel).is_file() for rel in outputs)
+    assert _charges(emulator)["ailab"] == Counter({old_sha: 1, _sha(photo): 1})

@@ -491,3 +491,26 @@ def test_a_corrupt_byte_in_the_scan_data_is_refused_unless_it_is_still_a_valid_s
         # check. A byte that made (or unmade) a marker never gets this far.
         assert clean
         assert not makes_marker
+
+
+# Made by libjpeg's own cjpeg (`cjpeg -sample 3x1`, `-sample 2x2,2x1,1x1`) from a 48x40
+# gradient: valid files that libjpeg decodes, whose sampling TurboJPEG's API (and so
+# simplejpeg) cannot classify. Pillow cannot write such samplings.
+ODD_SAMPLINGS = sorted((Path(__file__).parent / "data").glob("sampling_*.jpg"))
+
+
+@pytest.mark.parametrize("path", ODD_SAMPLINGS, ids=lambda p: p.stem)
+def test_a_valid_jpeg_with_a_sampling_turbojpeg_cannot_name_is_accepted(path: Path) -> None:
+    # The defect: "Could not determine subsampling level" from TurboJPEG's header read
+    # refused such a file as corrupt: a paid, valid result lost (RESULT_NOT_IMAGE).
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # libjpeg decodes it
+    assert check(data) == "jpg"
+    assert check_result_image(str(path), max_bytes=10**8, max_pixels=10**8) == "jpg"
+
+
+@pytest.mark.parametrize("path", ODD_SAMPLINGS, ids=lambda p: p.stem)
+def test_a_jpeg_with_such_a_sampling_is_still_refused_when_cut(path: Path) -> None:
+    data = path.read_bytes()
+    assert "truncated" in reason(data[: len(data) // 2])
