@@ -41,12 +41,12 @@ import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
+from types import ModuleType
 from typing import IO, Final, cast
 
 import anyio
 import anyio.to_thread
-import simplejpeg  # type: ignore[import-untyped]  # no py.typed marker
 from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from pipeline.errors import ResultNotImageError
@@ -333,6 +333,15 @@ def _jpeg_scans_complete(data: memoryview, progressive: bool, vendor: str) -> No
     raise _refuse("truncated JPEG: no end-of-image marker after the last scan", vendor)
 
 
+@cache
+def _strict_decoder() -> ModuleType:
+    """simplejpeg, imported by the first JPEG check: with numpy it costs about 70 ms
+    and 11 MB, which a rerun that checks no result need not pay."""
+    import simplejpeg  # type: ignore[import-untyped]  # no py.typed marker
+
+    return cast(ModuleType, simplejpeg)
+
+
 def _verify_jpeg(src: _Source, max_pixels: int, vendor: str) -> None:
     # Pillow parses the header (size, progressive) without decoding anything.
     im = JpegImagePlugin.JpegImageFile(src.fp())
@@ -355,7 +364,7 @@ def _verify_jpeg(src: _Source, max_pixels: int, vendor: str) -> None:
         # every scan is still Huffman-decoded, the pixel buffer is 64 times smaller;
         # grey output skips the colour conversion, not the decoding of any component.
         try:
-            simplejpeg.decode_jpeg(
+            _strict_decoder().decode_jpeg(
                 data, colorspace="GRAY", min_height=1, min_width=1, min_factor=8, strict=True
             )
         except ValueError as exc:
