@@ -362,7 +362,8 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
     Task states (``data.task_status``, compared case-insensitively):
 
     - ``running`` (or any other non-terminal word) → ``running``;
-    - ``success`` → ``succeeded`` with ``data.results.url``;
+    - ``success`` → ``succeeded`` with ``data.results.url`` (without one: ``succeeded``
+      with neither a URL nor an image, a billed task asked again for its result);
     - ``error`` → ``failed``; ``data.error`` classified per (docs/vendors.md, "Perfect
       Corp: engine error codes") (case-insensitive; unknown → R).
 
@@ -382,10 +383,11 @@ def parse_poll(status: int, headers: Mapping[str, str], body: bytes) -> TaskStat
     if task_status == "success":
         url = _result_url(data)
         if url is None:
-            # A re-poll hands out a fresh URL (docs/vendors.md, "Perfect Corp: result
-            # URLs"), so poll again rather than resubmit
-            # (the success was already charged; a resubmit would pay twice).
-            raise _malformed("task_status success but no data.results.url", status, rid)
+            # Succeeded, so charged (docs/vendors.md, "Both vendors: billing"): a
+            # succeeded task without its result, which the lifecycle polls again (a
+            # re-poll hands out a fresh URL, "Perfect Corp: result URLs") and then
+            # reports as paid and lost; never resubmitted, as for AILab.
+            return TaskState(state="succeeded", poll_after=poll_after)
         return TaskState(state="succeeded", result_url=url, poll_after=poll_after)
     if task_status == "error":
         return TaskState(

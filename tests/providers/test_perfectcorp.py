@@ -337,13 +337,17 @@ def test_poll_success_tolerates_a_results_list() -> None:
 
 
 @pytest.mark.parametrize("results", [None, {}, {"url": ""}, {"url": "not-a-url"}, []])
-def test_poll_success_without_url_raises_to_repoll(results: object) -> None:
-    # A re-poll gives a fresh URL (docs/vendors.md, "Perfect Corp: result URLs"); a
-    # resubmit would pay twice.
-    with pytest.raises(RetryableError) as info:
-        pc.parse_poll(200, RID, poll_doc(task_status="success", results=results))
-    assert info.value.code == "MALFORMED_RESPONSE"
-    assert info.value.request_id == "rq-77"
+def test_poll_success_without_url_is_succeeded_without_a_result(results: object) -> None:
+    # Billed: the lifecycle asks again (a re-poll gives a fresh URL, docs/vendors.md
+    # "Perfect Corp: result URLs"), then reports it paid and lost; a resubmit would
+    # pay twice.
+    state = pc.parse_poll(200, RID, poll_doc(task_status="success", results=results))
+    assert (state.state, state.result_url, state.image, state.error) == (
+        "succeeded",
+        None,
+        None,
+        None,
+    )
 
 
 @pytest.mark.parametrize(
