@@ -215,8 +215,9 @@ class Engine(RunContext):
             self._collect_only.add(state.key)
         if items:
             log.info(
-                "%d task(s) of earlier runs for inputs this run does not meet (moved, edited "
-                "or left out of the manifest): collected, not sent again", len(items),
+                "%d task(s) or kept result(s) of earlier runs for inputs this run does not meet "
+                "(deleted, edited or left out of the manifest): collected, not sent again",
+                len(items),
             )  # fmt: skip
         for operation, count in sorted(left.items()):
             log.warning(
