@@ -845,36 +845,40 @@ class Journal:
         """Record ``(key, task_id)`` pairs a run kept in its rescue file (see
         :mod:`pipeline.rescue`) for items still ``submitting`` with no task id; returns
         how many were applied. The others already moved on."""
-        found = await self.lookup_many([key for key, _ in rescued])
-        applied = 0
-        for key, task_id in rescued:
-            rec = found.get(key)
-            if rec is None or rec.status != Status.SUBMITTING.value or rec.task_id:
-                continue
-            await self.change(key, Change(Status.SUBMITTED, task_id=task_id))
-            applied += 1
-        return applied
+        return await self._apply_to_submitting(
+            [(key, Change(Status.SUBMITTED, task_id=task_id)) for key, task_id in rescued]
+        )
 
     async def apply_paid_lost(self, lost: Sequence[tuple[str, int]]) -> int:
         """Record ``(key, run_id)`` sync answers a run was billed for on a full disk and
         could note only in its rescue file (:func:`pipeline.rescue.read_paid_lost`), for
         items still ``submitting``: failed ``RESULT_LOST``, paid for in that run, never
         sent again on their own (an unknown outcome would be). Returns how many."""
-        found = await self.lookup_many([key for key, _ in lost])
+        error = ErrorInfo(
+            "RESULT_LOST",
+            "paid for in an earlier run, whose disk was full: the result could not be "
+            "kept; rerun with --retry-failed to pay for it once more",
+            "permanent",
+        )
+        return await self._apply_to_submitting(
+            [
+                (key, Change(
+                    Status.FAILED, error=error, billed_run=run_id, run_status="failed",
+                    finished=True,
+                ))
+                for key, run_id in lost
+            ]
+        )  # fmt: skip
+
+    async def _apply_to_submitting(self, changes: Sequence[tuple[str, Change]]) -> int:
+        """Apply each ``(key, change)`` whose item is still ``submitting`` with no task
+        id (what the rescue file speaks of); the others moved on. Returns how many."""
+        found = await self.lookup_many([key for key, _ in changes])
         applied = 0
-        for key, run_id in lost:
+        for key, change in changes:
             rec = found.get(key)
             if rec is None or rec.status != Status.SUBMITTING.value or rec.task_id:
                 continue
-            error = ErrorInfo(
-                "RESULT_LOST",
-                "paid for in an earlier run, whose disk was full: the result could not be "
-                "kept; rerun with --retry-failed to pay for it once more",
-                "permanent",
-            )
-            change = Change(
-                Status.FAILED, error=error, billed_run=run_id, run_status="failed", finished=True
-            )
             await self.change(key, change)
             applied += 1
         return applied

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from PIL import Image
 from pipeline.emulator import RunningEmulator
 from pipeline.rescue import read_paid_lost, read_rescued
 from tests.conftest import config_yaml
+from tests.integration._disk import fill, tmpfs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,41 +56,6 @@ def _noise_jpegs(folder: Path, n: int, start: int) -> list[Path]:
         Image.frombytes("RGB", (500, 500), rng.randbytes(500 * 500 * 3)).save(path, quality=90)
         out.append(path)
     return out
-
-
-@contextlib.contextmanager
-def _tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        mounted = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-            capture_output=True, check=False,
-        )  # fmt: skip
-    except OSError:
-        pytest.skip("cannot run mount")
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _fill(folder: Path, leave: int) -> Path:
-    """Fill the file system of ``folder`` up, then give ``leave`` bytes back."""
-    filler = folder / "filler.bin"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError as exc:
-        assert exc.errno == 28, exc
-    with contextlib.suppress(OSError):
-        while True:
-            os.write(fd, b"\0" * 512)
-    os.close(fd)
-    os.truncate(filler, max(0, filler.stat().st_size - leave))
-    return filler
 
 
 def _argv(manifest: Path, cfg: Path, *extra: str) -> list[str]:
@@ -134,7 +100,7 @@ async def test_answered_sync_results_on_a_full_disk_are_never_paid_for_again(
     by_rel = {f"in/{p.name}": _sha(p) for p in inputs}
     manifest = tmp_path / "job.yaml"
     cfg = config_yaml(emu.base_url, tmp_path / "config.yaml")
-    with _tmpfs(tmp_path / "mnt", "4m") as mnt:
+    with tmpfs(tmp_path / "mnt", "4m") as mnt:
         out = mnt / "out"
         manifest.write_text(
             yaml.safe_dump(
@@ -143,7 +109,7 @@ async def test_answered_sync_results_on_a_full_disk_are_never_paid_for_again(
             )
         )  # fmt: skip
         # 1.2 MB free when the run starts: its reserve (an eighth) is 150 KB.
-        before = _fill(mnt, 1_200_000)
+        before = fill(mnt, 1_200_000)
         before.rename(mnt / "filler-before.bin")
         before = mnt / "filler-before.bin"
         with subprocess.Popen(
@@ -157,7 +123,7 @@ async def test_answered_sync_results_on_a_full_disk_are_never_paid_for_again(
                 )
                 # 16 KB left: with the reserve, less than one result (230 KB), more
                 # than the rows that journal the answers.
-                during = _fill(mnt, 16_000)
+                during = fill(mnt, 16_000)
                 stdout, stderr = await anyio.to_thread.run_sync(
                     lambda: proc.communicate(timeout=60)
                 )

@@ -50,6 +50,7 @@ from pipeline.errors import UsageError
 from pipeline.manifest import load_manifest
 from pipeline.rescue import read_rescued
 from tests.conftest import AILAB_KEY, PERFECTCORP_KEY, fast_config, make_portrait
+from tests.integration._disk import fill, tmpfs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -351,6 +352,18 @@ async def test_rerun_after_a_bad_key_stop_finishes_everything(
 
 
 # -- 1 and 11. Ctrl-C: interrupted is not failed, and the rerun finishes it --------------------
+
+
+async def _kill_when(
+    manifest: Path, cfg: Path, check: Callable[[], bool], what: str, *, settle: float = 0.3
+) -> None:
+    """Run the CLI as a child and ``kill -9`` it ``settle`` s after ``check`` holds (a
+    task id is committed within that time of its answer)."""
+    with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
+        await _wait_for(check, what)
+        await anyio.sleep(settle)
+        proc.kill()
+        await anyio.to_thread.run_sync(proc.wait)
 
 
 def _result_files(out: Path) -> list[Path]:
@@ -717,43 +730,6 @@ async def test_an_unexpected_answer_to_uploads_fails_only_that_vendors_items(
     assert _charges(emulator) == _once_each(inputs, BOTH)
 
 
-@contextlib.contextmanager
-def _tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        mounted = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-            capture_output=True, check=False,
-        )  # fmt: skip
-    except OSError:
-        pytest.skip("cannot run mount")
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _fill(folder: Path, leave: int) -> Path:
-    """Fill the file system of ``folder`` up, then give ``leave`` bytes back."""
-    filler = folder / "filler.bin"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError as exc:
-        assert exc.errno == 28, exc
-    try:
-        while True:
-            os.write(fd, b"\0" * 512)
-    except OSError:
-        pass
-    os.close(fd)
-    os.truncate(filler, max(0, filler.stat().st_size - leave))
-    return filler
-
-
 @pytest.mark.parametrize(
     "free_bytes",
     [
@@ -770,12 +746,12 @@ async def test_a_full_disk_stops_the_run_with_disk_full_and_the_rerun_pays_nothi
 ) -> None:
     manifest = write_manifest(BOTH, concurrency=4)
     cfg = _config_file(_config(emulator.base_url), tmp_path / "config.yaml")
-    with _tmpfs(tmp_path / "out", "2m") as out:
+    with tmpfs(tmp_path / "out", "2m") as out:
         inputs = _inputs(tmp_path, 1)
         done = await _cli(manifest, cfg, "--quiet")
         assert done.returncode == 0, done.stderr.decode()
         inputs += _inputs(tmp_path, 3, start=1)
-        filler = _fill(out, free_bytes)
+        filler = fill(out, free_bytes)
 
         full = await _cli(manifest, cfg, "--quiet")
         stderr = full.stderr.decode()
@@ -1372,14 +1348,11 @@ async def test_a_resumed_task_that_failed_is_sent_again_after_its_input_is_read(
     manifest = write_manifest(ops, max_attempts=3, concurrency=6)
     cfg = _config_file(_config(first_emu.base_url), tmp_path / "config.yaml")
     created = len(inputs) * len(ops)
-    with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
-        await _wait_for(
-            lambda: sum(sum(c.values()) for c in _submits(first_emu).values()) >= created,
-            "every task created",
-        )
-        await anyio.sleep(0.3)  # each task id committed to the journal by now
-        proc.kill()
-        await anyio.to_thread.run_sync(proc.wait)
+    await _kill_when(
+        manifest, cfg,
+        lambda: sum(sum(c.values()) for c in _submits(first_emu).values()) >= created,
+        "every task created",
+    )  # fmt: skip
     if outcome == "task failed":
         await anyio.sleep(1.6)  # every task has failed at the vendor
         second = await _run(manifest, _config(second_emu.base_url))
@@ -1930,7 +1903,7 @@ async def _fill_during_a_run(base: Path, emulator_factory: Callable[..., Any], r
         )
     )  # fmt: skip
     cfg = _config_file(_config(emu.base_url), base / "config.yaml")
-    with _tmpfs(base / "out", "3m") as out:
+    with tmpfs(base / "out", "3m") as out:
         inputs = _inputs(base, 24, start=100 * round_)
         with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
             await _wait_for(lambda: len(_result_files(out)) >= 2, "two results")
@@ -1938,7 +1911,7 @@ async def _fill_during_a_run(base: Path, emulator_factory: Callable[..., Any], r
             # back when it meets the full disk is then its own.
             proc.send_signal(signal.SIGSTOP)
             try:
-                filler = await anyio.to_thread.run_sync(_fill, out, 0)
+                filler = await anyio.to_thread.run_sync(fill, out, 0)
             finally:
                 proc.send_signal(signal.SIGCONT)
             stdout, stderr = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=15))
@@ -2007,7 +1980,7 @@ async def test_a_task_id_the_full_journal_cannot_take_is_kept_aside_and_never_pa
         )
     )  # fmt: skip
     inputs = _inputs(tmp_path, 8)
-    with _tmpfs(tmp_path / "out", "3m") as out:
+    with tmpfs(tmp_path / "out", "3m") as out:
         hog = _Hog(out)
         try:
             async with _Proxy(emu.base_url) as proxy:
@@ -2168,10 +2141,10 @@ async def test_a_kill_mid_send_never_adopts_another_photos_result_as_its_own(
     old_result = _sha(out / old_rel)
     make_portrait(photo, seed=777)  # another photo under the same name
     new_sha = _sha(photo)
-    with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
-        await _wait_for(lambda: _submits(emu)["ailab"][new_sha] >= 1, "the new photo's send")
-        proc.kill()
-        await anyio.to_thread.run_sync(proc.wait)
+    await _kill_when(
+        manifest, cfg, lambda: _submits(emu)["ailab"][new_sha] >= 1, "the new photo's send",
+        settle=0.0,
+    )  # fmt: skip
     third = await _run(manifest, _config(emu.base_url))
     assert third.code == 0, third.report["errors_by_code"]
     (line,) = third.lines
@@ -2200,11 +2173,9 @@ async def test_a_task_of_an_input_the_rerun_does_not_meet_is_still_collected(
     cfg = _config_file(_config(emu.base_url), tmp_path / "config.yaml")
     out = tmp_path / "out"
     first_shas = [_sha(p) for p in inputs]
-    with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
-        await _wait_for(lambda: sum(_submits(emu)["ailab"].values()) >= 2, "both tasks created")
-        await anyio.sleep(0.3)  # their task ids committed by now
-        proc.kill()
-        await anyio.to_thread.run_sync(proc.wait)
+    await _kill_when(
+        manifest, cfg, lambda: sum(_submits(emu)["ailab"].values()) >= 2, "both tasks created"
+    )
     gone = inputs[0]
     if change == "deleted":
         gone.unlink()
@@ -2250,11 +2221,9 @@ async def test_a_collected_task_of_a_deleted_input_that_failed_is_not_sent_again
     inputs = _inputs(tmp_path, 2)
     manifest = write_manifest([SWAP], concurrency=2, max_attempts=2)
     cfg = _config_file(_config(emu.base_url), tmp_path / "config.yaml")
-    with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
-        await _wait_for(lambda: sum(_submits(emu)["ailab"].values()) >= 2, "both tasks created")
-        await anyio.sleep(0.3)
-        proc.kill()
-        await anyio.to_thread.run_sync(proc.wait)
+    await _kill_when(
+        manifest, cfg, lambda: sum(_submits(emu)["ailab"].values()) >= 2, "both tasks created"
+    )
     gone, kept = inputs
     gone_sha, kept_sha = _sha(gone), _sha(kept)
     gone.unlink()
@@ -2282,11 +2251,9 @@ async def test_a_retried_resumed_task_never_sends_other_bytes_under_its_key(
     manifest = write_manifest([SWAP], concurrency=1, max_attempts=3)
     cfg = _config_file(_config(emu.base_url), tmp_path / "config.yaml")
     old_sha = _sha(photo)
-    with _child(_argv(manifest, cfg, "--quiet"), _env()) as proc:
-        await _wait_for(lambda: _submits(emu)["ailab"][old_sha] >= 1, "the task created")
-        await anyio.sleep(0.3)
-        proc.kill()
-        await anyio.to_thread.run_sync(proc.wait)
+    await _kill_when(
+        manifest, cfg, lambda: _submits(emu)["ailab"][old_sha] >= 1, "the task created"
+    )
     polls_before = emu.stats()["ailab"]["polls"]
     outcome: list[Outcome] = []
 
