@@ -471,9 +471,13 @@ def test_a_corrupt_byte_in_the_scan_data_is_refused_unless_it_is_still_a_valid_s
         clean = True
     except ValueError:
         clean = False
-    # A stuffed FF (FF 00) changed to another byte leaves plain data ("X 00"): only
-    # an FF written before anything but 00 makes a marker inside the scan.
-    makes_marker = value == 0xFF and damaged[pos + 1] != 0x00
+    # A stuffed FF (FF 00) changed to another byte leaves plain data ("X 00"); an FF
+    # written makes a marker only if the first byte after it that is not FF (fill
+    # bytes, "FF FF 00" is still a stuffed FF) is not 00.
+    after = pos + 1
+    while after < len(damaged) - 1 and damaged[after] == 0xFF:
+        after += 1
+    makes_marker = value == 0xFF and damaged[after] != 0x00
     try:
         check(damaged)
     except ResultNotImageError as exc:
