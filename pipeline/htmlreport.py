@@ -72,6 +72,7 @@ __all__ = [
     "REPORT_HTML_NAME",
     "CodeHelp",
     "Collector",
+    "archive_report_json",
     "build_html_for",
     "explain_ailab_code",
     "explain_code",
@@ -606,10 +607,13 @@ class _Text:
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, "***")
-        text = _URL_QUERY.sub(r"\1?…", text)
+        if "://" in text:  # nothing else can hold a URL's query
+            text = _URL_QUERY.sub(r"\1?…", text)
         if limit is not None and len(text) > limit:
             text = text[: limit - 1] + "…"
-        return _INVISIBLE.sub(_show_invisible, text)
+        # Every character _INVISIBLE finds is one str.isprintable refuses (categories
+        # Cc, Cf, Cs): most texts need no regex pass (a gallery card makes 10 of them).
+        return text if text.isprintable() else _INVISIBLE.sub(_show_invisible, text)
 
     def __call__(self, value: object, limit: int | None = None) -> str:
         return html.escape(self.clean(value, limit), quote=True)
@@ -687,6 +691,7 @@ class _GalleryItem:
     output_rel: str | None
     input_thumb: str | None = None
     result_thumb: str | None = None
+    card: str | None = None  # its card, the prefix left as _PREFIX_MARK (see _card)
 
 
 @dataclass
@@ -1413,23 +1418,38 @@ def _section_rate(t: _Text, report: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
+# Stands for the prefix in a card's template: never in text that went through _Text
+# (which shows control characters as escapes) or a percent-encoded href.
+_PREFIX_MARK = "\x00"
+
+
 def _card(t: _Text, item: _GalleryItem, prefix: str) -> str:
+    """One gallery card, its links relative to ``prefix``. Made once per item: the
+    main page, its archived copy and the gallery pages differ only by the prefix."""
+    if item.card is None:
+        item.card = _card_template(t, item)
+    return item.card.replace(_PREFIX_MARK, prefix)
+
+
+def _card_template(t: _Text, item: _GalleryItem) -> str:
+    # t(prefix + href) is prefix + t(href): a prefix ("", "../") holds nothing to scrub,
+    # escape or show, and a percent-encoded href no "://" to join it.
     def img(rel: str | None, alt: str, link: str | None) -> str:
         if rel is None:
             return f'<span class="none">no preview ({t(alt)})</span>'
         tag = (
-            f'<img src="{t(_href(prefix, rel))}" alt="{t(alt)}" width="160" height="160" '
-            'loading="lazy" decoding="async">'
+            f'<img src="{_PREFIX_MARK}{t(_href("", rel))}" alt="{t(alt)}" width="160" '
+            'height="160" loading="lazy" decoding="async">'
         )
-        return f'<a href="{t(link)}">{tag}</a>' if link else tag
+        return f'<a href="{link}">{tag}</a>' if link else tag
 
     input_link = None
     if item.input_path and os.path.isabs(item.input_path):
         try:
-            input_link = Path(item.input_path).as_uri()
+            input_link = t(Path(item.input_path).as_uri())
         except ValueError:
             input_link = None
-    result_link = _href(prefix, item.output_rel) if item.output_rel else None
+    result_link = _PREFIX_MARK + t(_href("", item.output_rel)) if item.output_rel else None
     status = "" if item.status == "succeeded" else " · done earlier"
     return (
         '<figure class="card"><div class="pair">'
@@ -1573,8 +1593,12 @@ def write_html_report(
     thumb_size: int = DEFAULT_SIZE,
     secrets: Iterable[str] = (),
     collected: Collector | None = None,
+    archive_json: bool = True,
 ) -> Path:
     """Write ``report.html`` and this run's copies under ``reports/``; return its path.
+
+    ``archive_json=False``: not ``reports/run-<id>.json``; the caller writes it with
+    :func:`archive_report_json` (a run ending: once its wall time is final).
 
     ``report`` is the dict written to ``report.json`` (optionally with
     ``folder_totals`` and ``max_credits``); ``results`` the ``results.jsonl`` lines,
@@ -1619,21 +1643,27 @@ def write_html_report(
     run_id = report.get("run_id")
     if isinstance(run_id, int) and not isinstance(run_id, bool) and run_id >= 0:
         archived = _render_main(t, report, got, gallery, _Layout("../", page_size, None))
-        _archive_run(output_dir, report, run_id, archived, reports_keep)
+        if archive_json:
+            archive_report_json(output_dir, report)
+        _archive_run(output_dir, run_id, archived, reports_keep)
     return target
 
 
-def _archive_run(
-    output_dir: Path, report: Mapping[str, Any], run_id: int, page: str, keep: int
-) -> None:
-    """``reports/run-<id>.json`` and ``.html`` for this run; older runs beyond ``keep``
-    are pruned."""
-    reports_dir = output_dir / REPORTS_DIR
+def archive_report_json(output_dir: Path, report: Mapping[str, Any]) -> None:
+    """``reports/run-<id>.json``: this run's ``report.json``, kept with its page."""
+    run_id = report.get("run_id")
+    if not isinstance(run_id, int) or isinstance(run_id, bool) or run_id < 0:
+        return
     atomic_write_text(
-        reports_dir / f"run-{run_id}.json",
+        output_dir / REPORTS_DIR / f"run-{run_id}.json",
         json.dumps(report, indent=2, sort_keys=True, default=str) + "\n",
         root=output_dir,
     )
+
+
+def _archive_run(output_dir: Path, run_id: int, page: str, keep: int) -> None:
+    """``reports/run-<id>.html`` for this run; older runs beyond ``keep`` are pruned."""
+    reports_dir = output_dir / REPORTS_DIR
     atomic_write_text(reports_dir / f"run-{run_id}.html", page, root=output_dir)
     prune_reports(reports_dir, keep, keep_id=run_id)
 

@@ -83,6 +83,7 @@ __all__ = [
     "REPORT_NAME",
     "RESULTS_NAME",
     "build_reports",
+    "write_report_json",
 ]
 
 REPORT_NAME = "report.json"
@@ -188,8 +189,13 @@ def build_reports(
     collector: Collector | None = None,
     integrity_check: bool = True,
     finishing: tuple[float, Mapping[str, Any]] | None = None,
+    write_report: bool = True,
 ) -> dict[str, Any]:
     """Rewrite ``report.json`` and ``results.jsonl`` from the journal; return the report.
+
+    ``write_report=False``: ``results.jsonl`` only; the caller writes ``report.json``
+    last, with :func:`write_report_json` (the end of a run: ``report.html`` first, so
+    the run's wall time covers every report).
 
     ``finishing``: ``(finished_at, stats)`` of the latest run, which is ending and
     records them (with its exit code) once the report is built: the report takes
@@ -213,9 +219,17 @@ def build_reports(
         output_dir / JOURNAL_NAME, create=False, integrity_check=integrity_check
     )
     try:
-        return _build(conn, output_dir, exit_code_for, collector, finishing)
+        report = _build(conn, output_dir, exit_code_for, collector, finishing)
     finally:
         conn.close()
+    if write_report:
+        write_report_json(output_dir, report)
+    return report
+
+
+def write_report_json(output_dir: Path, report: Mapping[str, Any]) -> None:
+    """Write ``report`` as ``report.json`` (atomically, durably)."""
+    atomic_write_text(output_dir / REPORT_NAME, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -486,7 +500,6 @@ def _build(
         if run is not None:
             report["wall_time_seconds"] = round(time.time() - run.started_at, 3)
     report["report_seconds"] = round(time.time() - built, 3)
-    atomic_write_text(output_dir / REPORT_NAME, json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
 
 

@@ -28,7 +28,7 @@ from pipeline import lifecycle as lc
 from pipeline.budget import RateBudget
 from pipeline.config import Config, ProviderConfig, api_key
 from pipeline.errors import DiskFullError, FatalError, UsageError
-from pipeline.htmlreport import Collector
+from pipeline.htmlreport import Collector, archive_report_json
 from pipeline.journal import Journal
 from pipeline.lock import OutputLock
 from pipeline.manifest import Manifest
@@ -37,7 +37,7 @@ from pipeline.outputs import DiskReserve, sweep_partial_files
 from pipeline.progress import Progress, report_progress
 from pipeline.providers.base import Provider, RequestStats
 from pipeline.providers.http import proxy_for
-from pipeline.report import build_reports
+from pipeline.report import build_reports, write_report_json
 from pipeline.rescue import RescueLog, read_paid_lost, read_rescued
 
 if TYPE_CHECKING:
@@ -397,6 +397,7 @@ async def _finish(
                 collector=collector,
                 integrity_check=False,  # checked when this run opened the journal
                 finishing=(finished_at, run_stats),
+                write_report=False,  # last, below: its wall time covers every report
             )
         )
     except BaseException as exc:
@@ -416,7 +417,31 @@ async def _finish(
     await anyio.to_thread.run_sync(
         _write_html, manifest.output, report, reports_keep, secrets, collector
     )
+    # report.html shows the wall time up to its own writing; report.json, written
+    # last, the whole run's (README "Outputs").
+    started_at = report.get("started_at")
+    if isinstance(started_at, float | int):
+        report["wall_time_seconds"] = round(time.time() - started_at, 3)
+    report["report_seconds"] = round(time.time() - finished_at, 3)
+    try:
+        await anyio.to_thread.run_sync(_write_report_json, manifest.output, report)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise DiskFullError(
+            f"{manifest.output}: the disk is full: report.json could not be written (the "
+            f"journal has every result); free some space, then run `pipeline report "
+            f"{manifest.output}`"
+        ) from None
     return report
+
+
+def _write_report_json(output: Path, report: dict[str, Any]) -> None:
+    write_report_json(output, report)
+    try:
+        archive_report_json(output, report)
+    except OSError as exc:  # the archived copy, like report.html, never fails the run
+        log.warning("could not write %s/reports: %s", output, exc.strerror or exc)
 
 
 def _write_html(
@@ -436,7 +461,7 @@ def _write_html(
     try:
         write_html_report(
             output, report, iter_results(output / "results.jsonl") if collected is None else (),
-            reports_keep=keep, secrets=secrets, collected=collected,
+            reports_keep=keep, secrets=secrets, collected=collected, archive_json=False,
         )  # fmt: skip
     except OSError as exc:
         log.warning("could not write %s/report.html: %s", output, exc.strerror or exc)

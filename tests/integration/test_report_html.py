@@ -406,6 +406,26 @@ def test_any_name_is_escaped_and_shown(names: list[str], code: str) -> None:
         assert clean.clean(name) in text
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(
+        st.characters(codec="utf-8", exclude_categories=())
+        | st.sampled_from("\t\n:/?#\u202e\udcff\ud800\x00\x85"),
+        max_size=40,
+    )
+    | st.builds(
+        lambda a, b: f"{a}https://h.example/p?{b}", st.text(max_size=8), st.text(max_size=8)
+    )
+)
+def test_the_quick_paths_of_text_cleaning_change_nothing(text: str) -> None:
+    """Skipping the regexes (no "://", every character printable) gives what running
+    them gives: a URL's query still hidden, every invisible character still shown."""
+    from pipeline.htmlreport import _INVISIBLE, _URL_QUERY, _show_invisible
+
+    full = _INVISIBLE.sub(_show_invisible, _URL_QUERY.sub(r"\1?…", text))
+    assert _Text(()).clean(text) == full
+
+
 def _many_lines(n: int) -> Iterator[dict[str, Any]]:
     for i in range(n):
         if i % 10 < 6:

@@ -185,3 +185,39 @@ def test_the_state_read_with_a_batch_equals_the_dataclass_and_resumes_as_the_ful
         with pytest.raises(AttributeError):
             state.status = "failed"  # type: ignore[misc]
     conn.close()
+
+
+async def test_the_wall_time_in_report_json_covers_every_report(
+    emulator: RunningEmulator,
+    write_manifest: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """report.json, written last, times the run up to its own writing: report.html
+    and the archived copies included, however long they take."""
+    import pipeline.runner as runner
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        make_portrait(folder / f"p{i}.jpg", seed=i)
+    html_done: list[float] = []
+    real_write_html = runner._write_html
+
+    def slow_write_html(*args: Any, **kwargs: Any) -> None:
+        real_write_html(*args, **kwargs)
+        time.sleep(0.3)  # a page that takes long to write
+        html_done.append(time.time())
+
+    monkeypatch.setattr(runner, "_write_html", slow_write_html)
+    manifest = write_manifest(OP, concurrency=2)
+    for _ in range(2):  # a first run, then a rerun of done items
+        report, _ = await _run(manifest, emulator)
+        out = load_manifest(manifest).output
+        on_disk = json.loads((out / "report.json").read_text())
+        assert on_disk == report
+        assert report["started_at"] + report["wall_time_seconds"] >= html_done[-1] - 0.001
+        assert report["report_seconds"] >= 0.3
+        archived = json.loads((out / "reports" / f"run-{report['run_id']}.json").read_text())
+        assert archived == on_disk
+    assert emulator.stats()["ailab"]["charged"] == 3
