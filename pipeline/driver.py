@@ -320,6 +320,7 @@ class ItemDriver:
         self._pending_send: lc.Checkpoint | None = None
         self.billed_before = False
         self._slots: list[anyio.CapacityLimiter] = []  # held while at the vendor
+        self._claimed_task: str | None = None  # RunContext.claim_task
 
     async def run(self, state: lc.State, *, polls_before: int = 0) -> lc.State:
         """Checkpoint, perform, step; until a terminal state, which is journaled."""
@@ -328,6 +329,8 @@ class ItemDriver:
             return await self._run(state)
         finally:
             self._release_slots()
+            if self._claimed_task is not None:
+                self.engine.release_task(self._claimed_task, self.item.key)
             if self.held.sink is not None:  # a crash or a stop between fetch and store
                 self.held.sink.discard()
 
@@ -525,6 +528,10 @@ class ItemDriver:
         engine.reachability(self.op.vendor, None)
         engine.rejections.reset()
         if submitted.task_id:
+            holder = await engine.claim_task(submitted.task_id, self.item.key, self.item.input_rel)
+            if holder is not None:
+                return lc.SendFailed(_task_id_reused(submitted.task_id, holder), maybe_sent=True)
+            self._claimed_task = submitted.task_id
             expected = engine.estimates[self.op.name].expected()
             self.held.aimed = expected is not None
             return lc.TaskCreated(submitted.task_id, expected)
@@ -728,6 +735,19 @@ def _not_sent(engine: Engine) -> lc.ErrorInfo:
     reason = engine.fatal.code if engine.fatal else "stopping"
     return lc.ErrorInfo(
         "NOT_SENT", f"not sent: the run is stopping ({reason}); a rerun sends it", "fatal"
+    )
+
+
+def _task_id_reused(task_id: str, holder: str) -> lc.ErrorInfo:
+    # No vendor documents giving one task id to two sends (docs/vendors.md, "Task ids
+    # given twice"): the task's result would be stored as both photos' results.
+    return lc.ErrorInfo(
+        "TASK_ID_REUSED",
+        f"the vendor answered this send with task id {task_id}, which it had already "
+        f"given {holder}: its result could be either photo's, so it is not fetched for "
+        "this one. This send may have been billed; check the vendor console, then rerun "
+        "with --retry-failed to send it again",
+        "permanent",
     )
 
 

@@ -237,6 +237,12 @@ _PIPELINE_CODES: dict[str, CodeHelp] = {
         "The vendor accepted the request but returned neither a task id nor a result.", _RERUN
     ),
     "TASK_FAILED": CodeHelp("The vendor reported that the task failed.", _RERUN),
+    "TASK_ID_REUSED": CodeHelp(
+        "The vendor answered the send with a task id it had already given another photo "
+        '(docs/vendors.md, "Task ids given twice"); the result was not fetched for this one.',
+        "The send may have been billed: check the vendor console, then rerun with "
+        "--retry-failed to send it again.",
+    ),
     "UNKNOWN_TASK_STATUS": CodeHelp(
         "The vendor reported a task status outside the documented ones.", _RERUN
     ),

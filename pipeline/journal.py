@@ -126,6 +126,8 @@ _SCHEMA = _SCHEMA_V1 + _MIGRATE_V1_TO_V2
 # Which item stored a result at a path (:func:`output_owners`): added to journals of
 # either schema when a run opens them (no version change: older releases ignore it).
 _OUTPUT_INDEX = "CREATE INDEX IF NOT EXISTS items_output ON items (output)"
+# Which item holds a task id (:meth:`Journal.task_holder`), added the same way.
+_TASK_INDEX = "CREATE INDEX IF NOT EXISTS items_task ON items (task_id) WHERE task_id IS NOT NULL"
 
 _ITEM_COLUMNS = (
     "key", "operation", "variant", "params", "input_path", "input_rel", "status",
@@ -443,6 +445,7 @@ class Journal:
             conn = self.open_sync(self.path, create=True)
             try:
                 conn.execute(_OUTPUT_INDEX)  # once per journal: about a second at 10^6 rows
+                conn.execute(_TASK_INDEX)
             except sqlite3.Error as exc:
                 conn.close()
                 _refuse_if_disk_full(self.path, exc)
@@ -653,6 +656,15 @@ class Journal:
                 # of a row read while its newest change was still being committed.
                 self._status.setdefault(rec.key, Status(rec.status))
         return out
+
+    async def task_holder(self, task_id: str, key: str) -> str | None:
+        """The input (``input_rel``) of an item other than ``key`` that the journal
+        has holding ``task_id``, else None (committed rows: see RunContext.claim_task
+        for the sends of this run)."""
+        rows = await self._read(
+            "SELECT input_rel FROM items WHERE task_id = ? AND key != ? LIMIT 1", (task_id, key)
+        )
+        return str(rows[0][0]) if rows else None
 
     async def has_spool(self, key: str) -> bool:
         rows = await self._read("SELECT 1 FROM spool WHERE key = ?", (key,))

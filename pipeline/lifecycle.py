@@ -644,10 +644,10 @@ def _send_failed(state: Send, tally: Tally, event: SendFailed, now: float, polic
         # No wait here: the driver pauses the vendor's whole rate budget (at least
         # Retry-After, capped), so the retry simply queues there again.
         return Retry(tally, until=now)
+    if event.maybe_sent:  # whatever the error: the body may have been billed
+        tally = _one_more_unknown(tally)
     if error.kind != "retryable":
         return Failed(error, tally=tally)
-    if event.maybe_sent:
-        tally = _one_more_unknown(tally)
     tally = replace(tally, last_error=error)
     after = _send_or_give_up(tally, policy)
     if not isinstance(after, Send):
