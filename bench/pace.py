@@ -3,6 +3,7 @@
     python bench/pace.py all            # every benchmark below at its default size
     python bench/pace.py async  --cases 200x8,1000x64,2000x256 --task-seconds 0.5 --poll-interval 0.1
     python bench/pace.py sync   --n 10000 --concurrency 64
+    python bench/pace.py async  --cases 1000x64 --repeat 3   # alternated pairs, medians
     python bench/pace.py rerun  --n 10000 --big-n 1000 --big-mb 3
     python bench/pace.py rss    --sizes 1000,100000
     python bench/pace.py budget --n 100 --requests 50 --per-seconds 10 --qps 10
@@ -193,6 +194,46 @@ def pipeline_notes(run: ClientRun) -> str:
     return "pipeline report: " + ("; ".join(parts) if parts else "(no polling figures)")
 
 
+def alternated(
+    repeat: int, run_pipe: Callable[[str], ClientRun], run_loop: Callable[[str], ClientRun]
+) -> list[tuple[ClientRun, ClientRun]]:
+    """``repeat`` (pipeline, plain loop) pairs, the order flipped every pair so that a
+    machine getting busier or quieter weighs on both; ``run_*(suffix)`` makes one run."""
+    pairs = []
+    for i in range(repeat):
+        suffix = f"-{i + 1}" if repeat > 1 else ""
+        if i % 2 == 0:
+            pipe = run_pipe(suffix)
+            plain = run_loop(suffix)
+        else:
+            plain = run_loop(suffix)
+            pipe = run_pipe(suffix)
+        pairs.append((pipe, plain))
+    return pairs
+
+
+def median_run(runs: Sequence[ClientRun]) -> ClientRun:
+    """The run of median wall time (the lower middle of an even count)."""
+    return sorted(runs, key=lambda r: r.measured.wall_seconds)[(len(runs) - 1) // 2]
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(v for v in values if not math.isnan(v))
+    if not ordered:
+        return NAN
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def pair_ratios(pairs: Sequence[tuple[ClientRun, ClientRun]]) -> list[float]:
+    """Throughput pipeline/plain of each pair."""
+    return [_f(ratio(p.items_per_second, q.items_per_second)) for p, q in pairs]
+
+
+def _listed(values: Sequence[float]) -> str:
+    return " ".join(_fmt(v) for v in values)
+
+
 # -- 1. async ----------------------------------------------------------------------------------
 
 
@@ -226,28 +267,45 @@ def bench_async(args: argparse.Namespace, ctx: Context) -> Results:
                 "template": template,
                 "timeout": args.timeout,
             }
-            pipe = run_pipeline(emu, label=f"pipeline-{n}x{c}", config=config, **common)
-            plain = run_plain(
-                emu, label=f"plain-{n}x{c}", poll_interval=args.poll_interval, **common
+            pairs = alternated(
+                args.repeat,
+                lambda sfx, n=n, c=c, common=common: run_pipeline(
+                    emu, label=f"pipeline-{n}x{c}{sfx}", config=config, **common
+                ),
+                lambda sfx, n=n, c=c, common=common: run_plain(
+                    emu, label=f"plain-{n}x{c}{sfx}", poll_interval=args.poll_interval, **common
+                ),
             )
+            pipe = median_run([p for p, _ in pairs])
+            plain = median_run([q for _, q in pairs])
             fp, fl = figures(pipe, ideal=ideal), figures(plain, ideal=ideal)
             rows += [throughput_row(fp, c), throughput_row(fl, c)]
             notes.append(f"N={n} C={c}: {pipeline_notes(pipe)}")
-            cases_out.append(
-                {
-                    "N": n,
-                    "C": c,
-                    "ideal_seconds": ideal,
-                    "pipeline": fp,
-                    "plain": fl,
-                    "throughput_ratio": _clean(
-                        {"r": ratio(pipe.items_per_second, plain.items_per_second)}
-                    )["r"],
-                }
-            )
+            ratios = pair_ratios(pairs)
+            case: dict[str, Any] = {
+                "N": n,
+                "C": c,
+                "ideal_seconds": ideal,
+                "pipeline": fp,
+                "plain": fl,
+                "throughput_ratio": _clean({"r": median(ratios)})["r"],
+            }
+            if args.repeat > 1:
+                case["pairs"] = [
+                    {"pipeline": figures(p, ideal=ideal), "plain": figures(q, ideal=ideal)}
+                    for p, q in pairs
+                ]
+                notes.append(
+                    f"N={n} C={c}, {args.repeat} alternated pairs: throughput pipeline/plain "
+                    f"{_listed(ratios)}; wall/ideal pipeline "
+                    f"{_listed([p.measured.wall_seconds / ideal for p, _ in pairs])}, plain "
+                    f"{_listed([q.measured.wall_seconds / ideal for _, q in pairs])}"
+                )
+            cases_out.append(case)
     emit(
         f"1. async face swap: {args.task_seconds:g} s tasks, poll interval "
         f"{args.poll_interval:g} s, ideal = ceil(N / C) x {args.task_seconds:g} s"
+        + (f"; each client's median-wall run of {args.repeat}" if args.repeat > 1 else "")
     )
     emit(table(THROUGHPUT_HEADERS, rows))
     for case in cases_out:
@@ -290,17 +348,40 @@ def bench_sync(args: argparse.Namespace, ctx: Context) -> Results:
             "concurrency": c,
             "timeout": args.timeout,
         }
-        pipe = run_pipeline(emu, label=f"pipeline-{n}x{c}", config=config, **common)
-        plain = run_plain(emu, label=f"plain-{n}x{c}", poll_interval=1.0, **common)
+        pairs = alternated(
+            args.repeat,
+            lambda sfx: run_pipeline(emu, label=f"pipeline-{n}x{c}{sfx}", config=config, **common),
+            lambda sfx: run_plain(emu, label=f"plain-{n}x{c}{sfx}", poll_interval=1.0, **common),
+        )
+    pipe = median_run([p for p, _ in pairs])
+    plain = median_run([q for _, q in pairs])
     fp, fl = figures(pipe), figures(plain)
-    throughput = _clean({"r": ratio(pipe.items_per_second, plain.items_per_second)})["r"]
-    emit("2. sync emotion editor: no vendor latency")
+    ratios = pair_ratios(pairs)
+    throughput = _clean({"r": median(ratios)})["r"]
+    emit(
+        "2. sync emotion editor: no vendor latency"
+        + (f"; each client's median-wall run of {args.repeat}" if args.repeat > 1 else "")
+    )
     emit(table(THROUGHPUT_HEADERS, [throughput_row(fp, c), throughput_row(fl, c)]))
     emit(
         f"N={n} C={c}: throughput pipeline/plain {_fmt(throughput)}; CPU ms/item pipeline "
         f"{_fmt(fp['cpu_ms_per_item'])}, plain {_fmt(fl['cpu_ms_per_item'])}"
     )
-    return {"N": n, "C": c, "pipeline": fp, "plain": fl, "throughput_ratio": throughput}
+    out: dict[str, Any] = {
+        "N": n,
+        "C": c,
+        "pipeline": fp,
+        "plain": fl,
+        "throughput_ratio": throughput,
+    }
+    if args.repeat > 1:
+        emit(
+            f"{args.repeat} alternated pairs: throughput pipeline/plain {_listed(ratios)}; CPU "
+            f"ms/item pipeline {_listed([_f(p.cpu_ms_per_item) for p, _ in pairs])}, plain "
+            f"{_listed([_f(q.cpu_ms_per_item) for _, q in pairs])}"
+        )
+        out["pairs"] = [{"pipeline": figures(p), "plain": figures(q)} for p, q in pairs]
+    return out
 
 
 # -- 3. rerun and 4. rss -------------------------------------------------------------------------
@@ -653,6 +734,12 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace, Context], Results]] = {
 }
 
 
+_REPEAT_HELP = (
+    "run both clients this many times, alternating which goes first; show each one's "
+    "median-wall run and the median of the pairs' throughput ratios"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -667,11 +754,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-seconds", type=float, default=0.5)
     p.add_argument("--poll-interval", type=float, default=0.1)
     p.add_argument("--timeout", type=float, default=600, help="per client run, seconds")
+    p.add_argument("--repeat", type=int, default=1, help=_REPEAT_HELP)
 
     p = sub.add_parser("sync", help="2. sync emotion editor")
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--repeat", type=int, default=1, help=_REPEAT_HELP)
 
     p = sub.add_parser("rerun", help="3. rerun with everything done")
     p.add_argument("--n", type=int, default=10_000, help="tiny inputs")

@@ -71,6 +71,21 @@ def test_sync_emotion_editor(tmp_path: Path) -> None:
     assert "2. sync emotion editor" in printed
 
 
+def test_alternated_pairs_report_each_pair_and_their_median(tmp_path: Path) -> None:
+    figures, printed = pace(tmp_path, "sync", "--n", "6", "--concurrency", "3", "--repeat", "3")
+    result = figures["sync"]
+    assert len(result["pairs"]) == 3
+    ratios = []
+    for pair in result["pairs"]:
+        for client in ("pipeline", "plain"):
+            assert_all_done(pair[client], 6)
+        ratios.append(pair["pipeline"]["items_per_second"] / pair["plain"]["items_per_second"])
+    assert abs(result["throughput_ratio"] - sorted(ratios)[1]) < 1e-6
+    walls = sorted(pair["pipeline"]["wall_seconds"] for pair in result["pairs"])
+    assert result["pipeline"]["wall_seconds"] == walls[1]  # the median-wall run is shown
+    assert "3 alternated pairs: throughput pipeline/plain" in printed
+
+
 def test_rerun_with_everything_done(tmp_path: Path) -> None:
     figures, printed = pace(
         tmp_path, "rerun", "--n", "8", "--big-n", "2", "--big-mb", "0.3", "--concurrency", "4"
