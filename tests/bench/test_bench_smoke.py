@@ -80,7 +80,7 @@ def test_alternated_pairs_report_each_pair_and_their_median(tmp_path: Path) -> N
         for client in ("pipeline", "plain"):
             assert_all_done(pair[client], 6)
         ratios.append(pair["pipeline"]["items_per_second"] / pair["plain"]["items_per_second"])
-    assert abs(result["throughput_ratio"] - sorted(ratios)[1]) < 1e-6
+    assert abs(result["throughput_ratio"] - sorted(ratios)[1]) < 1e-3  # figures are rounded
     walls = sorted(pair["pipeline"]["wall_seconds"] for pair in result["pairs"])
     assert result["pipeline"]["wall_seconds"] == walls[1]  # the median-wall run is shown
     assert "3 alternated pairs: throughput pipeline/plain" in printed
