@@ -72,6 +72,9 @@ class FolderStatus:
     last_run: RunRecord | None
     runs: int
     running_pid: int | None  # a run holds the folder now (as far as can be told)
+    # (manifest, n): the unfinished items by the manifest of the run that last met
+    # them, that run's newest first.
+    unfinished_by_manifest: tuple[tuple[str, int], ...] = ()
 
     @property
     def unfinished(self) -> int:
@@ -118,6 +121,19 @@ def _failure_groups(conn: sqlite3.Connection) -> tuple[FailureGroup, ...]:
     return tuple(out)
 
 
+def _unfinished_by_manifest(conn: sqlite3.Connection) -> tuple[tuple[str, int], ...]:
+    """The unfinished items by the manifest of the run that last met them: a run of
+    that manifest uses their vendors, so it collects them (one aggregate scan)."""
+    marks = ",".join("?" * len(_UNFINISHED))
+    rows = conn.execute(
+        "SELECT runs.manifest, COUNT(*), MAX(runs.id) FROM items JOIN runs ON runs.id = "
+        f"items.seen_run WHERE items.status IN ({marks}) GROUP BY runs.manifest "
+        "ORDER BY MAX(runs.id) DESC",
+        _UNFINISHED,
+    ).fetchall()
+    return tuple((str(manifest), int(n)) for manifest, n, _ in rows)
+
+
 def _lock_pid(output_dir: Path) -> int | None:
     """The pid written in the lock file, if that process is alive. Reads the file only:
     taking the lock, even for an instant, could make a starting run exit 3."""
@@ -160,11 +176,13 @@ def read_status(output_dir: Path) -> FolderStatus:
         failures = _failure_groups(conn)
         run = latest_run(conn)
         runs = run_count(conn)
+        some = any(counts.by_status.get(s) for s in _UNFINISHED)
+        unfinished = _unfinished_by_manifest(conn) if some else ()
     finally:
         conn.close()
     pid = _lock_pid(output_dir)
     running = pid if pid is not None and run is not None and run.finished_at is None else None
-    return FolderStatus(output_dir, counts, failures, run, runs, running)
+    return FolderStatus(output_dir, counts, failures, run, runs, running, unfinished)
 
 
 # -- writing -----------------------------------------------------------------------------
@@ -207,8 +225,17 @@ def _next_lines(st: FolderStatus) -> list[str]:
     again = [g for g in st.failures if g.kind != "permanent"]
     permanent = [g for g in st.failures if g.kind == "permanent"]
     reasons = []
-    if st.unfinished:
-        reasons.append(f"resumes the {st.unfinished} unfinished item(s)")
+    # Items an earlier manifest's run left unfinished: the last manifest may not use
+    # their vendor, and then its runs leave them (README "Reruns, resume and cron").
+    elsewhere = [(m, n) for m, n in st.unfinished_by_manifest if run is None or m != run.manifest]
+    for other, n in elsewhere:
+        out.append(
+            f"  pipeline run {shlex.quote(other)}    # resumes the {n} unfinished item(s) "
+            "a run of it left"
+        )
+    here = st.unfinished - sum(n for _, n in elsewhere)
+    if here > 0:
+        reasons.append(f"resumes the {here} unfinished item(s)")
     if again:
         reasons.append(f"retries the {sum(g.count for g in again)} retryable failure(s)")
     if reasons:

@@ -358,6 +358,47 @@ async def test_status_of_an_interrupted_run_says_rerun_to_resume(
     )
 
 
+async def test_status_names_the_manifest_that_collects_what_an_earlier_one_left(
+    tmp_path: Path,
+    emulator_factory: Callable[..., Any],
+    portraits: Callable[..., list[Path]],
+    write_manifest: Callable[..., Path],
+) -> None:
+    """A run of manifest A is stopped with its face-swap tasks running; a run of
+    manifest B (Perfect Corp only, the same output folder) leaves them: its vendor is
+    not theirs. ``status`` names A for them, not B, the last run's manifest."""
+    emu: RunningEmulator = await emulator_factory(task_seconds=30)
+    portraits(2)
+    cfg = _config(emu.base_url, tmp_path / "config.yaml")
+    swap = write_manifest(SWAP_AND_SMILE[:1], name="swap.yaml")
+    smile = write_manifest(SWAP_AND_SMILE[1:], name="smile.yaml")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(swap), "--config", str(cfg), "--quiet"],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    with anyio.fail_after(30):
+        while _task_ids(out) < 2:
+            await anyio.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    await anyio.to_thread.run_sync(proc.communicate)
+    assert proc.returncode == 130
+    quick: RunningEmulator = await emulator_factory()  # the smile run's vendor
+    cfg = _config(quick.base_url, tmp_path / "config-quick.yaml")
+    code, _, stderr = await _cli("run", str(smile), "--config", str(cfg))
+    assert code == 0, stderr
+    assert "are not collected: this manifest does not use its vendor" in stderr
+
+    code, stdout, _ = await _cli("status", str(out))
+    assert code == 0
+    lines = stdout.splitlines()
+    assert f"  pipeline run {swap}    # resumes the 2 unfinished item(s) a run of it left" in lines
+    assert not any(line.startswith(f"  pipeline run {smile}    # resumes") for line in lines)
+    assert (
+        lines[-1] == f"  pipeline run {swap}    # resumes the 2 unfinished item(s) a run of it left"
+    )
+
+
 def _task_ids(out: Path) -> int:
     if not (out / "journal.sqlite").exists():
         return 0
