@@ -85,9 +85,9 @@ class RunContext:
     _task_slots: dict[str, anyio.CapacityLimiter] = field(default_factory=dict)
     _files: dict[tuple[Path, ImageLimits], ImagePayload] = field(default_factory=dict)
     _uncollected: int = 0
-    # Task ids the vendors gave this run's sends, while their items are driven:
-    # task id -> (key, input). See claim_task.
-    _task_claims: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Task ids held by this run's items while they are driven: (vendor, task id) ->
+    # (key, input). See claim_task.
+    _task_claims: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     _scope: anyio.CancelScope | None = None
     usage_error: UsageError | None = None
     # The disk filled: what is left of it goes to the journal (task ids, billed
@@ -124,26 +124,32 @@ class RunContext:
             base_url = self.config.provider(vendor).base_url
             self._reach[vendor] = Reachability(base_url, vendor, self.config.network)
 
-    async def claim_task(self, task_id: str, key: str, input_rel: str) -> str | None:
-        """Claim the task id a vendor just gave ``key``'s send. Returns the input of
-        another item that already holds it (a task id given twice: a replayed answer),
+    async def claim_task(
+        self, vendor: str, task_id: str, key: str, input_rel: str, *, resumed: bool = False
+    ) -> str | None:
+        """Claim ``vendor``'s task id for ``key``: one the vendor just gave its send,
+        or (``resumed``) one its journal row held when this run met it. Returns the
+        input of another item that holds it (a task id given twice: a replayed answer),
         and then claims nothing; else None.
 
-        An id is held by the item it was claimed for until that item ends
-        (:meth:`release_task`), and by the journal from the checkpoint that records it
-        (committed before the task's first poll), so no moment leaves it unheld.
+        A claimed id is held until its item ends (:meth:`release_task`), and by the
+        journal from the checkpoint that records it (committed before the task's first
+        poll), so no moment leaves it unheld. Another item's row holding it refuses a
+        new send; for a resumed task (two rows with one id, left by a release before
+        this check), only one that stored its result does, and otherwise the first of
+        them to claim it in this run keeps it.
         """
-        claimed = self._task_claims.setdefault(task_id, (key, input_rel))
+        claimed = self._task_claims.setdefault((vendor, task_id), (key, input_rel))
         if claimed[0] != key:
             return claimed[1]
-        holder = await self.journal.task_holder(task_id, key)
+        holder = await self.journal.task_holder(vendor, task_id, key, stored_only=resumed)
         if holder is not None:
-            del self._task_claims[task_id]
+            del self._task_claims[(vendor, task_id)]
         return holder
 
-    def release_task(self, task_id: str, key: str) -> None:
-        if self._task_claims.get(task_id, ("", ""))[0] == key:
-            del self._task_claims[task_id]
+    def release_task(self, vendor: str, task_id: str, key: str) -> None:
+        if self._task_claims.get((vendor, task_id), ("", ""))[0] == key:
+            del self._task_claims[(vendor, task_id)]
 
     def task_slots(self, vendor: str) -> anyio.CapacityLimiter | None:
         """The vendor's cap on tasks in flight, if its budget sets one."""

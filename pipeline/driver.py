@@ -41,6 +41,7 @@ from pipeline.journal import KEEP, Change, Journal, Keep
 from pipeline.offload import run_small, run_sync
 from pipeline.outputs import AtomicFile, result_relpath, write_result
 from pipeline.providers.base import BEFORE_BILLABLE_SEND
+from pipeline.providers.client import UNSAFE_ID
 from pipeline.sources import input_signature
 
 if TYPE_CHECKING:
@@ -329,10 +330,26 @@ class ItemDriver:
             return await self._run(state)
         finally:
             self._release_slots()
-            if self._claimed_task is not None:
-                self.engine.release_task(self._claimed_task, self.item.key)
+            self._release_task()
             if self.held.sink is not None:  # a crash or a stop between fetch and store
                 self.held.sink.discard()
+
+    async def _claim(self, task_id: str, *, resumed: bool) -> str | None:
+        """:meth:`RunContext.claim_task` for this item (the id it held before, if
+        another, let go): the input of another item holding ``task_id``, else None."""
+        self._release_task()
+        item = self.item
+        holder = await self.engine.claim_task(
+            self.op.vendor, task_id, item.key, item.input_rel, resumed=resumed
+        )
+        if holder is None:
+            self._claimed_task = task_id
+        return holder
+
+    def _release_task(self) -> None:
+        if self._claimed_task is not None:
+            self.engine.release_task(self.op.vendor, self._claimed_task, self.item.key)
+            self._claimed_task = None
 
     async def _take_slots(self, state: lc.State) -> None:
         """Hold a vendor slot (and, for a task, the vendor's in-flight cap) while the
@@ -528,10 +545,9 @@ class ItemDriver:
         engine.reachability(self.op.vendor, None)
         engine.rejections.reset()
         if submitted.task_id:
-            holder = await engine.claim_task(submitted.task_id, self.item.key, self.item.input_rel)
+            holder = await self._claim(submitted.task_id, resumed=False)
             if holder is not None:
                 return lc.SendFailed(_task_id_reused(submitted.task_id, holder), maybe_sent=True)
-            self._claimed_task = submitted.task_id
             expected = engine.estimates[self.op.name].expected()
             self.held.aimed = expected is not None
             return lc.TaskCreated(submitted.task_id, expected)
@@ -559,9 +575,14 @@ class ItemDriver:
             return lc.SendFailed(info, maybe_sent=exc.maybe_sent)
         if isinstance(exc, PermanentError):
             self.engine.note_rejection(exc)
-        return lc.SendFailed(info)
+        # An answer whose task id we refuse to keep came from a task that may exist.
+        return lc.SendFailed(info, maybe_sent=exc.code == UNSAFE_ID)
 
     async def _poll(self, state: lc.Poll) -> lc.Event:
+        if state.task_id != self._claimed_task:  # a task resumed from the journal
+            holder = await self._claim(state.task_id, resumed=True)
+            if holder is not None:
+                return lc.TaskTaken(_task_id_reused(state.task_id, holder))
         try:
             answer = await self.provider.poll(self.op.name, state.task_id)
         except VendorError as exc:
@@ -743,7 +764,7 @@ def _task_id_reused(task_id: str, holder: str) -> lc.ErrorInfo:
     # given twice"): the task's result would be stored as both photos' results.
     return lc.ErrorInfo(
         "TASK_ID_REUSED",
-        f"the vendor answered this send with task id {task_id}, which it had already "
+        f"the vendor gave this item's send task id {task_id}, which it had already "
         f"given {holder}: its result could be either photo's, so it is not fetched for "
         "this one. This send may have been billed; check the vendor console, then rerun "
         "with --retry-failed to send it again",

@@ -657,14 +657,24 @@ class Journal:
                 self._status.setdefault(rec.key, Status(rec.status))
         return out
 
-    async def task_holder(self, task_id: str, key: str) -> str | None:
-        """The input (``input_rel``) of an item other than ``key`` that the journal
-        has holding ``task_id``, else None (committed rows: see RunContext.claim_task
-        for the sends of this run)."""
+    async def task_holder(
+        self, vendor: str, task_id: str, key: str, *, stored_only: bool = False
+    ) -> str | None:
+        """The input (``input_rel``) of an item other than ``key`` whose row holds
+        ``vendor``'s ``task_id``, else None: committed rows (RunContext.claim_task
+        covers this run's sends). ``stored_only``: only an item that stored its result.
+        Task ids are per vendor: the same text at another vendor is another task."""
         rows = await self._read(
-            "SELECT input_rel FROM items WHERE task_id = ? AND key != ? LIMIT 1", (task_id, key)
+            "SELECT input_rel, operation, status FROM items WHERE task_id = ? AND key != ?",
+            (task_id, key),
         )
-        return str(rows[0][0]) if rows else None
+        for input_rel, operation, status in rows:
+            if operation.split("/", 1)[0] != vendor:  # names are "<vendor>/<operation>"
+                continue
+            if stored_only and status != Status.SUCCEEDED.value:
+                continue
+            return str(input_rel)
+        return None
 
     async def has_spool(self, key: str) -> bool:
         rows = await self._read("SELECT 1 FROM spool WHERE key = ?", (key,))

@@ -34,6 +34,7 @@ Transitions (``E`` = event; ``*`` = any of the counted limits reached)::
                             │  │                 │  ├─TaskSucceeded(image)─> Store
                             │  │                 │  ├─TaskFailed, unbilled──> Retry | Failed
                             │  │                 │  ├─TaskFailed, billed───> Failed(RESULT_LOST)
+                            │  │                 │  ├─TaskTaken (id held by another)──> Failed
                             │  │                 │  ├─PollError──> Poll (backoff) | Failed(task kept)*
                             │  │                 │  └─deadline──> Failed(TASK_DEADLINE, task kept)
                             │  ├─SendFailed(retryable)──> Retry ──Timer──> Send | Failed*
@@ -450,6 +451,14 @@ class TaskFailed:
 
 
 @dataclass(frozen=True)
+class TaskTaken:
+    """A task resumed from the journal whose id another item holds (two rows with
+    one id): not polled for this item."""
+
+    error: ErrorInfo
+
+
+@dataclass(frozen=True)
 class PollError:
     error: ErrorInfo
     rate_limited: bool = False
@@ -492,8 +501,8 @@ class Crashed:
 
 Event = (
     InputReady | InputRejected | Stopping | TaskCreated | SyncResult | SendFailed
-    | TaskRunning | TaskSucceeded | TaskFailed | PollError | Downloaded | DownloadFailed
-    | Stored | StoreFailed | Timer | Crashed
+    | TaskRunning | TaskSucceeded | TaskFailed | TaskTaken | PollError | Downloaded
+    | DownloadFailed | Stored | StoreFailed | Timer | Crashed
 )  # fmt: skip
 
 
@@ -702,6 +711,8 @@ def _on_poll(state: Poll, event: Event, now: float, policy: Policy) -> State:
         return _task_failed(state, event.error, now, policy)
     if isinstance(event, PollError):
         return _poll_error(state, event, now, policy)
+    if isinstance(event, TaskTaken):  # possibly billed: the vendor accepted its send
+        return Failed(event.error, tally=_one_more_unknown(state.tally))
     raise _unexpected(state, event)
 
 

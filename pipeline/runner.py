@@ -412,8 +412,6 @@ async def _finish(
             f"journal has every result); free some space, then run `pipeline report "
             f"{manifest.output}`"
         ) from None
-    await journal.finish_run(run_id, report["exit_code"], run_stats, finished_at=finished_at)
-    await journal.flush()
     await anyio.to_thread.run_sync(
         _write_html, manifest.output, report, reports_keep, secrets, collector
     )
@@ -426,13 +424,27 @@ async def _finish(
     try:
         await anyio.to_thread.run_sync(_write_report_json, manifest.output, report)
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+        failure: Exception = exc
+        if exc.errno == errno.ENOSPC:
+            failure = DiskFullError(
+                f"{manifest.output}: the disk is full: report.json could not be written "
+                f"(the journal has every result); free some space, then run `pipeline "
+                f"report {manifest.output}`"
+            )
+        # The run ends with exit 3, and its record says so: `pipeline status` and a
+        # later `pipeline report` tell what the run's last line told.
+        aborted = failure.as_record() if isinstance(failure, DiskFullError) else None
+        with anyio.CancelScope(shield=True):
+            await journal.finish_run(
+                run_id, EXIT_FATAL, {**run_stats, "aborted": aborted}, finished_at=finished_at
+            )
+            await journal.flush()
+        if failure is exc:
             raise
-        raise DiskFullError(
-            f"{manifest.output}: the disk is full: report.json could not be written (the "
-            f"journal has every result); free some space, then run `pipeline report "
-            f"{manifest.output}`"
-        ) from None
+        raise failure from None
+    # Recorded last, with the exit code the run ends with.
+    await journal.finish_run(run_id, report["exit_code"], run_stats, finished_at=finished_at)
+    await journal.flush()
     return report
 
 

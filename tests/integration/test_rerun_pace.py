@@ -8,6 +8,7 @@ those paths meets batch boundaries.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -22,6 +23,7 @@ import pytest
 import pipeline.sources as sources
 from pipeline.emulator import RunningEmulator
 from pipeline.engine import RunOptions, run_job
+from pipeline.errors import DiskFullError
 from pipeline.htmlreport import Collector, _collect, iter_results
 from pipeline.journal import _ITEM_COLUMNS, ItemRecord, _record_of
 from pipeline.manifest import load_manifest
@@ -221,3 +223,45 @@ async def test_the_wall_time_in_report_json_covers_every_report(
         archived = json.loads((out / "reports" / f"run-{report['run_id']}.json").read_text())
         assert archived == on_disk
     assert emulator.stats()["ailab"]["charged"] == 3
+
+
+@pytest.mark.parametrize("errno_code", [errno.ENOSPC, errno.EISDIR])
+async def test_a_report_json_that_cannot_be_written_leaves_the_run_recorded_as_exit_3(
+    emulator: RunningEmulator,
+    write_manifest: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    errno_code: int,
+) -> None:
+    """report.json is written last; when it can't be (a full disk, a folder in its
+    place), the run stops with exit 3 and its journal record says exit 3 too, so
+    ``pipeline status`` and a later ``pipeline report`` tell what the run told."""
+    import pipeline.runner as runner
+
+    make_portrait(tmp_path / "in" / "p0.jpg", seed=0)
+    real_write = runner.write_report_json
+
+    def refuse(output: Path, report: dict[str, Any]) -> None:
+        raise OSError(errno_code, os.strerror(errno_code), str(output / "report.json"))
+
+    monkeypatch.setattr(runner, "write_report_json", refuse)
+    manifest = write_manifest(OP, concurrency=1)
+    expected: type[BaseException] = DiskFullError if errno_code == errno.ENOSPC else OSError
+    with pytest.raises(expected) as caught:
+        await run_job(
+            load_manifest(manifest), fast_config(emulator.base_url), RunOptions(quiet=True)
+        )
+    if errno_code == errno.ENOSPC:
+        assert "report.json could not be written" in str(caught.value)
+    out = load_manifest(manifest).output
+    with sqlite3.connect(out / "journal.sqlite") as conn:
+        code, stats = conn.execute("SELECT exit_code, stats FROM runs").fetchone()
+    assert code == 3
+    aborted = json.loads(stats)["aborted"]
+    assert (aborted or {}).get("code") == ("DISK_FULL" if errno_code == errno.ENOSPC else None)
+    monkeypatch.setattr(runner, "write_report_json", real_write)
+    report = build_reports(out)  # what `pipeline report` writes once there is room
+    assert report["exit_code"] == 3
+    assert report["aborted"] == aborted
+    assert report["counts"]["succeeded"] == 1
+    assert emulator.stats()["ailab"]["charged"] == 1

@@ -19,7 +19,10 @@ import asyncio
 import hashlib
 import io
 import json
+import secrets
+import sqlite3
 import tempfile
+import types
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -59,6 +62,7 @@ class ReplayingAILab:
     def __init__(self, vendor: Vendor, task_ids: Callable[[int], str]) -> None:
         self.vendor = vendor
         self.task_ids = task_ids
+        self.running = False  # every task still running at every poll
         self.submits_by_input: Counter[str] = Counter()
         self.given: list[str] = []
         self.polls_by_task: Counter[str] = Counter()
@@ -76,6 +80,8 @@ class ReplayingAILab:
     def _poll(self, seen: Seen) -> Reply:
         task_id = parse_qs(urlsplit(seen.raw_path).query)["task_id"][0]
         self.polls_by_task[task_id] += 1
+        if self.running:
+            return Reply(body=ailab_ok(task_status=1))
         url = self.vendor.url(f"{RESULT_PATH}?task={quote(task_id)}")
         return Reply(body=ailab_ok(task_status=2, data={"image": url}))
 
@@ -109,9 +115,14 @@ def _write_job(root: Path, inputs: int, concurrency: int) -> tuple[Path, dict[st
     return manifest, digests
 
 
-async def _run(manifest: Path, vendor: Vendor, **options: Any) -> tuple[int, list[dict[str, Any]]]:
+async def _run(
+    manifest: Path, vendor: Vendor, *, deadline: float | None = None, **options: Any
+) -> tuple[int, list[dict[str, Any]]]:
+    extra = {} if deadline is None else {"task_deadline_seconds": deadline}
     result = await run_job(
-        load_manifest(manifest), fast_config(vendor.url()), RunOptions(quiet=True, **options)
+        load_manifest(manifest),
+        fast_config(vendor.url(), **extra),
+        RunOptions(quiet=True, **options),
     )
     out = manifest.parent / "out"
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -191,6 +202,98 @@ async def test_a_task_id_an_earlier_run_recorded_is_not_taken_by_a_new_photo(
     kept = next(x for x in lines if x["status"] == "skipped")
     assert (tmp_path / "out" / kept["output_rel"]).read_bytes() == first_result
     _assert_every_result_is_its_own_task(tmp_path, lines)
+
+
+async def test_two_journal_rows_with_one_task_id_store_its_result_once(
+    tmp_path: Path, vendor: Vendor
+) -> None:
+    """A journal where two photos' rows hold one task id (as a release before this
+    check could leave it): resumed, the task is polled and stored for one of them."""
+    ailab = ReplayingAILab(vendor, lambda n: f"task-{n}")
+    ailab.running = True
+    manifest, _ = _write_job(tmp_path, inputs=2, concurrency=2)
+    code, lines = await _run(manifest, vendor, deadline=0.3)
+    assert {x["error"]["code"] for x in lines} == {"TASK_DEADLINE"}  # ids kept
+    with sqlite3.connect(tmp_path / "out" / "journal.sqlite") as conn:
+        conn.execute("UPDATE items SET task_id = 'task-replayed' WHERE task_id IS NOT NULL")
+    ailab.running = False
+    ailab.polls_by_task.clear()
+
+    code, lines = await _run(manifest, vendor)
+
+    assert code == 1
+    assert ailab.polls_by_task == {"task-replayed": 1}
+    assert sorted(ailab.submits_by_input.values()) == [1, 1]  # nothing sent again
+    assert Counter(x["status"] for x in lines) == {"succeeded": 1, "failed": 1}
+    failed = next(x for x in lines if x["status"] == "failed")
+    assert failed["error"]["code"] == "TASK_ID_REUSED" and failed["possibly_billed"] is True
+    _assert_every_result_is_its_own_task(tmp_path, lines)
+    # The next run leaves the refused one alone (permanent) and keeps the stored one.
+    code, lines = await _run(manifest, vendor)
+    assert ailab.polls_by_task == {"task-replayed": 1}
+    assert Counter(x["status"] for x in lines) == {"skipped": 1, "failed": 1}
+
+
+async def test_an_unusable_task_id_counts_as_possibly_billed(
+    tmp_path: Path, vendor: Vendor
+) -> None:
+    """An answer whose task id is refused (a control character in it) came from a
+    send the vendor accepted: the item may have been billed, and says so."""
+    ailab = ReplayingAILab(vendor, lambda n: "task\x07bell")
+    manifest, digests = _write_job(tmp_path, inputs=1, concurrency=1)
+    code, lines = await _run(manifest, vendor)
+    assert code == 1
+    assert ailab.submits_by_input == dict.fromkeys(digests.values(), 1)
+    (line,) = lines
+    assert line["error"]["code"] == "UNSAFE_TASK_ID"
+    assert line["possibly_billed"] is True
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["possibly_billed"] == 1
+
+
+async def test_the_same_task_id_at_two_vendors_is_two_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each vendor numbers its own tasks (both emulated vendors give "1" to their
+    first): one photo through an AILab and a Perfect Corp operation succeeds twice."""
+    import pipeline.emulator.ailab as emu_ailab
+    import pipeline.emulator.perfectcorp as emu_pc
+    from pipeline.emulator import Scenario, start_emulator
+
+    def numbered(real: Callable[..., str], length: int) -> Any:
+        counter = iter(range(1, 1000))
+        return lambda n=None: str(next(counter)) if n == length else real(n)
+
+    for module, name, length in ((emu_ailab, "token_hex", 20), (emu_pc, "token_urlsafe", 48)):
+        fake = types.SimpleNamespace(**vars(secrets))
+        setattr(fake, name, numbered(getattr(secrets, name), length))
+        monkeypatch.setattr(module, "secrets", fake)
+    make_portrait(tmp_path / "template.jpg", seed=999_999)
+    make_portrait(tmp_path / "in" / "a.jpg", seed=1)
+    doc = {
+        "name": "two-vendors",
+        "inputs": ["in/*.jpg"],
+        "operations": [
+            SWAP,
+            {"op": "perfectcorp/ai-smile", "params": {"expression_type": "closed_mouth_smile"}},
+        ],
+        "output": "out",
+        "concurrency": 2,
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    emu = await start_emulator(Scenario(task_seconds=0.05, sync_seconds=0.0))
+    try:
+        result = await run_job(
+            load_manifest(tmp_path / "job.yaml"), fast_config(emu.base_url), RunOptions(quiet=True)
+        )
+        stats = emu.stats()
+    finally:
+        await emu.close()
+    lines = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert result.exit_code == 0, result.report["errors_by_code"]
+    assert sorted(x["task_id"] for x in lines) == ["1", "1"]
+    assert [x["status"] for x in lines] == ["succeeded", "succeeded"]
+    assert (stats["ailab"]["charged"], stats["perfectcorp"]["charged"]) == (1, 1)
 
 
 async def _replay_scenario(root: Path, ids: list[str], concurrency: int) -> None:
