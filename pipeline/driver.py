@@ -42,6 +42,7 @@ from pipeline.offload import run_small, run_sync
 from pipeline.outputs import AtomicFile, result_relpath, write_result
 from pipeline.providers.base import BEFORE_BILLABLE_SEND
 from pipeline.providers.client import UNSAFE_ID
+from pipeline.resultcheck import warm_decoder
 from pipeline.sources import input_signature
 
 if TYPE_CHECKING:
@@ -530,6 +531,7 @@ class ItemDriver:
             engine.stop_starting(refusal)
             return lc.SendFailed(error_info(refusal))
         assert self.held.payload is not None
+        warm_decoder()  # results will come: their checker loads while this one waits
         token = BEFORE_BILLABLE_SEND.set(self._send_checkpoint)
         try:
             # The billable request itself is shielded by the provider once it is on

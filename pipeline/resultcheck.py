@@ -60,6 +60,7 @@ __all__ = [
     "check_result_image",
     "check_result_image_async",
     "describe_non_image",
+    "warm_decoder",
 ]
 
 ResultSource = bytes | bytearray | memoryview | str | os.PathLike[str] | IO[bytes]
@@ -340,6 +341,33 @@ def _strict_decoder() -> ModuleType:
     import simplejpeg  # type: ignore[import-untyped]  # no py.typed marker
 
     return cast(ModuleType, simplejpeg)
+
+
+_warm_up: threading.Thread | None = None
+_warm_up_lock = threading.Lock()
+
+
+def warm_decoder() -> None:
+    """Import the strict JPEG decoder in a thread of its own, once per process.
+
+    Called as a run first sends: the import then overlaps the wait for the vendor's
+    answer, where a small result's check (made inline on the event loop) would have
+    stalled every item in flight for it at the first result (README "Performance").
+    A rerun that sends nothing never pays it. Not a daemon thread: interpreter exit
+    waits for an import under way rather than freezing it half done.
+    """
+    global _warm_up
+    with _warm_up_lock:
+        if _warm_up is None:
+            _warm_up = threading.Thread(target=_warm, name="pipeline-decoder-warm-up")
+            _warm_up.start()
+
+
+def _warm() -> None:
+    try:
+        _strict_decoder()
+    except Exception:  # the first JPEG check imports it again and says what failed
+        _strict_decoder.cache_clear()
 
 
 def _verify_jpeg(src: _Source, max_pixels: int, vendor: str) -> None:

@@ -12,12 +12,14 @@ import errno
 import json
 import os
 import sqlite3
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import pipeline.sources as sources
@@ -265,3 +267,57 @@ async def test_a_report_json_that_cannot_be_written_leaves_the_run_recorded_as_e
     assert report["aborted"] == aborted
     assert report["counts"]["succeeded"] == 1
     assert emulator.stats()["ailab"]["charged"] == 1
+
+
+_WHO_IMPORTS = """
+import importlib.abc, json, sys, threading
+import anyio
+from pathlib import Path
+
+class Watch(importlib.abc.MetaPathFinder):
+    def __init__(self):
+        self.by = None
+    def find_spec(self, name, path=None, target=None):
+        if name == "simplejpeg" and self.by is None:
+            self.by = threading.current_thread().name
+        return None
+
+watch = Watch()
+sys.meta_path.insert(0, watch)
+from pipeline.engine import RunOptions, run_job
+from pipeline.manifest import load_manifest
+from tests.conftest import fast_config
+
+result = anyio.run(
+    run_job, load_manifest(Path(sys.argv[1])), fast_config(sys.argv[2]), RunOptions(quiet=True)
+)
+print(json.dumps({"code": result.exit_code, "counts": result.report["counts"], "by": watch.by}))
+"""
+
+
+async def test_the_strict_decoder_loads_beside_the_first_send_and_never_on_a_rerun(
+    emulator: RunningEmulator,
+    write_manifest: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    """simplejpeg (with numpy, about 70 ms) is imported in a thread of its own once a
+    run sends (not on the event loop at the first result check), and a rerun of done
+    items never imports it."""
+    for i in range(3):
+        make_portrait(tmp_path / "in" / f"p{i}.jpg", seed=i)
+    manifest = write_manifest(OP, concurrency=2)
+    script = tmp_path / "who_imports.py"
+    script.write_text(_WHO_IMPORTS)
+    seen = []
+    for _ in range(2):  # a first run, then a rerun with every item done
+        done = await anyio.run_process(
+            [sys.executable, str(script), str(manifest), emulator.base_url],
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        seen.append(json.loads(done.stdout.decode().splitlines()[-1]))
+    first, rerun = seen
+    assert first["counts"]["succeeded"] == 3 and first["by"] == "pipeline-decoder-warm-up"
+    assert rerun["counts"]["skipped"] == 3 and rerun["by"] is None
+    assert emulator.stats()["ailab"]["charged"] == 3
