@@ -1069,6 +1069,11 @@ def output_owners(conn: sqlite3.Connection, outputs: Sequence[str]) -> dict[str,
     return _by_first_column(conn, _OWNER_SELECT, outputs, operator.itemgetter(1))
 
 
+def any_cached_hash(conn: sqlite3.Connection) -> bool:
+    """Whether the stat cache holds any file (a first run in this folder: none)."""
+    return conn.execute("SELECT 1 FROM files LIMIT 1").fetchone() is not None
+
+
 def cached_hash_rows(conn: sqlite3.Connection, paths: Sequence[str]) -> dict[str, tuple[Any, ...]]:
     """The stat cache's ``db_text(path) -> (size, mtime_ns, ctime_ns, inode, dev,
     cached_at_ns, hash)`` of the ``paths`` (already :func:`db_text`) it knows."""

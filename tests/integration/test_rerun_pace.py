@@ -321,3 +321,39 @@ async def test_the_strict_decoder_loads_beside_the_first_send_and_never_on_a_rer
     assert first["counts"]["succeeded"] == 3 and first["by"] == "pipeline-decoder-warm-up"
     assert rerun["counts"]["skipped"] == 3 and rerun["by"] is None
     assert emulator.stats()["ailab"]["charged"] == 3
+
+
+async def test_a_first_run_sends_before_it_has_read_every_input_of_a_full_batch(
+    emulator: RunningEmulator,
+    write_manifest: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Batches start small (sources.FIRST_BATCH) and grow: the first billable send
+    waits for 16 inputs to be read and hashed, not 512 (with 3 MB photos, 1.5 GB)."""
+    for i in range(100):
+        make_portrait(tmp_path / "in" / f"p{i:03d}.jpg", seed=i)
+    hashed: list[str] = []
+    real_hash = sources.hash_file_checked
+
+    def counting(path: Any, *args: Any, **kwargs: Any) -> Any:
+        hashed.append(str(path))
+        return real_hash(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "hash_file_checked", counting)
+    at_first_send: list[int] = []
+    manifest = write_manifest(OP, concurrency=1)
+    from pipeline.providers import client as vendor_client
+
+    real_billable = vendor_client.VendorClient._billable
+
+    async def watching(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not at_first_send:  # the first billable send: how many inputs were read
+            at_first_send.append(len(hashed))
+        return await real_billable(self, *args, **kwargs)
+
+    monkeypatch.setattr(vendor_client.VendorClient, "_billable", watching)
+    report, _ = await _run(manifest, emulator)
+    assert report["counts"]["succeeded"] == 100 and len(hashed) == 100
+    assert at_first_send == [16]  # sources.FIRST_BATCH
+    assert emulator.stats()["ailab"]["charged"] == 100
