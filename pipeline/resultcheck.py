@@ -34,6 +34,7 @@ worker thread, so waiting checks never hold the thread pool.
 from __future__ import annotations
 
 import io
+import logging
 import mmap
 import os
 import re
@@ -62,6 +63,8 @@ __all__ = [
     "describe_non_image",
     "warm_decoder",
 ]
+
+log = logging.getLogger("pipeline")
 
 ResultSource = bytes | bytearray | memoryview | str | os.PathLike[str] | IO[bytes]
 
@@ -343,6 +346,28 @@ def _strict_decoder() -> ModuleType:
     return cast(ModuleType, simplejpeg)
 
 
+_decoder_missing: str | None = None  # why simplejpeg could not be imported
+
+
+def _strict_decoder_or_none() -> ModuleType | None:
+    """simplejpeg, or None if it cannot be imported (a broken or partial install):
+    JPEG results are then decoded by Pillow, blind to libjpeg's warnings (one warning
+    in the log), rather than failing after the vendor billed them."""
+    global _decoder_missing
+    if _decoder_missing is not None:
+        return None
+    try:
+        return _strict_decoder()
+    except ImportError as exc:
+        _decoder_missing = " ".join(str(exc).split())[:200]
+        log.warning(
+            "the strict JPEG decoder (simplejpeg) cannot be imported (%s): JPEG results "
+            "are checked by Pillow only; reinstall the package to restore the check",
+            _decoder_missing,
+        )
+        return None
+
+
 _warm_up: threading.Thread | None = None
 _warm_up_lock = threading.Lock()
 
@@ -353,21 +378,18 @@ def warm_decoder() -> None:
     Called as a run first sends: the import then overlaps the wait for the vendor's
     answer, where a small result's check (made inline on the event loop) would have
     stalled every item in flight for it at the first result (README "Performance").
-    A rerun that sends nothing never pays it. Not a daemon thread: interpreter exit
-    waits for an import under way rather than freezing it half done.
+    A rerun that sends nothing never pays it. A daemon thread: a run that ends (or is
+    stopped) while the import is under way does not wait for it.
     """
     global _warm_up
     with _warm_up_lock:
         if _warm_up is None:
-            _warm_up = threading.Thread(target=_warm, name="pipeline-decoder-warm-up")
+            _warm_up = threading.Thread(target=_warm, name="pipeline-decoder-warm-up", daemon=True)
             _warm_up.start()
 
 
 def _warm() -> None:
-    try:
-        _strict_decoder()
-    except Exception:  # the first JPEG check imports it again and says what failed
-        _strict_decoder.cache_clear()
+    _strict_decoder_or_none()  # a failure is logged once; checks then use Pillow
 
 
 def _verify_jpeg(src: _Source, max_pixels: int, vendor: str) -> None:
@@ -391,8 +413,12 @@ def _verify_jpeg(src: _Source, max_pixels: int, vendor: str) -> None:
         # it. 1/8 scale (min_factor with a minimum size, else it does not scale):
         # every scan is still Huffman-decoded, the pixel buffer is 64 times smaller;
         # grey output skips the colour conversion, not the decoding of any component.
+        decoder = _strict_decoder_or_none()
+        if decoder is None:  # a broken install: a paid result must not fail on it
+            _pillow_decode(src)
+            return
         try:
-            _strict_decoder().decode_jpeg(
+            decoder.decode_jpeg(
                 data, colorspace="GRAY", min_height=1, min_width=1, min_factor=8, strict=True
             )
         except ValueError as exc:

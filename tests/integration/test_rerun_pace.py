@@ -357,3 +357,54 @@ async def test_a_first_run_sends_before_it_has_read_every_input_of_a_full_batch(
     assert report["counts"]["succeeded"] == 100 and len(hashed) == 100
     assert at_first_send == [16]  # sources.FIRST_BATCH
     assert emulator.stats()["ailab"]["charged"] == 100
+
+
+_NO_DECODER = """
+import json, logging, sys
+sys.modules["simplejpeg"] = None  # a broken install: the import fails
+import anyio
+from pathlib import Path
+from pipeline.engine import RunOptions, run_job
+from pipeline.manifest import load_manifest
+from tests.conftest import fast_config
+
+seen = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        seen.append(record.getMessage())
+logging.getLogger("pipeline").addHandler(Keep())
+result = anyio.run(
+    run_job, load_manifest(Path(sys.argv[1])), fast_config(sys.argv[2]), RunOptions(quiet=True)
+)
+print(json.dumps({"code": result.exit_code, "counts": result.report["counts"], "logged": seen}))
+"""
+
+
+async def test_without_the_strict_decoder_paid_results_are_kept_not_paid_twice(
+    emulator: RunningEmulator,
+    write_manifest: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    """simplejpeg that cannot be imported (a broken install) must not fail results the
+    vendor billed (a rerun would pay for them again): JPEGs are checked by Pillow, and
+    the log says so once."""
+    for i in range(3):
+        make_portrait(tmp_path / "in" / f"p{i}.jpg", seed=i)
+    manifest = write_manifest(OP, concurrency=2)
+    script = tmp_path / "no_decoder.py"
+    script.write_text(_NO_DECODER)
+    seen = []
+    for _ in range(2):  # a first run, then a rerun
+        done = await anyio.run_process(
+            [sys.executable, str(script), str(manifest), emulator.base_url],
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        seen.append(json.loads(done.stdout.decode().splitlines()[-1]))
+    first, rerun = seen
+    assert first["code"] == 0 and first["counts"]["succeeded"] == 3
+    warnings = [m for m in first["logged"] if "simplejpeg" in m]
+    assert len(warnings) == 1 and "checked by Pillow only" in warnings[0]
+    assert rerun["counts"]["skipped"] == 3
+    assert emulator.stats()["ailab"]["charged"] == 3
