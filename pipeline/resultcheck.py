@@ -338,34 +338,22 @@ def _jpeg_scans_complete(data: memoryview, progressive: bool, vendor: str) -> No
 
 
 @cache
-def _strict_decoder() -> ModuleType:
+def _strict_decoder() -> ModuleType | None:
     """simplejpeg, imported by the first JPEG check: with numpy it costs about 70 ms
-    and 11 MB, which a rerun that checks no result need not pay."""
-    import simplejpeg  # type: ignore[import-untyped]  # no py.typed marker
-
-    return cast(ModuleType, simplejpeg)
-
-
-_decoder_missing: str | None = None  # why simplejpeg could not be imported
-
-
-def _strict_decoder_or_none() -> ModuleType | None:
-    """simplejpeg, or None if it cannot be imported (a broken or partial install):
-    JPEG results are then decoded by Pillow, blind to libjpeg's warnings (one warning
-    in the log), rather than failing after the vendor billed them."""
-    global _decoder_missing
-    if _decoder_missing is not None:
-        return None
+    and 11 MB, which a rerun that checks no result need not pay. None if it cannot be
+    imported (a broken or partial install): JPEG results are then decoded by Pillow,
+    blind to libjpeg's warnings (one warning in the log), rather than failing after
+    the vendor billed them."""
     try:
-        return _strict_decoder()
+        import simplejpeg  # type: ignore[import-untyped]  # no py.typed marker
     except ImportError as exc:
-        _decoder_missing = " ".join(str(exc).split())[:200]
         log.warning(
             "the strict JPEG decoder (simplejpeg) cannot be imported (%s): JPEG results "
             "are checked by Pillow only; reinstall the package to restore the check",
-            _decoder_missing,
+            " ".join(str(exc).split())[:200],
         )
         return None
+    return cast(ModuleType, simplejpeg)
 
 
 _warm_up: threading.Thread | None = None
@@ -389,7 +377,7 @@ def warm_decoder() -> None:
 
 
 def _warm() -> None:
-    _strict_decoder_or_none()  # a failure is logged once; checks then use Pillow
+    _strict_decoder()  # a failure is logged once; checks then use Pillow
 
 
 def _verify_jpeg(src: _Source, max_pixels: int, vendor: str) -> None:
@@ -413,7 +401,7 @@ def _verify_jpeg(src: _Source, max_pixels: int, vendor: str) -> None:
         # it. 1/8 scale (min_factor with a minimum size, else it does not scale):
         # every scan is still Huffman-decoded, the pixel buffer is 64 times smaller;
         # grey output skips the colour conversion, not the decoding of any component.
-        decoder = _strict_decoder_or_none()
+        decoder = _strict_decoder()
         if decoder is None:  # a broken install: a paid result must not fail on it
             _pillow_decode(src)
             return

@@ -334,18 +334,8 @@ async def test_status_of_an_interrupted_run_says_rerun_to_resume(
     portraits(3)
     cfg = _config(emu.base_url, tmp_path / "config.yaml")
     manifest = write_manifest(SWAP_AND_SMILE[:1])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(manifest), "--config", str(cfg), "--quiet"],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     out = tmp_path / "out"
-    with anyio.fail_after(30):
-        while _task_ids(out) < 3:
-            await anyio.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    stdout_bytes, _ = await anyio.to_thread.run_sync(proc.communicate)
-    assert proc.returncode == 130
-    summary = stdout_bytes.decode()
+    summary = await _interrupted_once_tasks_run(manifest, cfg, out, 3)
     assert "0 succeeded, 0 failed, 3 not finished: rerun to resume, 0 skipped of 3 (exit 130)" in (
         summary
     )
@@ -372,17 +362,8 @@ async def test_status_names_the_manifest_that_collects_what_an_earlier_one_left(
     cfg = _config(emu.base_url, tmp_path / "config.yaml")
     swap = write_manifest(SWAP_AND_SMILE[:1], name="swap.yaml")
     smile = write_manifest(SWAP_AND_SMILE[1:], name="smile.yaml")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(swap), "--config", str(cfg), "--quiet"],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     out = tmp_path / "out"
-    with anyio.fail_after(30):
-        while _task_ids(out) < 2:
-            await anyio.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    await anyio.to_thread.run_sync(proc.communicate)
-    assert proc.returncode == 130
+    await _interrupted_once_tasks_run(swap, cfg, out, 2)
     quick: RunningEmulator = await emulator_factory()  # the smile run's vendor
     cfg = _config(quick.base_url, tmp_path / "config-quick.yaml")
     code, _, stderr = await _cli("run", str(smile), "--config", str(cfg))
@@ -397,6 +378,22 @@ async def test_status_names_the_manifest_that_collects_what_an_earlier_one_left(
     assert (
         lines[-1] == f"  pipeline run {swap}    # resumes the 2 unfinished item(s) a run of it left"
     )
+
+
+async def _interrupted_once_tasks_run(manifest: Path, cfg: Path, out: Path, tasks: int) -> str:
+    """``pipeline run manifest`` stopped with SIGINT once ``tasks`` task ids are
+    journaled in ``out``; asserts exit 130 and returns what it printed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(manifest), "--config", str(cfg), "--quiet"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    with anyio.fail_after(30):
+        while _task_ids(out) < tasks:
+            await anyio.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout_bytes, _ = await anyio.to_thread.run_sync(proc.communicate)
+    assert proc.returncode == 130
+    return str(stdout_bytes.decode())
 
 
 def _task_ids(out: Path) -> int:

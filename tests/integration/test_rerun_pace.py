@@ -269,6 +269,25 @@ async def test_a_report_json_that_cannot_be_written_leaves_the_run_recorded_as_e
     assert emulator.stats()["ailab"]["charged"] == 1
 
 
+async def _run_then_rerun_in_a_process(
+    script_text: str, manifest: Path, emulator: RunningEmulator, tmp_path: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``script_text`` (argv: manifest, vendor URL; prints one JSON line last) in
+    a process of its own twice, a first run then a rerun; both JSON lines."""
+    script = tmp_path / "run_in_a_process.py"
+    script.write_text(script_text)
+    seen = []
+    for _ in range(2):
+        done = await anyio.run_process(
+            [sys.executable, str(script), str(manifest), emulator.base_url],
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        seen.append(json.loads(done.stdout.decode().splitlines()[-1]))
+    return seen[0], seen[1]
+
+
 _WHO_IMPORTS = """
 import importlib.abc, json, sys, threading
 import anyio
@@ -306,18 +325,7 @@ async def test_the_strict_decoder_loads_beside_the_first_send_and_never_on_a_rer
     for i in range(3):
         make_portrait(tmp_path / "in" / f"p{i}.jpg", seed=i)
     manifest = write_manifest(OP, concurrency=2)
-    script = tmp_path / "who_imports.py"
-    script.write_text(_WHO_IMPORTS)
-    seen = []
-    for _ in range(2):  # a first run, then a rerun with every item done
-        done = await anyio.run_process(
-            [sys.executable, str(script), str(manifest), emulator.base_url],
-            check=False,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-        )
-        assert done.returncode == 0, done.stderr.decode()[-2000:]
-        seen.append(json.loads(done.stdout.decode().splitlines()[-1]))
-    first, rerun = seen
+    first, rerun = await _run_then_rerun_in_a_process(_WHO_IMPORTS, manifest, emulator, tmp_path)
     assert first["counts"]["succeeded"] == 3 and first["by"] == "pipeline-decoder-warm-up"
     assert rerun["counts"]["skipped"] == 3 and rerun["by"] is None
     assert emulator.stats()["ailab"]["charged"] == 3
@@ -391,20 +399,35 @@ async def test_without_the_strict_decoder_paid_results_are_kept_not_paid_twice(
     for i in range(3):
         make_portrait(tmp_path / "in" / f"p{i}.jpg", seed=i)
     manifest = write_manifest(OP, concurrency=2)
-    script = tmp_path / "no_decoder.py"
-    script.write_text(_NO_DECODER)
-    seen = []
-    for _ in range(2):  # a first run, then a rerun
-        done = await anyio.run_process(
-            [sys.executable, str(script), str(manifest), emulator.base_url],
-            check=False,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-        )
-        assert done.returncode == 0, done.stderr.decode()[-2000:]
-        seen.append(json.loads(done.stdout.decode().splitlines()[-1]))
-    first, rerun = seen
+    first, rerun = await _run_then_rerun_in_a_process(_NO_DECODER, manifest, emulator, tmp_path)
     assert first["code"] == 0 and first["counts"]["succeeded"] == 3
     warnings = [m for m in first["logged"] if "simplejpeg" in m]
     assert len(warnings) == 1 and "checked by Pillow only" in warnings[0]
     assert rerun["counts"]["skipped"] == 3
     assert emulator.stats()["ailab"]["charged"] == 3
+
+
+async def test_an_archived_report_that_cannot_be_written_fails_nothing(
+    emulator: RunningEmulator,
+    write_manifest: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """reports/run-<id>.json, like report.html, is a copy: when it can't be written
+    the run ends as it would have (report.json written, its exit code recorded)."""
+    import pipeline.runner as runner
+
+    make_portrait(tmp_path / "in" / "p0.jpg", seed=0)
+
+    def refuse(output: Path, report: dict[str, Any]) -> None:
+        raise OSError(errno.EACCES, "Permission denied", str(output / "reports"))
+
+    monkeypatch.setattr(runner, "archive_report_json", refuse)
+    report, _ = await _run(write_manifest(OP, concurrency=1), emulator)
+    out = tmp_path / "out"
+    assert json.loads((out / "report.json").read_text()) == report
+    assert not (out / "reports" / f"run-{report['run_id']}.json").exists()
+    assert any("could not write" in r.getMessage() for r in caplog.records)
+    with sqlite3.connect(out / "journal.sqlite") as conn:
+        assert conn.execute("SELECT exit_code FROM runs").fetchone()[0] == 0
